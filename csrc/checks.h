@@ -1,0 +1,46 @@
+// Argument validation shared by every launcher: one message style, always naming the
+// argument ("dspark::verify: target_logits must be ...").
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <string>
+
+namespace dspark {
+
+inline std::string dtype_list(std::initializer_list<at::ScalarType> dtypes) {
+  std::string out;
+  for (at::ScalarType t : dtypes) out += (out.empty() ? "" : " or ") + std::string(c10::toString(t));
+  return out;
+}
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t,
+                        std::initializer_list<at::ScalarType> allowed) {
+  for (at::ScalarType a : allowed)
+    if (t.scalar_type() == a) return;
+  TORCH_CHECK(false, op, ": ", name, " must be ", dtype_list(allowed), ", got ", t.scalar_type());
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                       const char* meaning) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": ", name, " must have size ", expected, " (", meaning, ") in dim ", dim,
+              ", got shape ", t.sizes());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& reference,
+                              const char* reference_name) {
+  TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " must be on ", reference.device(), " like ",
+              reference_name, ", got ", t.device());
+}
+
+inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+}  // namespace dspark

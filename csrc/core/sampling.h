@@ -1,0 +1,94 @@
+// Sampling numerics shared by the CPU and CUDA kernels: logit sanitising, online
+// log-sum-exp, first-index argmax, the speculative accept rule, the log-space
+// residual and exponential-race keys. Framework-free so CPU tests exercise the
+// exact functions the CUDA kernels call.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include "host_device.h"
+
+namespace dspark::core {
+
+// The vocabulary is processed in tiles of this many ids. Both backends use the same
+// tiling, so the two-level race below takes the same decisions on CPU and CUDA.
+constexpr int64_t kVocabTile = 2048;
+
+DSPARK_HOST_DEVICE int64_t num_vocab_tiles(int64_t vocab_size) {
+  return (vocab_size + kVocabTile - 1) / kVocabTile;
+}
+
+DSPARK_HOST_DEVICE float negative_infinity() { return -INFINITY; }
+
+// NaN carries no probability (-inf); +inf becomes the largest finite logit, so rows
+// holding +inf share their mass among those entries instead of producing NaN.
+DSPARK_HOST_DEVICE float sanitize_logit(float scaled_logit) {
+  if (scaled_logit != scaled_logit) return -INFINITY;
+  return scaled_logit > FLT_MAX ? FLT_MAX : scaled_logit;
+}
+
+// Running (max, sum exp(x - max)) pair: a log-sum-exp that never overflows and
+// merges across tiles, threads and CTAs in any order.
+struct MaxSum {
+  float max;
+  float sum;
+};
+
+DSPARK_HOST_DEVICE MaxSum empty_max_sum() { return MaxSum{-INFINITY, 0.0f}; }
+
+DSPARK_HOST_DEVICE MaxSum merge(MaxSum a, MaxSum b) {
+  if (a.max < b.max) {
+    const MaxSum t = a;
+    a = b;
+    b = t;
+  }
+  if (b.max == -INFINITY) return a;  // also covers a.max == -inf (both empty)
+  return MaxSum{a.max, a.sum + b.sum * expf(b.max - a.max)};
+}
+
+DSPARK_HOST_DEVICE MaxSum add_term(MaxSum acc, float log_weight) {
+  return merge(acc, MaxSum{log_weight, log_weight == -INFINITY ? 0.0f : 1.0f});
+}
+
+DSPARK_HOST_DEVICE float log_total(MaxSum s) {
+  return s.sum > 0.0f ? s.max + logf(s.sum) : -INFINITY;
+}
+
+// Argmax with the first index winning ties; NaN never wins (it compares false).
+struct ArgMax {
+  float value;
+  int32_t index;
+};
+
+DSPARK_HOST_DEVICE ArgMax empty_arg_max() { return ArgMax{-INFINITY, INT32_MAX}; }
+
+DSPARK_HOST_DEVICE ArgMax better(ArgMax a, ArgMax b) {
+  if (b.value > a.value || (b.value == a.value && b.index < a.index)) return b;
+  return a;
+}
+
+// Accept draft token x with probability min(1, p(x) / q(x)) (Leviathan et al. 2023,
+// Alg. 1), in log space: u < p/q  <=>  log u < log p - log q. q(x) = 0 rejects
+// (the draft could not have produced x); NaN rejects.
+DSPARK_HOST_DEVICE bool accept_draft(float log_p, float log_q, float u) {
+  if (!(log_q > -INFINITY)) return false;
+  return logf(u) < log_p - log_q;
+}
+
+// log max(0, p - q) = log p + log(1 - q/p), exact for tiny p where p - q would
+// cancel or underflow (the residual distribution of speculative sampling).
+DSPARK_HOST_DEVICE float log_residual(float log_p, float log_q) {
+  if (!(log_p > log_q)) return -INFINITY;
+  return log_p + logf(-expm1f(log_q - log_p));
+}
+
+// Exponential race key: argmax_i (log w_i - log E_i), E_i = -log u_i ~ Exp(1), picks
+// i with probability w_i / sum w (the Gumbel-max trick), in one pass with no
+// normaliser. Weight 0 (log w = -inf) never wins.
+DSPARK_HOST_DEVICE float race_key(float log_weight, float u) {
+  return log_weight - logf(-logf(u));
+}
+
+}  // namespace dspark::core

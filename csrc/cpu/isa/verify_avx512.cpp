@@ -1,0 +1,1 @@
+#include "instantiate_verify.h"

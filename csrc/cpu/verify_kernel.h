@@ -1,0 +1,306 @@
+// CPU kernel of dspark::verify, compiled once per instruction set (csrc/cpu/isa/*.cpp
+// define CPU_CAPABILITY), so at::vec::Vectorized is AVX-512, AVX2 or plain C++.
+// The five stages and every decision come from csrc/core/verify_request.h.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "../core/verify_request.h"
+#include "verify_dispatch.h"
+
+namespace dspark::cpu {
+namespace CPU_CAPABILITY {
+
+using core::ArgMax;
+using core::MaxSum;
+using core::TileStats;
+using core::kVocabTile;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+template <typename T>
+inline float to_float(T value) {
+  return static_cast<float>(value);
+}
+
+template <typename T>
+inline Vec load_floats(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+    Vec out;
+    at::vec::load_to_float<T>(p, out);
+    return out;
+  }
+}
+
+// Vector form of core::sanitize_logit(x * inv_t).
+inline Vec sanitized_scaled(Vec x, Vec inv_t) {
+  const Vec scaled = x * inv_t;
+  return at::vec::minimum(Vec::blendv(scaled, Vec(-INFINITY), scaled.isnan()), Vec(FLT_MAX));
+}
+
+inline float lane_max(Vec v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  return *std::max_element(lanes, lanes + kLanes);
+}
+
+inline float lane_sum(Vec v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  float total = 0.0f;
+  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
+  return total;
+}
+
+// MaxSum of sanitize(x * inv_t) over row[lo, hi): a max pass, then a sum-exp pass that
+// re-reads the (L1-resident) tile, cheaper than rescaling an online sum per vector.
+template <typename T>
+MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
+  const Vec v_inv_t(inv_t);
+  const T* p = row + lo;
+  const int64_t n = hi - lo;
+  const int64_t n_vec = n - n % kLanes;
+  Vec v_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = at::vec::maximum(v_max, sanitized_scaled(load_floats(p + i), v_inv_t));
+  float max = lane_max(v_max);
+  for (int64_t i = n_vec; i < n; ++i) max = std::max(max, core::sanitize_logit(to_float(p[i]) * inv_t));
+  if (max == -INFINITY) return core::empty_max_sum();
+  const Vec v_shift(max);
+  Vec v_sum(0.0f);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (sanitized_scaled(load_floats(p + i), v_inv_t) - v_shift).exp();
+  float sum = lane_sum(v_sum);
+  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(core::sanitize_logit(to_float(p[i]) * inv_t) - max);
+  return MaxSum{max, sum};
+}
+
+// First index of the largest raw logit in row[lo, hi); NaN never wins; an all -inf/NaN
+// range answers lo, so an emitted id is always a real vocabulary id.
+template <typename T>
+ArgMax segment_arg_max(const T* row, int64_t lo, int64_t hi) {
+  const T* p = row + lo;
+  const int64_t n = hi - lo;
+  const int64_t n_vec = n - n % kLanes;
+  Vec v_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec x = load_floats(p + i);
+    v_max = at::vec::maximum(v_max, Vec::blendv(x, Vec(-INFINITY), x.isnan()));
+  }
+  float max = lane_max(v_max);
+  for (int64_t i = n_vec; i < n; ++i) {
+    const float x = to_float(p[i]);
+    if (x > max) max = x;
+  }
+  if (max == -INFINITY) return ArgMax{-INFINITY, static_cast<int32_t>(lo)};
+  const Vec v_target(max);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const int not_equal = (load_floats(p + i) == v_target).zero_mask();
+    const int all_lanes = static_cast<int>((1ull << kLanes) - 1);
+    if (not_equal != all_lanes) return ArgMax{max, static_cast<int32_t>(lo + i + __builtin_ctz(~not_equal & all_lanes))};
+  }
+  for (int64_t i = n_vec; i < n; ++i)
+    if (to_float(p[i]) == max) return ArgMax{max, static_cast<int32_t>(lo + i)};
+  return ArgMax{max, static_cast<int32_t>(lo)};  // unreachable: max came from this range
+}
+
+// MaxSum of the residual log-weights log max(0, p - q) over one tile of the rejected row.
+template <typename T>
+MaxSum residual_tile_max_sum(const T* target_row, const T* draft_row, int64_t lo, int64_t hi, float inv_t,
+                             float target_log_norm, float draft_log_norm) {
+  float weights[kVocabTile];
+  const int64_t n = hi - lo;
+  const int64_t n_vec = n - n % kLanes;
+  const Vec v_inv_t(inv_t), v_norm_p(target_log_norm), v_norm_q(draft_log_norm), v_neg_inf(-INFINITY);
+  Vec v_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec log_p = sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_norm_p;
+    const Vec log_q = sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_norm_q;
+    const Vec log_w = log_p + (Vec(0.0f) - (log_q - log_p).expm1()).log();  // core::log_residual
+    const Vec w = Vec::blendv(v_neg_inf, log_w, log_p > log_q);
+    w.store(weights + i);
+    v_max = at::vec::maximum(v_max, w);
+  }
+  float max = lane_max(v_max);
+  for (int64_t i = n_vec; i < n; ++i) {
+    weights[i] = core::residual_log_weight(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t,
+                                           target_log_norm, draft_log_norm);
+    max = std::max(max, weights[i]);
+  }
+  if (max == -INFINITY) return core::empty_max_sum();
+  const Vec v_shift(max);
+  Vec v_sum(0.0f);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(weights + i) - v_shift).exp();
+  float sum = lane_sum(v_sum);
+  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(weights[i] - max);
+  return MaxSum{max, sum};
+}
+
+template <typename LogitT, typename IdT>
+void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
+  const int64_t B = pb.num_requests, D = pb.num_drafts, V = pb.vocab_size;
+  const int64_t tiles = core::num_vocab_tiles(V);
+  const int64_t target_rows = D + B;
+  const bool sampled_drafts = pb.draft_logits != nullptr;
+  const int64_t rows = target_rows + (sampled_drafts ? D : 0);
+  auto load_logit = [](const LogitT* base, int64_t index) { return to_float(base[index]); };
+
+  // Row -> (request, draft position); cu_num_draft was validated by the launcher.
+  std::vector<int32_t> row_request(rows), row_position(rows);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t begin = pb.cu_num_draft[b], num_draft = pb.cu_num_draft[b + 1] - begin;
+    for (int64_t k = 0; k <= num_draft; ++k) {
+      row_request[begin + b + k] = static_cast<int32_t>(b);
+      row_position[begin + b + k] = static_cast<int32_t>(k);
+      if (sampled_drafts && k < num_draft) {
+        row_request[target_rows + begin + k] = static_cast<int32_t>(b);
+        row_position[target_rows + begin + k] = static_cast<int32_t>(k);
+      }
+    }
+  }
+
+  // Stage 1: tile stats.
+  at::parallel_for(0, rows * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t row = task / tiles, tile = task % tiles;
+      const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
+      const int64_t b = row_request[row];
+      const float temperature = pb.temperature[b];
+      TileStats stats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
+      if (row < target_rows) {
+        const LogitT* logits = pb.target_logits + row * pb.target_row_stride;
+        if (core::is_greedy(temperature)) {
+          const ArgMax best = segment_arg_max(logits, lo, hi);
+          stats.argmax_value = best.value;
+          stats.argmax_index = best.index;
+        } else {
+          const float inv_t = core::inverse_temperature(temperature);
+          const int64_t k = row_position[row];
+          const int64_t begin = pb.cu_num_draft[b], num_draft = pb.cu_num_draft[b + 1] - begin;
+          // One-hot drafts: leave the draft token out; its residual is p without it.
+          const int64_t excluded = (!sampled_drafts && k < num_draft) ? static_cast<int64_t>(pb.draft_token_ids[begin + k]) : -1;
+          MaxSum total = (excluded >= lo && excluded < hi)
+                             ? core::merge(segment_max_sum(logits, lo, excluded, inv_t),
+                                           segment_max_sum(logits, excluded + 1, hi, inv_t))
+                             : segment_max_sum(logits, lo, hi, inv_t);
+          stats.max = total.max;
+          stats.sum = total.sum;
+        }
+      } else if (!core::is_greedy(temperature)) {
+        const MaxSum total = segment_max_sum(pb.draft_logits + (row - target_rows) * pb.draft_row_stride, lo, hi,
+                                             core::inverse_temperature(temperature));
+        stats.max = total.max;
+        stats.sum = total.sum;
+      }
+      pb.tile_stats[task] = stats;
+    }
+  });
+
+  // Stage 2: row summaries.
+  at::parallel_for(0, rows, 16, [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const TileStats* tile = pb.tile_stats + row * tiles;
+      MaxSum total = core::empty_max_sum();
+      ArgMax best{-INFINITY, 0};
+      for (int64_t t = 0; t < tiles; ++t) {
+        total = core::merge(total, MaxSum{tile[t].max, tile[t].sum});
+        best = core::better(best, ArgMax{tile[t].argmax_value, tile[t].argmax_index});
+      }
+      pb.row_summary[row] = TileStats{total.max, total.sum, best.value, best.index};
+    }
+  });
+
+  // Stage 3: decide.
+  const int64_t width = pb.max_num_draft + 1;
+  at::parallel_for(0, B, 16, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      core::RequestRows request;
+      core::request_rows(pb.cu_num_draft, b, D, pb.max_num_draft, &request);
+      pb.plans[b] = core::decide_request(
+          pb.target_logits, pb.target_row_stride, pb.draft_logits, pb.draft_row_stride, pb.draft_token_ids,
+          pb.row_summary + request.target_begin, pb.row_summary + target_rows + request.draft_begin, request, V,
+          pb.temperature[b], static_cast<uint64_t>(pb.seed[b]), static_cast<uint64_t>(pb.offset[b]),
+          pb.output_token_ids + b * width, width, load_logit);
+      pb.num_accepted[b] = pb.plans[b].num_accepted;
+    }
+  });
+
+  // Stage 4: residual tile stats of the rejected row (sampled drafts only).
+  if (sampled_drafts) {
+    at::parallel_for(0, B * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t b = task / tiles, tile = task % tiles;
+        const core::RequestPlan& plan = pb.plans[b];
+        if (plan.source != static_cast<int32_t>(core::EmitSource::kResidual)) continue;
+        const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
+        const int64_t draft_row = plan.target_row - b;  // draft index of the rejected position
+        pb.residual_stats[task] = residual_tile_max_sum(
+            pb.target_logits + plan.target_row * pb.target_row_stride, pb.draft_logits + draft_row * pb.draft_row_stride,
+            lo, hi, core::inverse_temperature(pb.temperature[b]), plan.target_log_norm, plan.draft_log_norm);
+      }
+    });
+  }
+
+  // Stage 5: sample the emitted token with a race between tiles, then inside the winner.
+  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const core::RequestPlan& plan = pb.plans[b];
+      if (plan.source == static_cast<int32_t>(core::EmitSource::kDone)) continue;
+      const uint64_t seed = static_cast<uint64_t>(pb.seed[b]), offset = static_cast<uint64_t>(pb.offset[b]);
+      const float inv_t = core::inverse_temperature(pb.temperature[b]);
+      const LogitT* target_row = pb.target_logits + plan.target_row * pb.target_row_stride;
+      const LogitT* draft_row = sampled_drafts ? pb.draft_logits + (plan.target_row - b) * pb.draft_row_stride : nullptr;
+      bool residual = plan.source == static_cast<int32_t>(core::EmitSource::kResidual);
+      bool fallback = false;
+
+      auto race_tiles = [&](bool use_residual, bool is_fallback) {
+        ArgMax winner{-INFINITY, -1};
+        for (int64_t t = 0; t < tiles; ++t) {
+          const MaxSum s = use_residual ? pb.residual_stats[b * tiles + t]
+                                        : MaxSum{pb.tile_stats[plan.target_row * tiles + t].max,
+                                                 pb.tile_stats[plan.target_row * tiles + t].sum};
+          winner = core::better(winner, ArgMax{core::tile_race_key(core::log_total(s), seed, offset, plan.position, t, is_fallback),
+                                               static_cast<int32_t>(t)});
+        }
+        return winner;
+      };
+      ArgMax tile = race_tiles(residual, false);
+      if (tile.value == -INFINITY && residual) {  // p - q has no mass left: p == q up to rounding
+        residual = false;
+        fallback = true;
+        tile = race_tiles(false, true);
+      }
+      int64_t token;
+      if (tile.value == -INFINITY) {
+        token = plan.excluded_id >= 0 ? plan.excluded_id : 0;  // all mass on the excluded draft, or no finite logit
+      } else {
+        const int64_t lo = static_cast<int64_t>(tile.index) * kVocabTile, hi = std::min(V, lo + kVocabTile);
+        ArgMax best{-INFINITY, static_cast<int32_t>(lo)};
+        for (int64_t i = lo; i < hi; ++i) {
+          float log_weight;
+          if (residual) {
+            log_weight = core::residual_log_weight(to_float(target_row[i]), to_float(draft_row[i]), inv_t,
+                                                   plan.target_log_norm, plan.draft_log_norm);
+          } else {
+            log_weight = i == plan.excluded_id ? -INFINITY : core::sanitize_logit(to_float(target_row[i]) * inv_t);
+          }
+          best = core::better(best, ArgMax{core::token_race_key(log_weight, seed, offset, plan.position, i, fallback),
+                                           static_cast<int32_t>(i)});
+        }
+        token = best.index;
+      }
+      pb.output_token_ids[b * width + plan.position] = token;
+    }
+  });
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dspark::cpu

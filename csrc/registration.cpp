@@ -1,0 +1,11 @@
+// Every dspark op schema, declared once. Backends add kernels with
+// TORCH_LIBRARY_IMPL(dspark, CPU|CUDA, m) next to their code; fake (meta) kernels live
+// in Python (dspark_ext/ops.py), which the dispatcher imports on demand.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dspark, m) {
+  m.set_python_module("dspark_ext.ops");
+  m.def(
+      "verify(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_logits, Tensor cu_num_draft, "
+      "Tensor temperature, Tensor seed, Tensor offset, int max_num_draft) -> (Tensor, Tensor)");
+}

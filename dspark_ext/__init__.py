@@ -1,0 +1,21 @@
+"""dspark-ext: DSpark speculative-decoding kernels as ``torch.ops.dspark.*``.
+
+Importing the package loads the compiled library (which registers the ops with the
+dispatcher) and the Python fake kernels that make the ops traceable.
+"""
+
+import torch
+
+from dspark_ext import _loader
+
+_loader.load_compiled_library()
+
+from dspark_ext import ops  # noqa: E402  (registers the fake kernels)
+from dspark_ext.ops import verify  # noqa: E402
+
+__all__ = ["verify", "ops", "build_info"]
+
+
+def build_info() -> dict:
+    """Torch version, CUDA support and CUDA architectures the library was compiled for."""
+    return _loader.build_info()
