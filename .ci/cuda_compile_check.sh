@@ -54,3 +54,19 @@ if len(wheels) != 1:
     sys.exit(f"cuda-check: FAILED: expected one wheel, found {wheels}")
 print(f"cuda-check: OK, zero spills on sm_80 and sm_90; wheel {os.path.basename(wheels[0])}")
 PY
+
+# The CUDA build must also load (no undefined symbols) and register its CUDA kernels;
+# a GPU is not needed for that, and the CPU kernels inside it must answer correctly.
+"$venv/bin/python" -m pip install -q --no-deps --force-reinstall --target "$work/site" "$work"/wheelhouse/*.whl
+(cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - <<'PY'
+import torch, dspark_ext
+info = dspark_ext.build_info()
+assert info["with_cuda"] and info["cuda_archs"] == "8.0;9.0", info
+assert torch._C._dispatch_has_kernel_for_dispatch_key("dspark::verify", "CUDA"), "no CUDA kernel registered"
+logits = torch.randn(3, 50)
+out, accepted = torch.ops.dspark.verify(logits, logits[:1].argmax(-1), None, torch.tensor([0, 1, 1], dtype=torch.int32),
+                                        torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1)
+assert out.tolist() == [[logits[0].argmax().item(), logits[1].argmax().item()], [logits[2].argmax().item(), -1]], out
+print(f"cuda-check: the CUDA build loads with torch {torch.__version__}, registers CUDA kernels, CPU path correct")
+PY
+)
