@@ -52,8 +52,26 @@ DSPARK_HOST_DEVICE MaxSum add_term(MaxSum acc, float log_weight) {
   return merge(acc, MaxSum{log_weight, log_weight == -INFINITY ? 0.0f : 1.0f});
 }
 
-DSPARK_HOST_DEVICE float log_total(MaxSum s) {
-  return s.sum > 0.0f ? s.max + logf(s.sum) : -INFINITY;
+// A row's log-normaliser kept as (max, log sum) and never added up: max + log(sum) rounds
+// away log(sum) once logits reach ~1e7 (or FLT_MAX for +inf), so probabilities are taken
+// as (w - max) - log(sum), exact whatever the logits' magnitude.
+struct LogNormalizer {
+  float max;
+  float log_sum;
+};
+
+DSPARK_HOST_DEVICE LogNormalizer normalizer_of(MaxSum s) {
+  return s.sum > 0.0f ? LogNormalizer{s.max, logf(s.sum)} : LogNormalizer{-INFINITY, -INFINITY};
+}
+
+// log(w / total); NaN when the row has no mass (every rule below treats NaN as "no").
+DSPARK_HOST_DEVICE float log_probability(float log_weight, LogNormalizer n) {
+  return (log_weight - n.max) - n.log_sum;
+}
+
+// log(total) - shift, with the shift applied before the sum for the same reason.
+DSPARK_HOST_DEVICE float shifted_log_total(MaxSum s, float shift) {
+  return s.sum > 0.0f ? (s.max - shift) + logf(s.sum) : -INFINITY;
 }
 
 // Argmax with the first index winning ties; NaN never wins (it compares false).
@@ -86,7 +104,8 @@ DSPARK_HOST_DEVICE float log_residual(float log_p, float log_q) {
 
 // Exponential race key: argmax_i (log w_i - log E_i), E_i = -log u_i ~ Exp(1), picks
 // i with probability w_i / sum w (the Gumbel-max trick), in one pass with no
-// normaliser. Weight 0 (log w = -inf) never wins.
+// normaliser. Weight 0 (log w = -inf) never wins. Callers pass log-weights shifted to
+// at most ~0 so the Gumbel noise is not rounded away next to a huge logit.
 DSPARK_HOST_DEVICE float race_key(float log_weight, float u) {
   return log_weight - logf(-logf(u));
 }

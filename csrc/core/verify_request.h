@@ -42,8 +42,8 @@ struct RequestPlan {
   int32_t position;      // draft position k of the emitted row (0..L)
   int32_t excluded_id;   // draft id removed from the row (kExcludingDraft), else -1
   int32_t num_accepted;
-  float target_log_norm; // log-sum-exp of target_row/T at `position`
-  float draft_log_norm;  // log-sum-exp of draft_row/T at `position` (kResidual)
+  LogNormalizer target_norm;  // of target_row/T at `position`
+  LogNormalizer draft_norm;   // of draft_row/T at `position` (kResidual)
   int64_t target_row;    // absolute row of target_logits holding `position`
 };
 
@@ -130,11 +130,12 @@ DSPARK_HOST_DEVICE int64_t clamp_token(int64_t id, int64_t vocab_size, bool* in_
 
 // Stage 5 keys. Position is the draft position of the emitted row, so a request's
 // random stream does not depend on where its rows sit in the batch.
-DSPARK_HOST_DEVICE float tile_race_key(float tile_log_total, uint64_t seed, uint64_t offset,
+// `shift` is the largest tile max of the row: it keeps the keys' precision (see race_key).
+DSPARK_HOST_DEVICE float tile_race_key(MaxSum tile_total, float shift, uint64_t seed, uint64_t offset,
                                        int32_t position, int64_t tile, bool fallback) {
   const float u = uniform(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(tile),
                           fallback ? RandomPurpose::kVerifyFallbackTileRace : RandomPurpose::kVerifyTileRace);
-  return race_key(tile_log_total, u);
+  return race_key(shifted_log_total(tile_total, shift), u);
 }
 
 DSPARK_HOST_DEVICE float token_race_key(float token_log_weight, uint64_t seed, uint64_t offset,
@@ -142,6 +143,14 @@ DSPARK_HOST_DEVICE float token_race_key(float token_log_weight, uint64_t seed, u
   const float u = uniform(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(token),
                           fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
   return race_key(token_log_weight, u);
+}
+
+// The raw random words token_race_key uses for ids 4*group .. 4*group + 3 (one Philox
+// call), for kernels that race four ids at a time.
+DSPARK_HOST_DEVICE Philox4x32 token_race_block(uint64_t seed, uint64_t offset, int32_t position, int64_t group,
+                                               bool fallback) {
+  return random_block(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(group),
+                      fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
 }
 
 DSPARK_HOST_DEVICE float accept_uniform(uint64_t seed, uint64_t offset, int32_t position) {
@@ -157,7 +166,7 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
     int64_t draft_row_stride, const IdT* draft_token_ids, const TileStats* target_summary,
     const TileStats* draft_summary, const RequestRows& rows, int64_t vocab_size, float temperature,
     uint64_t seed, uint64_t offset, int64_t* output_row, int64_t output_width, LoadLogit load_logit) {
-  RequestPlan plan{static_cast<int32_t>(EmitSource::kDone), 0, -1, 0, 0.0f, 0.0f, rows.target_begin};
+  RequestPlan plan{static_cast<int32_t>(EmitSource::kDone), 0, -1, 0, {0.0f, 0.0f}, {0.0f, 0.0f}, rows.target_begin};
   for (int64_t i = 0; i < output_width; ++i) output_row[i] = -1;
   const bool greedy = is_greedy(temperature);
   const float inv_t = inverse_temperature(temperature);
@@ -168,11 +177,12 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
     const int64_t x = clamp_token(static_cast<int64_t>(draft_token_ids[rows.draft_begin + k]), vocab_size, &in_range);
     const int64_t target_row = rows.target_begin + k;
     bool accepted;
-    float log_norm_p = 0.0f, log_norm_q = 0.0f;
+    LogNormalizer p_norm{0.0f, 0.0f}, q_norm{0.0f, 0.0f};
+    float log_p_unnorm = -INFINITY;
     if (greedy) {
       accepted = in_range && target_summary[k].argmax_index == x;
     } else {
-      const float log_p_unnorm = in_range ? sanitize_logit(load_logit(target_logits, target_row * target_row_stride + x) * inv_t) : -INFINITY;
+      log_p_unnorm = in_range ? sanitize_logit(load_logit(target_logits, target_row * target_row_stride + x) * inv_t) : -INFINITY;
       MaxSum target_total{target_summary[k].max, target_summary[k].sum};
       float log_q;
       if (draft_logits == nullptr) {
@@ -180,17 +190,19 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
         target_total = add_term(target_total, log_p_unnorm);
         log_q = in_range ? 0.0f : -INFINITY;
       } else {
-        log_norm_q = log_total(MaxSum{draft_summary[k].max, draft_summary[k].sum});
+        q_norm = normalizer_of(MaxSum{draft_summary[k].max, draft_summary[k].sum});
         const int64_t draft_row = rows.draft_begin + k;
-        log_q = in_range ? sanitize_logit(load_logit(draft_logits, draft_row * draft_row_stride + x) * inv_t) - log_norm_q : -INFINITY;
+        log_q = in_range ? log_probability(sanitize_logit(load_logit(draft_logits, draft_row * draft_row_stride + x) * inv_t), q_norm)
+                         : -INFINITY;
       }
-      log_norm_p = log_total(target_total);
-      accepted = accept_draft(log_p_unnorm - log_norm_p, log_q, accept_uniform(seed, offset, k));
+      p_norm = normalizer_of(target_total);
+      accepted = accept_draft(log_probability(log_p_unnorm, p_norm), log_q, accept_uniform(seed, offset, k));
     }
     if (!accepted) {
-      plan.excluded_id = (!greedy && draft_logits == nullptr && in_range) ? static_cast<int32_t>(x) : -1;
-      plan.target_log_norm = log_norm_p;
-      plan.draft_log_norm = log_norm_q;
+      // Excluded only if it carries mass: a rejected draft without any is never emitted.
+      plan.excluded_id = (!greedy && draft_logits == nullptr && log_p_unnorm > -INFINITY) ? static_cast<int32_t>(x) : -1;
+      plan.target_norm = p_norm;
+      plan.draft_norm = q_norm;
       break;
     }
     output_row[k] = x;
@@ -213,9 +225,9 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
 
 // Log-weight of token i in the residual norm(max(0, p - q)) of the rejected row.
 DSPARK_HOST_DEVICE float residual_log_weight(float target_logit, float draft_logit, float inv_t,
-                                             float target_log_norm, float draft_log_norm) {
-  return log_residual(sanitize_logit(target_logit * inv_t) - target_log_norm,
-                      sanitize_logit(draft_logit * inv_t) - draft_log_norm);
+                                             LogNormalizer target_norm, LogNormalizer draft_norm) {
+  return log_residual(log_probability(sanitize_logit(target_logit * inv_t), target_norm),
+                      log_probability(sanitize_logit(draft_logit * inv_t), draft_norm));
 }
 
 }  // namespace dspark::core

@@ -83,12 +83,10 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   return MaxSum{max, sum};
 }
 
-// First index of the largest raw logit in row[lo, hi); NaN never wins; an all -inf/NaN
-// range answers lo, so an emitted id is always a real vocabulary id.
+// First index (reported as first_id + i) of the largest of p[0, n); NaN never wins; an
+// all -inf/NaN range answers first_id, so an emitted id is always a real vocabulary id.
 template <typename T>
-ArgMax segment_arg_max(const T* row, int64_t lo, int64_t hi) {
-  const T* p = row + lo;
-  const int64_t n = hi - lo;
+ArgMax arg_max_of(const T* p, int64_t n, int64_t first_id) {
   const int64_t n_vec = n - n % kLanes;
   Vec v_max(-INFINITY);
   for (int64_t i = 0; i < n_vec; i += kLanes) {
@@ -100,48 +98,81 @@ ArgMax segment_arg_max(const T* row, int64_t lo, int64_t hi) {
     const float x = to_float(p[i]);
     if (x > max) max = x;
   }
-  if (max == -INFINITY) return ArgMax{-INFINITY, static_cast<int32_t>(lo)};
+  if (max == -INFINITY) return ArgMax{-INFINITY, static_cast<int32_t>(first_id)};
+  // Second pass over the (cache-resident) range finds the first lane equal to the max.
   const Vec v_target(max);
+  const int all_lanes = static_cast<int>((1ull << kLanes) - 1);
   for (int64_t i = 0; i < n_vec; i += kLanes) {
     const int not_equal = (load_floats(p + i) == v_target).zero_mask();
-    const int all_lanes = static_cast<int>((1ull << kLanes) - 1);
-    if (not_equal != all_lanes) return ArgMax{max, static_cast<int32_t>(lo + i + __builtin_ctz(~not_equal & all_lanes))};
+    if (not_equal != all_lanes) return ArgMax{max, static_cast<int32_t>(first_id + i + __builtin_ctz(~not_equal & all_lanes))};
   }
   for (int64_t i = n_vec; i < n; ++i)
-    if (to_float(p[i]) == max) return ArgMax{max, static_cast<int32_t>(lo + i)};
-  return ArgMax{max, static_cast<int32_t>(lo)};  // unreachable: max came from this range
+    if (to_float(p[i]) == max) return ArgMax{max, static_cast<int32_t>(first_id + i)};
+  return ArgMax{max, static_cast<int32_t>(first_id)};  // unreachable: max came from this range
 }
 
-// MaxSum of the residual log-weights log max(0, p - q) over one tile of the rejected row.
+// log max(0, p - q) of row[lo, lo + n) into out (core::residual_log_weight, vectorized).
 template <typename T>
-MaxSum residual_tile_max_sum(const T* target_row, const T* draft_row, int64_t lo, int64_t hi, float inv_t,
-                             float target_log_norm, float draft_log_norm) {
-  float weights[kVocabTile];
-  const int64_t n = hi - lo;
+void residual_log_weights(const T* target_row, const T* draft_row, int64_t lo, int64_t n, float inv_t,
+                          core::LogNormalizer target_norm, core::LogNormalizer draft_norm, float* out) {
   const int64_t n_vec = n - n % kLanes;
-  const Vec v_inv_t(inv_t), v_norm_p(target_log_norm), v_norm_q(draft_log_norm), v_neg_inf(-INFINITY);
+  const Vec v_inv_t(inv_t), v_neg_inf(-INFINITY);
+  const Vec v_p_max(target_norm.max), v_p_log_sum(target_norm.log_sum);
+  const Vec v_q_max(draft_norm.max), v_q_log_sum(draft_norm.log_sum);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {  // core::log_probability, then core::log_residual
+    const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
+    const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
+    const Vec log_w = log_p + (Vec(0.0f) - (log_q - log_p).expm1()).log();
+    Vec::blendv(v_neg_inf, log_w, log_p > log_q).store(out + i);
+  }
+  for (int64_t i = n_vec; i < n; ++i)
+    out[i] = core::residual_log_weight(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t,
+                                       target_norm, draft_norm);
+}
+
+// sanitize(row[lo + i] * inv_t) into out, with `excluded` (an absolute id, or -1) at -inf.
+template <typename T>
+void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_t excluded, float* out) {
+  const int64_t n_vec = n - n % kLanes;
+  const Vec v_inv_t(inv_t);
+  for (int64_t i = 0; i < n_vec; i += kLanes) sanitized_scaled(load_floats(row + lo + i), v_inv_t).store(out + i);
+  for (int64_t i = n_vec; i < n; ++i) out[i] = core::sanitize_logit(to_float(row[lo + i]) * inv_t);
+  if (excluded >= lo && excluded < lo + n) out[excluded - lo] = -INFINITY;
+}
+
+// MaxSum over n log-weights.
+inline MaxSum max_sum_of(const float* log_weights, int64_t n) {
+  const int64_t n_vec = n - n % kLanes;
   Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const Vec log_p = sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_norm_p;
-    const Vec log_q = sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_norm_q;
-    const Vec log_w = log_p + (Vec(0.0f) - (log_q - log_p).expm1()).log();  // core::log_residual
-    const Vec w = Vec::blendv(v_neg_inf, log_w, log_p > log_q);
-    w.store(weights + i);
-    v_max = at::vec::maximum(v_max, w);
-  }
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = at::vec::maximum(v_max, Vec::loadu(log_weights + i));
   float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) {
-    weights[i] = core::residual_log_weight(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t,
-                                           target_log_norm, draft_log_norm);
-    max = std::max(max, weights[i]);
-  }
+  for (int64_t i = n_vec; i < n; ++i) max = std::max(max, log_weights[i]);
   if (max == -INFINITY) return core::empty_max_sum();
   const Vec v_shift(max);
   Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(weights + i) - v_shift).exp();
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(log_weights + i) - v_shift).exp();
   float sum = lane_sum(v_sum);
-  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(weights[i] - max);
+  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(log_weights[i] - max);
   return MaxSum{max, sum};
+}
+
+// Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, u_i) with u_i
+// the uniforms of core::token_race_key, one Philox call per four ids, keys vectorized.
+inline ArgMax race_tokens(const float* log_weights, float shift, int64_t lo, int64_t n, uint64_t seed,
+                          uint64_t offset, int32_t position, bool fallback) {
+  float keys[kVocabTile];
+  for (int64_t g = 0; g < (n + 3) / 4; ++g) {
+    const core::Philox4x32 block = core::token_race_block(seed, offset, position, (lo >> 2) + g, fallback);
+    for (int lane = 0; lane < 4; ++lane) keys[4 * g + lane] = core::bits_to_open_uniform(block.v[lane]);
+  }
+  const int64_t n_vec = n - n % kLanes;
+  const Vec v_shift(shift);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec u = Vec::loadu(keys + i);
+    ((Vec::loadu(log_weights + i) - v_shift) - (Vec(0.0f) - u.log()).log()).store(keys + i);
+  }
+  for (int64_t i = n_vec; i < n; ++i) keys[i] = core::race_key(log_weights[i] - shift, keys[i]);
+  return arg_max_of(keys, n, lo);
 }
 
 template <typename LogitT, typename IdT>
@@ -178,7 +209,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
       if (row < target_rows) {
         const LogitT* logits = pb.target_logits + row * pb.target_row_stride;
         if (core::is_greedy(temperature)) {
-          const ArgMax best = segment_arg_max(logits, lo, hi);
+          const ArgMax best = arg_max_of(logits + lo, hi - lo, lo);
           stats.argmax_value = best.value;
           stats.argmax_index = best.index;
         } else {
@@ -242,9 +273,12 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
         if (plan.source != static_cast<int32_t>(core::EmitSource::kResidual)) continue;
         const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
         const int64_t draft_row = plan.target_row - b;  // draft index of the rejected position
-        pb.residual_stats[task] = residual_tile_max_sum(
-            pb.target_logits + plan.target_row * pb.target_row_stride, pb.draft_logits + draft_row * pb.draft_row_stride,
-            lo, hi, core::inverse_temperature(pb.temperature[b]), plan.target_log_norm, plan.draft_log_norm);
+        float log_weights[kVocabTile];
+        residual_log_weights(pb.target_logits + plan.target_row * pb.target_row_stride,
+                             pb.draft_logits + draft_row * pb.draft_row_stride, lo, hi - lo,
+                             core::inverse_temperature(pb.temperature[b]), plan.target_norm, plan.draft_norm,
+                             log_weights);
+        pb.residual_stats[task] = max_sum_of(log_weights, hi - lo);
       }
     });
   }
@@ -261,14 +295,17 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
       bool residual = plan.source == static_cast<int32_t>(core::EmitSource::kResidual);
       bool fallback = false;
 
+      auto tile_total = [&](bool use_residual, int64_t t) {
+        const TileStats& stats = pb.tile_stats[plan.target_row * tiles + t];
+        return use_residual ? pb.residual_stats[b * tiles + t] : MaxSum{stats.max, stats.sum};
+      };
       auto race_tiles = [&](bool use_residual, bool is_fallback) {
+        float shift = -INFINITY;
+        for (int64_t t = 0; t < tiles; ++t) shift = std::max(shift, tile_total(use_residual, t).max);
         ArgMax winner{-INFINITY, -1};
         for (int64_t t = 0; t < tiles; ++t) {
-          const MaxSum s = use_residual ? pb.residual_stats[b * tiles + t]
-                                        : MaxSum{pb.tile_stats[plan.target_row * tiles + t].max,
-                                                 pb.tile_stats[plan.target_row * tiles + t].sum};
-          winner = core::better(winner, ArgMax{core::tile_race_key(core::log_total(s), seed, offset, plan.position, t, is_fallback),
-                                               static_cast<int32_t>(t)});
+          const float key = core::tile_race_key(tile_total(use_residual, t), shift, seed, offset, plan.position, t, is_fallback);
+          winner = core::better(winner, ArgMax{key, static_cast<int32_t>(t)});
         }
         return winner;
       };
@@ -282,20 +319,15 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
       if (tile.value == -INFINITY) {
         token = plan.excluded_id >= 0 ? plan.excluded_id : 0;  // all mass on the excluded draft, or no finite logit
       } else {
-        const int64_t lo = static_cast<int64_t>(tile.index) * kVocabTile, hi = std::min(V, lo + kVocabTile);
-        ArgMax best{-INFINITY, static_cast<int32_t>(lo)};
-        for (int64_t i = lo; i < hi; ++i) {
-          float log_weight;
-          if (residual) {
-            log_weight = core::residual_log_weight(to_float(target_row[i]), to_float(draft_row[i]), inv_t,
-                                                   plan.target_log_norm, plan.draft_log_norm);
-          } else {
-            log_weight = i == plan.excluded_id ? -INFINITY : core::sanitize_logit(to_float(target_row[i]) * inv_t);
-          }
-          best = core::better(best, ArgMax{core::token_race_key(log_weight, seed, offset, plan.position, i, fallback),
-                                           static_cast<int32_t>(i)});
+        const int64_t lo = static_cast<int64_t>(tile.index) * kVocabTile, n = std::min(V, lo + kVocabTile) - lo;
+        float log_weights[kVocabTile];
+        if (residual) {
+          residual_log_weights(target_row, draft_row, lo, n, inv_t, plan.target_norm, plan.draft_norm, log_weights);
+        } else {
+          target_log_weights(target_row, lo, n, inv_t, plan.excluded_id, log_weights);
         }
-        token = best.index;
+        const float shift = tile_total(residual, tile.index).max;
+        token = race_tokens(log_weights, shift, lo, n, seed, offset, plan.position, fallback).index;
       }
       pb.output_token_ids[b * width + plan.position] = token;
     }

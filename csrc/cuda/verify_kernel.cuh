@@ -292,8 +292,8 @@ __global__ void __launch_bounds__(kTileThreads) verify_residual_stats_kernel(cor
     float log_weights[kIdsPerThread];
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {
-      log_weights[j] = first + j < V ? core::residual_log_weight(target[j], draft[j], inv_t, plan.target_log_norm,
-                                                                 plan.draft_log_norm)
+      log_weights[j] = first + j < V ? core::residual_log_weight(target[j], draft[j], inv_t, plan.target_norm,
+                                                                 plan.draft_norm)
                                      : -INFINITY;
     }
     const MaxSum total = BlockMaxSum(temp).Reduce(chunk_max_sum(log_weights), MergeMaxSum{});
@@ -306,16 +306,26 @@ __global__ void __launch_bounds__(kTileThreads) verify_residual_stats_kernel(cor
 // Stage 5: sample the emitted token, one block per request: a race between tiles on
 // their totals, then a race between the tokens of the winning tile.
 
+__device__ __forceinline__ MaxSum tile_total(const TileStats* row_tiles, const MaxSum* residual_tiles,
+                                              bool use_residual, int64_t t) {
+  return use_residual ? residual_tiles[t] : MaxSum{row_tiles[t].max, row_tiles[t].sum};
+}
+
 // Winner of the race between the tiles of one row ({-inf, -1} when no tile has mass).
+// Keys are shifted by the largest tile max, exactly as on the CPU (core::tile_race_key).
 __device__ __forceinline__ ArgMax race_tiles(const TileStats* row_tiles, const MaxSum* residual_tiles,
                                              bool use_residual, int64_t tiles, uint64_t seed, uint64_t offset,
                                              int32_t position, bool fallback, typename BlockArgMax::TempStorage& temp,
                                              ArgMax& shared) {
+  ArgMax largest_max{-INFINITY, 0};
+  for (int64_t t = threadIdx.x; t < tiles; t += kTileThreads)
+    largest_max = core::better(largest_max, ArgMax{tile_total(row_tiles, residual_tiles, use_residual, t).max, 0});
+  const float shift = block_best(largest_max, temp, shared).value;
   ArgMax winner{-INFINITY, -1};
   for (int64_t t = threadIdx.x; t < tiles; t += kTileThreads) {
-    const MaxSum s = use_residual ? residual_tiles[t] : MaxSum{row_tiles[t].max, row_tiles[t].sum};
-    winner = core::better(winner, ArgMax{core::tile_race_key(core::log_total(s), seed, offset, position, t, fallback),
-                                         static_cast<int32_t>(t)});
+    const float key = core::tile_race_key(tile_total(row_tiles, residual_tiles, use_residual, t), shift, seed, offset,
+                                          position, t, fallback);
+    winner = core::better(winner, ArgMax{key, static_cast<int32_t>(t)});
   }
   return block_best(winner, temp, shared);
 }
@@ -358,8 +368,8 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
         load_chunk<kVectorLoads>(pb.draft_logits + (plan.target_row - b) * pb.draft_row_stride, first, V, draft);
 #pragma unroll
         for (int j = 0; j < kIdsPerThread; ++j) {
-          log_weights[j] = core::residual_log_weight(log_weights[j], draft[j], inv_t, plan.target_log_norm,
-                                                     plan.draft_log_norm);
+          log_weights[j] = core::residual_log_weight(log_weights[j], draft[j], inv_t, plan.target_norm,
+                                                     plan.draft_norm);
         }
       } else {
 #pragma unroll
@@ -371,13 +381,14 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
       const core::Philox4x32 randoms[kIdsPerThread / 4] = {
           core::token_race_block(seed, offset, plan.position, first / 4, fallback),
           core::token_race_block(seed, offset, plan.position, first / 4 + 1, fallback)};
+      const float shift = tile_total(row_tiles, residual_tiles, residual, tile.index).max;
       ArgMax best{-INFINITY, static_cast<int32_t>(lo)};  // the CPU's initial value: all -inf answers lo
 #pragma unroll
       for (int j = 0; j < kIdsPerThread; ++j) {
         const int64_t id = first + j;
         if (id < V) {
           const float u = core::bits_to_open_uniform(randoms[j / 4].v[j % 4]);
-          best = core::better(best, ArgMax{core::race_key(log_weights[j], u), static_cast<int32_t>(id)});
+          best = core::better(best, ArgMax{core::race_key(log_weights[j] - shift, u), static_cast<int32_t>(id)});
         }
       }
       token = block_best(best, temp, shared_best).index;

@@ -1,0 +1,201 @@
+"""Plain-PyTorch reference of ``dspark::verify`` (slow, readable; for tests only).
+
+It follows the op contract (README / dspark_ext.ops.verify) step by step, one request
+and one draft position at a time, in float64. Randomness comes from a
+``torch.Generator`` instead of the op's keyed Philox streams, so sampled results can only
+be compared in distribution; greedy results (temperature 0) are deterministic and must
+match the op token for token.
+
+``rule`` selects deliberately *wrong* variants of speculative sampling. They exist only
+so the statistical tests can show that they are able to detect a broken sampler
+(power checks); the op is always compared against ``rule="exact"``.
+
+This module never calls ``torch.ops.dspark``.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+
+#: Correct speculative sampling (Leviathan et al. 2023, Alg. 1).
+RULE_EXACT = "exact"
+#: Broken: accepts with probability min(1, p/q) ** 0.5 (accepts too often).
+RULE_SQRT_ACCEPT = "sqrt_accept"
+#: Broken: after a rejection samples the correction from p instead of norm(max(0, p - q)).
+RULE_CORRECTION_FROM_TARGET = "correction_from_target"
+RULES = (RULE_EXACT, RULE_SQRT_ACCEPT, RULE_CORRECTION_FROM_TARGET)
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """float64 copy where NaN carries no probability (-inf); +inf is kept (handled by callers)."""
+    x = logits.detach().to(device="cpu", dtype=torch.float64)
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy token of each row (last dim): the first index of the largest logit. NaN never
+    wins (unlike torch.argmax), +inf is the largest value, and a row with nothing above
+    -inf (all -inf / NaN) answers 0."""
+    x = sanitize_logits(logits)
+    best = x.max(dim=-1, keepdim=True).values
+    # argmax over a 0/1 mask returns the first maximal index (documented tie rule).
+    return (x == best).to(torch.int8).argmax(dim=-1)
+
+
+def greedy_token(logits_row: torch.Tensor) -> int:
+    return int(greedy_tokens(logits_row))
+
+
+def probabilities(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """softmax(logits / T) over the last dim, in float64, with the op's rules: NaN ->
+    probability 0; the +inf entries of a row (if any) share all of its mass equally.
+    A row with no finite or +inf logit has no distribution: it comes back as all NaN.
+    ``temperature`` is a float or a tensor broadcastable to ``logits.shape[:-1]``."""
+    x = sanitize_logits(logits)
+    t = torch.as_tensor(temperature, dtype=torch.float64)
+    if t.dim() > 0:
+        t = t.unsqueeze(-1)  # one temperature per row
+    soft = torch.softmax(x / t, dim=-1)  # all -inf row -> NaN; a +inf entry -> NaN too
+    positive_infinite = torch.isposinf(x)
+    num_infinite = positive_infinite.sum(dim=-1, keepdim=True)
+    shared = positive_infinite.double() / num_infinite.clamp(min=1)
+    return torch.where(num_infinite > 0, shared, soft)
+
+
+def sample(probs: List[float], u: float) -> int:
+    """Inverse-CDF draw from (unnormalised) weights with a uniform u in [0, 1)."""
+    threshold = u * math.fsum(probs)
+    running = 0.0
+    last_positive = 0
+    for token, weight in enumerate(probs):
+        if weight > 0.0:
+            running += weight
+            last_positive = token
+            if running > threshold:
+                return token
+    return last_positive  # rounding: u * total landed on the very end
+
+
+def accept_probability(p_x: float, q_x: float, rule: str = RULE_EXACT) -> float:
+    """min(1, p(x) / q(x)); q(x) = 0 rejects (the draft could not have produced x)."""
+    if not q_x > 0.0:
+        return 0.0
+    ratio = min(1.0, p_x / q_x)
+    return math.sqrt(ratio) if rule == RULE_SQRT_ACCEPT else ratio
+
+
+def residual_distribution(p: List[float], q: List[float], rule: str = RULE_EXACT) -> List[float]:
+    """max(0, p - q) (unnormalised); p itself when the residual has no mass (p == q), and
+    always p for the broken ``correction_from_target`` rule."""
+    if rule == RULE_CORRECTION_FROM_TARGET:
+        return p
+    residual = [max(0.0, pi - qi) for pi, qi in zip(p, q)]
+    return residual if math.fsum(residual) > 0.0 else p
+
+
+def verify_request(
+    target_probs: List[Optional[List[float]]],
+    target_greedy: List[int],
+    draft_ids: List[int],
+    draft_probs: Optional[List[Optional[List[float]]]],
+    greedy: bool,
+    accept_uniforms: List[float],
+    sample_uniform: float,
+    rule: str = RULE_EXACT,
+) -> List[int]:
+    """One request with L drafts; returns its emitted tokens: the accepted drafts, then
+    exactly one token chosen by the target.
+
+    target_probs: L + 1 rows of p (None: the row has no finite logit); target_greedy: the
+    greedy token of each target row; draft_ids: L ints; draft_probs: L rows of q, or None
+    for one-hot drafts; accept_uniforms: L uniforms for the accept tests; sample_uniform:
+    the uniform of the one sampled (correction or bonus) token.
+    """
+    for k, x in enumerate(draft_ids):
+        if greedy:
+            if x != target_greedy[k]:
+                return draft_ids[:k] + [target_greedy[k]]  # first rejection: the target's argmax
+            continue
+        p = target_probs[k]
+        if p is None:  # no finite logit: nothing can be accepted, the row emits token 0
+            return draft_ids[:k] + [0]
+        if draft_probs is None:
+            q = [0.0] * len(p)
+            q[x] = 1.0
+        else:  # a draft row without finite logits has no q: reject
+            q = draft_probs[k] if draft_probs[k] is not None else [0.0] * len(p)
+        if accept_uniforms[k] < accept_probability(p[x], q[x], rule):
+            continue
+        return draft_ids[:k] + [sample(residual_distribution(p, q, rule), sample_uniform)]  # first rejection
+    # Every draft accepted: the bonus token comes from the last row.
+    last = len(draft_ids)
+    if greedy:
+        return draft_ids + [target_greedy[last]]
+    p = target_probs[last]
+    return draft_ids + [0 if p is None else sample(p, sample_uniform)]
+
+
+def _rows_as_lists(probs: torch.Tensor) -> List[Optional[List[float]]]:
+    has_mass = ~torch.isnan(probs).any(dim=-1)
+    return [row if ok else None for row, ok in zip(probs.tolist(), has_mass.tolist())]
+
+
+def verify_reference(
+    target_logits: torch.Tensor,
+    draft_token_ids: torch.Tensor,
+    draft_logits: Optional[torch.Tensor],
+    cu_num_draft: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    max_num_draft: int,
+    generator: Optional[torch.Generator] = None,
+    rule: str = RULE_EXACT,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Same arguments and outputs as ``torch.ops.dspark.verify`` (outputs on CPU).
+
+    ``seed`` and ``offset`` are accepted for signature compatibility and ignored: the
+    uniforms come from ``generator`` (torch's default generator when None). Inputs are
+    assumed valid (no argument checking).
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}, expected one of {RULES}")
+    del seed, offset
+    cu = cu_num_draft.cpu().tolist()
+    ids = draft_token_ids.cpu().tolist()
+    temps = temperature.cpu().tolist()
+    num_requests = len(cu) - 1
+    num_drafts = len(ids)
+
+    # Per-row quantities, computed once. Request b owns target rows cu[b] + b .. cu[b+1] + b
+    # and draft rows cu[b] .. cu[b+1] - 1. Greedy rows get a dummy T = 1 in the (unused) softmax.
+    row_temperature = [temps[b] if temps[b] > 0 else 1.0 for b in range(num_requests) for _ in range(cu[b], cu[b + 1] + 1)]
+    draft_temperature = [temps[b] if temps[b] > 0 else 1.0 for b in range(num_requests) for _ in range(cu[b], cu[b + 1])]
+    target_probs = _rows_as_lists(probabilities(target_logits, torch.tensor(row_temperature, dtype=torch.float64)))
+    target_greedy = greedy_tokens(target_logits).tolist()
+    draft_probs = None
+    if draft_logits is not None:
+        draft_probs = _rows_as_lists(probabilities(draft_logits, torch.tensor(draft_temperature, dtype=torch.float64)))
+    accept_uniforms = torch.rand(num_drafts, dtype=torch.float64, generator=generator).tolist()
+    sample_uniforms = torch.rand(num_requests, dtype=torch.float64, generator=generator).tolist()
+
+    output = [[-1] * (max_num_draft + 1) for _ in range(num_requests)]
+    num_accepted = [0] * num_requests
+    for b in range(num_requests):
+        begin, end = cu[b], cu[b + 1]
+        emitted = verify_request(
+            target_probs[begin + b : end + b + 1],
+            target_greedy[begin + b : end + b + 1],
+            ids[begin:end],
+            None if draft_probs is None else draft_probs[begin:end],
+            temps[b] == 0.0,
+            accept_uniforms[begin:end],
+            sample_uniforms[b],
+            rule,
+        )
+        output[b][: len(emitted)] = emitted
+        num_accepted[b] = len(emitted) - 1
+    return torch.tensor(output, dtype=torch.int64).reshape(num_requests, max_num_draft + 1), torch.tensor(
+        num_accepted, dtype=torch.int32
+    )

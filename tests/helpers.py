@@ -1,0 +1,550 @@
+"""Shared test helpers for dspark::verify: random ragged batches, output-format checks,
+exact speculative-sampling distributions and the statistical (chi-square + total
+variation) distribution check used for the op and for the deliberately broken samplers."""
+
+import itertools
+import math
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Union
+
+import pytest
+import scipy.stats
+import torch
+
+from dspark_ext.reference import greedy_tokens, probabilities, verify_reference
+
+verify_op = torch.ops.dspark.verify.default
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int32, torch.int64)
+#: The op processes the vocabulary in tiles of this many ids (csrc/core/sampling.h).
+VOCAB_TILE = 2048
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Batch:
+    """The eight arguments of dspark::verify, in schema order."""
+
+    target_logits: torch.Tensor
+    draft_token_ids: torch.Tensor
+    draft_logits: Optional[torch.Tensor]
+    cu_num_draft: torch.Tensor
+    temperature: torch.Tensor
+    seed: torch.Tensor
+    offset: torch.Tensor
+    max_num_draft: int
+
+    def args(self) -> tuple:
+        return (
+            self.target_logits,
+            self.draft_token_ids,
+            self.draft_logits,
+            self.cu_num_draft,
+            self.temperature,
+            self.seed,
+            self.offset,
+            self.max_num_draft,
+        )
+
+    @property
+    def lengths(self) -> List[int]:
+        return torch.diff(self.cu_num_draft.cpu()).tolist()
+
+    @property
+    def num_requests(self) -> int:
+        return self.cu_num_draft.shape[0] - 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target_logits.shape[1]
+
+    def to(self, device) -> "Batch":
+        """Copy to ``device``; keeps a strided row layout (rows of a wider buffer) strided."""
+
+        def move(t):
+            if t is None:
+                return None
+            if t.dim() == 2 and t.stride(0) == 0:  # broadcast rows stay broadcast
+                return t[:1].to(device).expand(t.shape)
+            if t.dim() == 2 and t.stride(0) != t.shape[1] and t.stride(1) == 1 and t.stride(0) > 0:
+                wide = torch.empty(t.shape[0], t.stride(0), dtype=t.dtype, device=device)
+                wide[:, : t.shape[1]] = t.to(device)
+                return wide[:, : t.shape[1]]
+            return t.to(device)
+
+        return Batch(*(move(a) if isinstance(a, torch.Tensor) else a for a in self.args()))
+
+    def request(self, b: int) -> "Batch":
+        """Request b alone, as a batch of one (same rows, same seed and offset)."""
+        cu = self.cu_num_draft.cpu().tolist()
+        begin, end = cu[b], cu[b + 1]
+        return Batch(
+            self.target_logits[begin + b : end + b + 1],
+            self.draft_token_ids[begin:end],
+            None if self.draft_logits is None else self.draft_logits[begin:end],
+            torch.tensor([0, end - begin], dtype=torch.int32, device=self.cu_num_draft.device),
+            self.temperature[b : b + 1],
+            self.seed[b : b + 1],
+            self.offset[b : b + 1],
+            self.max_num_draft,
+        )
+
+    def select(self, order: Sequence[int]) -> "Batch":
+        """A new batch holding requests ``order`` (in that order, repeats allowed)."""
+        parts = [self.request(b) for b in order]
+        device = self.cu_num_draft.device
+        lengths = [p.draft_token_ids.shape[0] for p in parts]
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        return Batch(
+            torch.cat([p.target_logits for p in parts]),
+            torch.cat([p.draft_token_ids for p in parts]),
+            None if self.draft_logits is None else torch.cat([p.draft_logits for p in parts]),
+            cu.to(device),
+            torch.cat([p.temperature for p in parts]),
+            torch.cat([p.seed for p in parts]),
+            torch.cat([p.offset for p in parts]),
+            self.max_num_draft,
+        )
+
+
+def make_batch(
+    lengths: Sequence[int],
+    vocab_size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    id_dtype: torch.dtype = torch.int64,
+    temperature: Union[float, Sequence[float]] = 0.0,
+    draft_logits: bool = False,
+    strided: bool = False,
+    max_num_draft: Optional[int] = None,
+    p_draft_is_argmax: float = 0.7,
+    logit_scale: float = 3.0,
+    draft_noise: float = 1.0,
+    integer_logits: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+) -> Batch:
+    """A random ragged batch with ``len(lengths)`` requests (lengths may be 0).
+
+    Greedy requests (T = 0) draft the target's argmax with probability
+    ``p_draft_is_argmax``, else a uniform random id, so both accepts and rejects happen.
+    Sampled requests (T > 0) with ``draft_logits`` draw each draft token from
+    softmax(draft_logits / T), where draft_logits = target + ``draft_noise`` * noise; one-hot
+    drafts (``draft_logits=False``) use the greedy construction. ``strided`` stores the
+    logits as the left part of wider buffers (``big[:, :V]``). ``integer_logits`` rounds the
+    logits to integers, so rows hold many exactly tied maxima (greedy tie rule).
+    """
+    g = torch.Generator().manual_seed(seed)
+    num_requests = len(lengths)
+    num_drafts = int(sum(lengths))
+    temps = [float(temperature)] * num_requests if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    assert len(temps) == num_requests
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+
+    def logits(rows: int) -> torch.Tensor:
+        width = vocab_size + (37 if strided else 0)
+        big = torch.randn(rows, width, generator=g) * logit_scale
+        big = (big.round() if integer_logits else big).to(dtype)
+        return big[:, :vocab_size]
+
+    target = logits(num_drafts + num_requests)
+    drafts = None
+    if draft_logits:
+        drafts = logits(num_drafts)
+        drafts.copy_((target[_draft_rows_to_target_rows(lengths)].float()
+                      + draft_noise * torch.randn(num_drafts, vocab_size, generator=g)).to(dtype))
+    greedy = greedy_tokens(target).tolist()
+    ids = []
+    for b, length in enumerate(lengths):
+        for k in range(length):
+            d = int(cu[b]) + k
+            row = int(cu[b]) + b + k
+            if temps[b] > 0 and drafts is not None:
+                q = probabilities(drafts[d], temps[b])
+                ids.append(int(torch.multinomial(q, 1, generator=g)))
+            elif float(torch.rand((), generator=g)) < p_draft_is_argmax:
+                ids.append(greedy[row])
+            else:
+                ids.append(int(torch.randint(vocab_size, (), generator=g)))
+    batch = Batch(
+        target,
+        torch.tensor(ids, dtype=id_dtype),
+        drafts,
+        cu,
+        torch.tensor(temps, dtype=torch.float32),
+        torch.randint(0, 2**62, (num_requests,), generator=g, dtype=torch.int64),
+        torch.randint(0, 2**40, (num_requests,), generator=g, dtype=torch.int64),
+        max(lengths, default=0) if max_num_draft is None else max_num_draft,
+    )
+    return batch if device == "cpu" else batch.to(device)
+
+
+def _draft_rows_to_target_rows(lengths: Sequence[int]) -> torch.Tensor:
+    rows, begin = [], 0
+    for b, length in enumerate(lengths):
+        rows += [begin + b + k for k in range(length)]
+        begin += length
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def repeated_request_batch(
+    target_rows: torch.Tensor,
+    draft_rows: Optional[torch.Tensor],
+    draft_ids: torch.Tensor,
+    temperature: float,
+    *,
+    seed: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    broadcast: bool = False,
+) -> Batch:
+    """N requests with identical rows: request i has the L drafts ``draft_ids[i]`` ([N, L]),
+    target rows ``target_rows`` ([L + 1, V]) and draft rows ``draft_rows`` ([L, V] or None).
+    Seeds default to 0..N-1 (offsets to 0), so the requests are independent samples.
+    ``broadcast`` (L + 1 == 1 target row, or all rows equal) uses stride-0 rows instead of copies."""
+    num, length = draft_ids.shape
+    vocab = target_rows.shape[1]
+    if broadcast:
+        _assert_rows_equal(target_rows)
+        target = target_rows[:1].expand(num * (length + 1), vocab)
+        drafts = None
+        if draft_rows is not None:
+            _assert_rows_equal(draft_rows)
+            drafts = draft_rows[:1].expand(num * length, vocab)
+    else:
+        target = target_rows.repeat(num, 1)
+        drafts = None if draft_rows is None else draft_rows.repeat(num, 1)
+    device = target_rows.device
+    return Batch(
+        target,
+        draft_ids.reshape(-1).to(device),
+        drafts,
+        (torch.arange(num + 1, dtype=torch.int32) * length).to(device),
+        torch.full((num,), temperature, dtype=torch.float32, device=device),
+        torch.arange(num, dtype=torch.int64, device=device) if seed is None else seed.to(device),
+        torch.zeros(num, dtype=torch.int64, device=device) if offset is None else offset.to(device),
+        length,
+    )
+
+
+def _assert_rows_equal(rows: torch.Tensor) -> None:
+    torch.testing.assert_close(rows, rows[:1].expand_as(rows), rtol=0, atol=0, equal_nan=True)
+
+
+def run_op(batch: Batch):
+    return verify_op(*batch.args())
+
+
+def run_reference(batch: Batch, seed: int = 0, rule: str = "exact"):
+    return verify_reference(*batch.args(), generator=torch.Generator().manual_seed(seed), rule=rule)
+
+
+# --------------------------------------------------------------------------- output checks
+
+
+def check_output_format(batch: Batch, output: torch.Tensor, num_accepted: torch.Tensor) -> None:
+    """Structural contract of the outputs: shapes/dtypes, accepted prefix == the drafts,
+    exactly one emitted id in [0, V), then -1 padding."""
+    B, width, V = batch.num_requests, batch.max_num_draft + 1, batch.vocab_size
+    assert output.shape == (B, width) and output.dtype == torch.int64, (output.shape, output.dtype)
+    assert num_accepted.shape == (B,) and num_accepted.dtype == torch.int32, (num_accepted.shape, num_accepted.dtype)
+    out, n = output.cpu(), num_accepted.cpu().long()
+    lengths = torch.tensor(batch.lengths, dtype=torch.int64)
+    assert bool(((n >= 0) & (n <= lengths)).all()), "num_accepted outside [0, L_b]"
+    cols = torch.arange(width).expand(B, width)
+    ids = batch.draft_token_ids.cpu().long()
+    begin = batch.cu_num_draft.cpu().long()[:-1]
+    accepted_cols = cols < n[:, None]
+    draft_at = ids[(begin[:, None] + cols).clamp(max=max(ids.numel() - 1, 0))] if ids.numel() else torch.zeros_like(out)
+    assert bool((out[accepted_cols] == draft_at[accepted_cols]).all()), "accepted prefix differs from the drafts"
+    emitted = out.gather(1, n[:, None])[:, 0]
+    assert bool(((emitted >= 0) & (emitted < V)).all()), f"emitted id outside [0, {V}): {emitted.tolist()}"
+    assert bool((out[cols > n[:, None]] == -1).all()), "padding after the emitted token is not -1"
+
+
+# --------------------------------------------------------------------------- exact distributions
+
+
+def exact_probs(logits_row: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(row / T) in float64 (op rules for NaN / +inf), from the row's stored values."""
+    return probabilities(logits_row, temperature)
+
+
+def joint_first_two_exact(p0: torch.Tensor, q0: torch.Tensor, p1: torch.Tensor) -> torch.Tensor:
+    """Exact law of (output[:, 0], output[:, 1]) for a request with L >= 1 drafts, the draft
+    at position 0 drawn from q0, and fixed target rows p0, p1 (rows do not depend on x0).
+
+    Position 0 emits a accepted with probability min(p0(a), q0(a)); then output[:, 1] ~ p1
+    (lossless at position 1, whatever happens after). A rejection at 0 emits a correction
+    with probability max(0, p0(a) - q0(a)) and output[:, 1] = -1.
+    Returned as a [V, V + 1] matrix, column 0 = (a, -1), column b + 1 = (a, b).
+    """
+    V = p0.numel()
+    joint = torch.zeros(V, V + 1, dtype=torch.float64)
+    joint[:, 0] = (p0 - q0).clamp(min=0)
+    joint[:, 1:] = torch.minimum(p0, q0)[:, None] * p1[None, :]
+    return joint
+
+
+def joint_codes(output: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Category code of (output[:, 0], output[:, 1]) matching joint_first_two_exact().flatten()."""
+    out = output.cpu()
+    return out[:, 0] * (vocab_size + 1) + (out[:, 1] + 1)
+
+
+def acceptance_length_exact(ps: Sequence[torch.Tensor], qs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Exact law of num_accepted for drafts x_k ~ q_k against rows p_k (k < L): position k
+    accepts with probability alpha_k = sum_x min(p_k(x), q_k(x))."""
+    alphas = [float(torch.minimum(p, q).sum()) for p, q in zip(ps, qs)]
+    law, survive = [], 1.0
+    for alpha in alphas:
+        law.append(survive * (1.0 - alpha))
+        survive *= alpha
+    law.append(survive)
+    return torch.tensor(law, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class DistributionCheck:
+    ok: bool
+    num_samples: int
+    chi2_pvalue: float
+    tv: float
+    tv_bound: float
+    impossible: int  # samples of categories with probability 0
+
+    def __str__(self) -> str:
+        return (
+            f"N={self.num_samples} chi2 p-value={self.chi2_pvalue:.3g} TV={self.tv:.4f} (bound {self.tv_bound:.4f}) "
+            f"impossible samples={self.impossible}"
+        )
+
+
+def merged_bins(counts: torch.Tensor, expected: torch.Tensor, min_expected: float = 5.0):
+    """Groups categories, rarest first, until every group expects >= min_expected samples."""
+    order = torch.argsort(expected)
+    obs, exp = [], []
+    acc_o = acc_e = 0.0
+    for i in order.tolist():
+        acc_o += float(counts[i])
+        acc_e += float(expected[i])
+        if acc_e >= min_expected:
+            obs.append(acc_o)
+            exp.append(acc_e)
+            acc_o = acc_e = 0.0
+    if acc_e > 0 or acc_o > 0:
+        if exp:
+            obs[-1] += acc_o
+            exp[-1] += acc_e
+        else:
+            obs.append(acc_o)
+            exp.append(acc_e)
+    return obs, exp
+
+
+def tv_bound(probs: torch.Tensor, num_samples: int, delta: float = 1e-4) -> float:
+    """High-probability bound on the TV distance between N samples of ``probs`` and ``probs``:
+    E[TV] <= 1/2 sum_i sqrt(p_i (1 - p_i) / N), and TV concentrates around its mean
+    (McDiarmid: one sample moves it by <= 1/N), + sqrt(ln(1/delta) / 2N)."""
+    p = probs.double()
+    mean_bound = 0.5 * float(torch.sqrt(p * (1 - p) / num_samples).sum())
+    return mean_bound + math.sqrt(math.log(1.0 / delta) / (2.0 * num_samples))
+
+
+def check_distribution(samples: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> DistributionCheck:
+    """Do integer ``samples`` (category codes in [0, K)) follow ``probs`` ([K])?
+    Passes iff no sample hits a zero-probability category, the chi-square test (rare bins
+    merged to expected >= 5) has p-value >= alpha, and TV <= tv_bound(probs, N, alpha)."""
+    probs = probs.double().flatten().cpu()
+    probs = probs / probs.sum()
+    samples = samples.flatten().cpu().long()
+    n = samples.numel()
+    K = probs.numel()
+    assert n > 0
+    in_range = (samples >= 0) & (samples < K)
+    impossible = int((~in_range).sum())
+    counts = torch.bincount(samples[in_range], minlength=K).double()
+    impossible += int(counts[probs == 0].sum())
+    support = probs > 0
+    obs, exp = merged_bins(counts[support], probs[support] * n)
+    if len(obs) >= 2:
+        # Rescale so both sums agree exactly (scipy insists); impossible samples are counted above.
+        scale = sum(obs) / sum(exp) if sum(exp) > 0 else 1.0
+        pvalue = float(scipy.stats.chisquare(obs, [e * scale for e in exp]).pvalue) if sum(obs) > 0 else 0.0
+    else:
+        pvalue = 1.0  # a single category: only the impossible-sample count can fail
+    tv = 0.5 * float((counts / n - probs).abs().sum()) + 0.5 * (n - float(counts.sum())) / n
+    bound = tv_bound(probs, n, alpha)
+    ok = impossible == 0 and pvalue >= alpha and tv <= bound
+    return DistributionCheck(ok, n, pvalue, tv, bound, impossible)
+
+
+def assert_matches_distribution(samples: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> DistributionCheck:
+    """The statistical check of every losslessness test (op and broken samplers alike)."""
+    result = check_distribution(samples, probs, alpha)
+    assert result.ok, f"samples do not follow the expected distribution: {result}"
+    return result
+
+
+def with_replaced(batch: Batch, **changes) -> Batch:
+    return replace(batch, **changes)
+
+
+# --------------------------------------------------------------------------- shared checks
+# Used by the CPU tests and, with device="cuda", by tests/test_verify_cuda.py.
+
+#: (lengths, vocab_size, dtype, id_dtype, strided[, integer_logits]) of the greedy-vs-reference cases.
+GREEDY_CASES = [
+    ([2, 3, 0, 4, 1, 2], 5000, torch.bfloat16, torch.int64, False, True),  # integer logits: tied maxima across tiles
+    ([1, 2, 3, 0], 33, torch.float32, torch.int32, True, True),
+    ([3, 0, 5, 1, 2, 0, 4], 1000, torch.float32, torch.int64, False),
+    ([2, 4, 0, 1, 6, 3], 4099, torch.bfloat16, torch.int32, True),
+    ([1, 1, 0, 7, 2], 2048, torch.float16, torch.int64, True),
+    ([0, 3, 2, 5, 0, 0, 1], 6000, torch.float32, torch.int32, True),
+    ([4, 0, 2, 3, 1, 5, 2, 2], 7, torch.bfloat16, torch.int64, False),  # tiny V: many ties
+    ([2, 0, 3], 1, torch.float32, torch.int32, False),  # V = 1: every draft is accepted
+    ([0, 0, 0], 300, torch.float16, torch.int64, False),  # no drafts at all: bonus only
+    ([5, 2, 6, 1], 32003, torch.float32, torch.int64, True),  # 16 tiles
+]
+
+
+def greedy_case_id(case) -> str:
+    lengths, vocab, dtype, id_dtype, strided, *ties = case
+    return (f"V{vocab}-{str(dtype)[6:]}-{str(id_dtype)[6:]}-B{len(lengths)}{'-strided' if strided else ''}"
+            f"{'-ties' if ties and ties[0] else ''}")
+
+
+def greedy_case_batch(case, device: str = "cpu") -> Batch:
+    lengths, vocab, dtype, id_dtype, strided, *ties = case
+    batch = make_batch(lengths, vocab, dtype=dtype, id_dtype=id_dtype, strided=strided,
+                       integer_logits=bool(ties and ties[0]), seed=vocab, device=device)
+    if strided:
+        assert batch.target_logits.stride(0) > vocab  # really a slice of a wider buffer
+    return batch
+
+
+def assert_greedy_matches_reference(batch: Batch) -> None:
+    output, num_accepted = run_op(batch)
+    check_output_format(batch, output, num_accepted)
+    ref_output, ref_accepted = run_reference(batch)
+    greedy = (batch.temperature.cpu() == 0)
+    assert bool(greedy.any())
+    torch.testing.assert_close(output.cpu()[greedy], ref_output[greedy], rtol=0, atol=0)
+    torch.testing.assert_close(num_accepted.cpu()[greedy], ref_accepted[greedy], rtol=0, atol=0)
+
+
+def assert_deterministic(batch: Batch) -> None:
+    first = run_op(batch)
+    second = run_op(batch)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def assert_batch_invariant(batch: Batch) -> None:
+    """Each request's row is the same alone, inside the batch, and inside a reordered batch
+    with repeats (other requests, other row positions)."""
+    output, num_accepted = run_op(batch)
+    check_output_format(batch, output, num_accepted)
+    B = batch.num_requests
+    for b in range(B):
+        alone_out, alone_n = run_op(batch.request(b))
+        assert torch.equal(alone_out[0], output[b]), (b, alone_out[0].tolist(), output[b].tolist())
+        assert torch.equal(alone_n[0], num_accepted[b])
+    order = list(range(B - 1, -1, -1)) + list(range(0, B, 2))
+    shuffled_out, shuffled_n = run_op(batch.select(order))
+    assert torch.equal(shuffled_out, output[order])
+    assert torch.equal(shuffled_n, num_accepted[order])
+
+
+def fraction_rows_differ(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a != b).any(dim=1).double().mean())
+
+
+def sampled_stream_batch(num_requests: int = 2000, device: str = "cpu", draft_logits: bool = True) -> Batch:
+    """Many requests at T = 1 over a flat-ish V = 64 vocabulary: two independent streams
+    almost never emit the same row."""
+    return make_batch([2] * num_requests, 64, temperature=1.0, draft_logits=draft_logits, logit_scale=0.5,
+                      seed=11, device=device)
+
+
+# --------------------------------------------------------------------------- lossless setups
+
+
+@dataclass
+class LosslessSetup:
+    """N independent requests over the same rows (distinct seeds), their op/reference
+    batch and the exact law of the quantity under test."""
+
+    batch: Batch
+    target_probs: List[torch.Tensor]  # p_k, k = 0..L
+    draft_law: List[torch.Tensor]  # law of the draft token at k (q_k, or the one-hot proposal)
+    one_hot: bool
+
+
+def lossless_setup(
+    length: int,
+    vocab_size: int,
+    temperature: float,
+    one_hot: bool,
+    *,
+    num_samples: int = 100_000,
+    dtype: torch.dtype = torch.float32,
+    target_scale: float = 1.5,
+    draft_scale: float = 1.5,
+    seed: int = 0,
+    device: str = "cpu",
+    target_rows: Optional[torch.Tensor] = None,
+    draft_rows: Optional[torch.Tensor] = None,
+    broadcast: bool = False,
+) -> LosslessSetup:
+    """Target rows [L + 1, V] and draft rows [L, V] (random unless given: target * scale,
+    draft = target + noise * draft_scale). Sampled drafts:
+    x_k ~ softmax(draft_k / T), passed to the op with draft_logits. One-hot drafts: x_k is
+    drawn from the same softmax(draft_k / T) but the op gets draft_logits=None."""
+    g = torch.Generator().manual_seed(seed)
+    if target_rows is None:
+        target_rows = torch.randn(length + 1, vocab_size, generator=g) * target_scale
+    if draft_rows is None:  # a draft model that roughly agrees with the target
+        draft_rows = target_rows[:length] + torch.randn(length, vocab_size, generator=g) * draft_scale
+    target_rows = target_rows.to(dtype)
+    draft_rows = draft_rows.to(dtype)
+    ps = [exact_probs(row, temperature) for row in target_rows]
+    qs = [exact_probs(row, temperature) for row in draft_rows]
+    ids = torch.stack([torch.multinomial(q, num_samples, replacement=True, generator=g) for q in qs], dim=1) \
+        if length else torch.zeros(num_samples, 0, dtype=torch.int64)
+    batch = repeated_request_batch(target_rows.to(device), None if one_hot else draft_rows.to(device), ids,
+                                   temperature, broadcast=broadcast)
+    return LosslessSetup(batch, ps, qs, one_hot)
+
+
+def joint_first_two_law(setup: LosslessSetup) -> torch.Tensor:
+    p0, r0, p1 = setup.target_probs[0], setup.draft_law[0], setup.target_probs[1]
+    V = p0.numel()
+    if not setup.one_hot:
+        return joint_first_two_exact(p0, r0, p1)
+    # One-hot draft x ~ r0: accepted with probability p0(x); a rejection of x emits a != x
+    # with probability p0(a) / (1 - p0(x)), so P(correction = a) = p0(a) (1 - r0(a)).
+    joint = torch.zeros(V, V + 1, dtype=torch.float64)
+    joint[:, 0] = p0 * (1 - r0)
+    joint[:, 1:] = (r0 * p0)[:, None] * p1[None, :]
+    return joint
+
+
+def acceptance_law(setup: LosslessSetup) -> torch.Tensor:
+    if setup.one_hot:
+        # min(p, one-hot_x) summed over the law of x: alpha_k = sum_x r_k(x) p_k(x).
+        alphas_as_q = [r * p for p, r in zip(setup.target_probs, setup.draft_law)]
+        law, survive = [], 1.0
+        for a in alphas_as_q:
+            alpha = float(a.sum())
+            law.append(survive * (1 - alpha))
+            survive *= alpha
+        law.append(survive)
+        return torch.tensor(law, dtype=torch.float64)
+    return acceptance_length_exact(setup.target_probs[:-1], setup.draft_law)
