@@ -50,7 +50,8 @@ def relative_sources(pattern: str) -> list:
 WITH_CUDA = cuda_is_buildable()
 CUDA_ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else ""
 
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template that is serial unless _OPENMP is defined.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
 define_macros = [("DSPARK_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
 if IS_X86:
     define_macros.append(("DSPARK_HAVE_X86_ISA_KERNELS", None))
@@ -114,6 +115,7 @@ setup(
             include_dirs=[str(ROOT / "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildWithCpuIsaVariants},

@@ -102,6 +102,13 @@ DSPARK_HOST_DEVICE float log_residual(float log_p, float log_q) {
   return log_p + logf(-expm1f(log_q - log_p));
 }
 
+// max(0, p - q) from log p and log q, in linear space: summed per tile to weigh the tiles
+// of the residual (mass below ~1e-38 is dropped, which no sampler could ever draw).
+DSPARK_HOST_DEVICE float residual_probability(float log_p, float log_q) {
+  const float difference = expf(log_p) - expf(log_q);
+  return difference > 0.0f ? difference : 0.0f;
+}
+
 // Exponential race key: argmax_i (log w_i - log E_i), E_i = -log u_i ~ Exp(1), picks
 // i with probability w_i / sum w (the Gumbel-max trick), in one pass with no
 // normaliser. Weight 0 (log w = -inf) never wins. Callers pass log-weights shifted to

@@ -6,7 +6,7 @@
 //   2. row summary  : merge each row's tiles into its log-normaliser (or argmax).
 //   3. decide       : per request, walk the drafts left to right with the accept rule;
 //                     write accepted tokens and what the emitted token must be sampled from.
-//   4. residual     : only for sampled drafts rejected at row j: MaxSum of log max(0, p - q)
+//   4. residual     : only for sampled drafts rejected at row j: the mass of max(0, p - q)
 //                     per tile of row j (the only re-read of a target and a draft row).
 //   5. sample       : race between tiles using their totals, then between the tokens of the
 //                     winning tile: exact sampling that re-reads one tile instead of the row.
@@ -223,7 +223,17 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
   return plan;
 }
 
-// Log-weight of token i in the residual norm(max(0, p - q)) of the rejected row.
+// Stage 4: residual mass of one token, MaxSum{0, sum of these} per tile.
+DSPARK_HOST_DEVICE float residual_mass(float target_logit, float draft_logit, float inv_t,
+                                       LogNormalizer target_norm, LogNormalizer draft_norm) {
+  return residual_probability(log_probability(sanitize_logit(target_logit * inv_t), target_norm),
+                              log_probability(sanitize_logit(draft_logit * inv_t), draft_norm));
+}
+
+DSPARK_HOST_DEVICE MaxSum residual_tile_total(float mass_sum) { return MaxSum{mass_sum > 0.0f ? 0.0f : -INFINITY, mass_sum}; }
+
+// Stage 5: log-weight of token i in the residual norm(max(0, p - q)) of the rejected row
+// (log space keeps the race exact for tiny p).
 DSPARK_HOST_DEVICE float residual_log_weight(float target_logit, float draft_logit, float inv_t,
                                              LogNormalizer target_norm, LogNormalizer draft_norm) {
   return log_residual(log_probability(sanitize_logit(target_logit * inv_t), target_norm),

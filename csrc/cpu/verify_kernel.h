@@ -25,6 +25,10 @@ using core::TileStats;
 using core::kVocabTile;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+// Smallest chunk a thread takes: a few microseconds of work, so that small batches run
+// inline instead of paying an OpenMP fork per stage.
+constexpr int64_t kTilesPerChunk = 8;
+constexpr int64_t kCheapItemsPerChunk = 64;
 
 template <typename T>
 inline float to_float(T value) {
@@ -42,10 +46,14 @@ inline Vec load_floats(const T* p) {
   }
 }
 
+// at::vec::clamp_min(a, b) is "b if a < b else a" on every instruction set (x86: max_ps(b, a)),
+// so a NaN b leaves a: one instruction for a NaN-ignoring running max and for NaN -> -inf.
+// tests/test_cpu_isa.py and the NaN tests hold every build to it.
+inline Vec max_ignoring_nan(Vec running_max, Vec x) { return at::vec::clamp_min(running_max, x); }
+
 // Vector form of core::sanitize_logit(x * inv_t).
 inline Vec sanitized_scaled(Vec x, Vec inv_t) {
-  const Vec scaled = x * inv_t;
-  return at::vec::minimum(Vec::blendv(scaled, Vec(-INFINITY), scaled.isnan()), Vec(FLT_MAX));
+  return at::vec::clamp_max(max_ignoring_nan(Vec(-INFINITY), x * inv_t), Vec(FLT_MAX));
 }
 
 inline float lane_max(Vec v) {
@@ -62,25 +70,49 @@ inline float lane_sum(Vec v) {
   return total;
 }
 
-// MaxSum of sanitize(x * inv_t) over row[lo, hi): a max pass, then a sum-exp pass that
-// re-reads the (L1-resident) tile, cheaper than rescaling an online sum per vector.
+// MaxSum of sanitize(x * inv_t) over row[lo, hi): a max pass that also stores the scaled
+// logits in an L1-resident buffer, then a sum-exp pass over the buffer (cheaper than
+// rescaling an online sum per vector). exp_u20 (relative error ~2e-6) is ample for
+// probabilities and about twice as fast as the 1-ulp exp.
 template <typename T>
 MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
+  float scaled[kVocabTile];
   const Vec v_inv_t(inv_t);
   const T* p = row + lo;
   const int64_t n = hi - lo;
   const int64_t n_vec = n - n % kLanes;
   Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = at::vec::maximum(v_max, sanitized_scaled(load_floats(p + i), v_inv_t));
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec x = sanitized_scaled(load_floats(p + i), v_inv_t);
+    x.store(scaled + i);
+    v_max = max_ignoring_nan(v_max, x);
+  }
   float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) max = std::max(max, core::sanitize_logit(to_float(p[i]) * inv_t));
+  for (int64_t i = n_vec; i < n; ++i) {
+    scaled[i] = core::sanitize_logit(to_float(p[i]) * inv_t);
+    max = std::max(max, scaled[i]);
+  }
   if (max == -INFINITY) return core::empty_max_sum();
   const Vec v_shift(max);
   Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (sanitized_scaled(load_floats(p + i), v_inv_t) - v_shift).exp();
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(scaled + i) - v_shift).exp_u20();
   float sum = lane_sum(v_sum);
-  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(core::sanitize_logit(to_float(p[i]) * inv_t) - max);
+  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(scaled[i] - max);
   return MaxSum{max, sum};
+}
+
+// Largest of p[0, n), NaN ignored (-inf when there is no other value).
+template <typename T>
+float max_of(const T* p, int64_t n) {
+  const int64_t n_vec = n - n % kLanes;
+  Vec v_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = max_ignoring_nan(v_max, load_floats(p + i));
+  float max = lane_max(v_max);
+  for (int64_t i = n_vec; i < n; ++i) {
+    const float x = to_float(p[i]);
+    if (x > max) max = x;
+  }
+  return max;
 }
 
 // First index (reported as first_id + i) of the largest of p[0, n); NaN never wins; an
@@ -88,16 +120,7 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
 template <typename T>
 ArgMax arg_max_of(const T* p, int64_t n, int64_t first_id) {
   const int64_t n_vec = n - n % kLanes;
-  Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const Vec x = load_floats(p + i);
-    v_max = at::vec::maximum(v_max, Vec::blendv(x, Vec(-INFINITY), x.isnan()));
-  }
-  float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) {
-    const float x = to_float(p[i]);
-    if (x > max) max = x;
-  }
+  const float max = max_of(p, n);
   if (max == -INFINITY) return ArgMax{-INFINITY, static_cast<int32_t>(first_id)};
   // Second pass over the (cache-resident) range finds the first lane equal to the max.
   const Vec v_target(max);
@@ -130,6 +153,29 @@ void residual_log_weights(const T* target_row, const T* draft_row, int64_t lo, i
                                        target_norm, draft_norm);
 }
 
+// Sum of core::residual_mass over row[lo, lo + n), vectorized.
+template <typename T>
+float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int64_t n, float inv_t,
+                        core::LogNormalizer target_norm, core::LogNormalizer draft_norm) {
+  const int64_t n_vec = n - n % kLanes;
+  const Vec v_inv_t(inv_t), v_zero(0.0f), v_neg_inf(-INFINITY);
+  const Vec v_p_max(target_norm.max), v_p_log_sum(target_norm.log_sum);
+  const Vec v_q_max(draft_norm.max), v_q_log_sum(draft_norm.log_sum);
+  Vec v_sum(0.0f);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
+    const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
+    // A row without mass gives NaN log-probabilities; exp_u20 would turn NaN into a huge value.
+    const Vec p = max_ignoring_nan(v_neg_inf, log_p).exp_u20();
+    const Vec q = max_ignoring_nan(v_neg_inf, log_q).exp_u20();
+    v_sum += at::vec::maximum(p - q, v_zero);
+  }
+  float sum = lane_sum(v_sum);
+  for (int64_t i = n_vec; i < n; ++i)
+    sum += core::residual_mass(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t, target_norm, draft_norm);
+  return sum;
+}
+
 // sanitize(row[lo + i] * inv_t) into out, with `excluded` (an absolute id, or -1) at -inf.
 template <typename T>
 void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_t excluded, float* out) {
@@ -138,22 +184,6 @@ void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_
   for (int64_t i = 0; i < n_vec; i += kLanes) sanitized_scaled(load_floats(row + lo + i), v_inv_t).store(out + i);
   for (int64_t i = n_vec; i < n; ++i) out[i] = core::sanitize_logit(to_float(row[lo + i]) * inv_t);
   if (excluded >= lo && excluded < lo + n) out[excluded - lo] = -INFINITY;
-}
-
-// MaxSum over n log-weights.
-inline MaxSum max_sum_of(const float* log_weights, int64_t n) {
-  const int64_t n_vec = n - n % kLanes;
-  Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = at::vec::maximum(v_max, Vec::loadu(log_weights + i));
-  float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) max = std::max(max, log_weights[i]);
-  if (max == -INFINITY) return core::empty_max_sum();
-  const Vec v_shift(max);
-  Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(log_weights + i) - v_shift).exp();
-  float sum = lane_sum(v_sum);
-  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(log_weights[i] - max);
-  return MaxSum{max, sum};
 }
 
 // Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, u_i) with u_i
@@ -199,7 +229,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
   }
 
   // Stage 1: tile stats.
-  at::parallel_for(0, rows * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+  at::parallel_for(0, rows * tiles, kTilesPerChunk, [&](int64_t task_begin, int64_t task_end) {
     for (int64_t task = task_begin; task < task_end; ++task) {
       const int64_t row = task / tiles, tile = task % tiles;
       const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
@@ -209,9 +239,8 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
       if (row < target_rows) {
         const LogitT* logits = pb.target_logits + row * pb.target_row_stride;
         if (core::is_greedy(temperature)) {
-          const ArgMax best = arg_max_of(logits + lo, hi - lo, lo);
-          stats.argmax_value = best.value;
-          stats.argmax_index = best.index;
+          // The max only: stage 2 locates the argmax inside the first tile holding the row max.
+          stats.argmax_value = max_of(logits + lo, hi - lo);
         } else {
           const float inv_t = core::inverse_temperature(temperature);
           const int64_t k = row_position[row];
@@ -236,7 +265,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
   });
 
   // Stage 2: row summaries.
-  at::parallel_for(0, rows, 16, [&](int64_t row_begin, int64_t row_end) {
+  at::parallel_for(0, rows, kCheapItemsPerChunk, [&](int64_t row_begin, int64_t row_end) {
     for (int64_t row = row_begin; row < row_end; ++row) {
       const TileStats* tile = pb.tile_stats + row * tiles;
       MaxSum total = core::empty_max_sum();
@@ -245,13 +274,17 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
         total = core::merge(total, MaxSum{tile[t].max, tile[t].sum});
         best = core::better(best, ArgMax{tile[t].argmax_value, tile[t].argmax_index});
       }
+      if (row < target_rows && core::is_greedy(pb.temperature[row_request[row]])) {
+        const int64_t lo = best.index;  // first id of the first tile holding the row max
+        best = arg_max_of(pb.target_logits + row * pb.target_row_stride + lo, std::min(V, lo + kVocabTile) - lo, lo);
+      }
       pb.row_summary[row] = TileStats{total.max, total.sum, best.value, best.index};
     }
   });
 
   // Stage 3: decide.
   const int64_t width = pb.max_num_draft + 1;
-  at::parallel_for(0, B, 16, [&](int64_t b_begin, int64_t b_end) {
+  at::parallel_for(0, B, kCheapItemsPerChunk, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       core::RequestRows request;
       core::request_rows(pb.cu_num_draft, b, D, pb.max_num_draft, &request);
@@ -266,25 +299,22 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
 
   // Stage 4: residual tile stats of the rejected row (sampled drafts only).
   if (sampled_drafts) {
-    at::parallel_for(0, B * tiles, 1, [&](int64_t task_begin, int64_t task_end) {
+    at::parallel_for(0, B * tiles, kTilesPerChunk, [&](int64_t task_begin, int64_t task_end) {
       for (int64_t task = task_begin; task < task_end; ++task) {
         const int64_t b = task / tiles, tile = task % tiles;
         const core::RequestPlan& plan = pb.plans[b];
         if (plan.source != static_cast<int32_t>(core::EmitSource::kResidual)) continue;
         const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
         const int64_t draft_row = plan.target_row - b;  // draft index of the rejected position
-        float log_weights[kVocabTile];
-        residual_log_weights(pb.target_logits + plan.target_row * pb.target_row_stride,
-                             pb.draft_logits + draft_row * pb.draft_row_stride, lo, hi - lo,
-                             core::inverse_temperature(pb.temperature[b]), plan.target_norm, plan.draft_norm,
-                             log_weights);
-        pb.residual_stats[task] = max_sum_of(log_weights, hi - lo);
+        pb.residual_stats[task] = core::residual_tile_total(residual_mass_sum(
+            pb.target_logits + plan.target_row * pb.target_row_stride, pb.draft_logits + draft_row * pb.draft_row_stride,
+            lo, hi - lo, core::inverse_temperature(pb.temperature[b]), plan.target_norm, plan.draft_norm));
       }
     });
   }
 
   // Stage 5: sample the emitted token with a race between tiles, then inside the winner.
-  at::parallel_for(0, B, 1, [&](int64_t b_begin, int64_t b_end) {
+  at::parallel_for(0, B, 2, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const core::RequestPlan& plan = pb.plans[b];
       if (plan.source == static_cast<int32_t>(core::EmitSource::kDone)) continue;

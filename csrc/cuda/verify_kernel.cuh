@@ -118,6 +118,7 @@ __device__ __forceinline__ MaxSum chunk_max_sum(const float (&log_weights)[kIdsP
 
 using BlockArgMax = cub::BlockReduce<ArgMax, kTileThreads>;
 using BlockMaxSum = cub::BlockReduce<MaxSum, kTileThreads>;
+using BlockSum = cub::BlockReduce<float, kTileThreads>;
 
 // Block-wide core::better reduction, answered to every thread.
 __device__ __forceinline__ ArgMax block_best(ArgMax mine, typename BlockArgMax::TempStorage& temp, ArgMax& shared) {
@@ -271,11 +272,11 @@ __global__ void __launch_bounds__(kDecideThreads) verify_decide_kernel(core::Ver
 }
 
 // ---------------------------------------------------------------------------------------
-// Stage 4: residual tile stats of the rejected row, one block per (request, tile).
+// Stage 4: residual mass per tile of the rejected row, one block per (request, tile).
 
 template <bool kVectorLoads, typename T, typename IdT>
 __global__ void __launch_bounds__(kTileThreads) verify_residual_stats_kernel(core::VerifyProblem<T, IdT> pb) {
-  __shared__ typename BlockMaxSum::TempStorage temp;
+  __shared__ typename BlockSum::TempStorage temp;
   const int64_t V = pb.vocab_size;
   const int64_t tiles = core::num_vocab_tiles(V);
   const int64_t tasks = pb.num_requests * tiles;
@@ -289,14 +290,12 @@ __global__ void __launch_bounds__(kTileThreads) verify_residual_stats_kernel(cor
     load_chunk<kVectorLoads>(pb.target_logits + plan.target_row * pb.target_row_stride, first, V, target);
     load_chunk<kVectorLoads>(pb.draft_logits + draft_row * pb.draft_row_stride, first, V, draft);
     const float inv_t = core::inverse_temperature(pb.temperature[b]);
-    float log_weights[kIdsPerThread];
+    float mass = 0.0f;
 #pragma unroll
     for (int j = 0; j < kIdsPerThread; ++j) {
-      log_weights[j] = first + j < V ? core::residual_log_weight(target[j], draft[j], inv_t, plan.target_norm,
-                                                                 plan.draft_norm)
-                                     : -INFINITY;
+      if (first + j < V) mass += core::residual_mass(target[j], draft[j], inv_t, plan.target_norm, plan.draft_norm);
     }
-    const MaxSum total = BlockMaxSum(temp).Reduce(chunk_max_sum(log_weights), MergeMaxSum{});
+    const MaxSum total = core::residual_tile_total(BlockSum(temp).Sum(mass));
     if (threadIdx.x == 0) pb.residual_stats[task] = total;
     __syncthreads();  // temp is reused by the next task
   }
