@@ -4,8 +4,6 @@ Importing the package loads the compiled library (which registers the ops with t
 dispatcher) and the Python fake kernels that make the ops traceable.
 """
 
-import torch
-
 from dspark_ext import _loader
 
 _loader.load_compiled_library()

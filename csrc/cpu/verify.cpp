@@ -2,12 +2,11 @@
 // the kernel built for this CPU's instruction set and runs it.
 #include <ATen/Dispatch.h>
 #include <ATen/Version.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../core/verify_request.h"
 #include "../dispatch.h"
-#include "../verify_checks.h"
+#include "../verify_launch.h"
 #include "verify_dispatch.h"
 
 namespace dspark::cpu {
@@ -67,51 +66,21 @@ void run_for_cpu(const core::VerifyProblem<LogitT, IdT>& problem) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits_in, const at::Tensor& draft_token_ids_in,
-                                              const std::optional<at::Tensor>& draft_logits_in,
-                                              const at::Tensor& cu_num_draft_in, const at::Tensor& temperature_in,
-                                              const at::Tensor& seed_in, const at::Tensor& offset_in,
-                                              int64_t max_num_draft) {
-  const VerifyShape shape = check_verify_arguments(target_logits_in, draft_token_ids_in, draft_logits_in,
-                                                   cu_num_draft_in, temperature_in, seed_in, offset_in, max_num_draft);
-  const at::Tensor target_logits = with_dense_rows(target_logits_in);
-  const std::optional<at::Tensor> draft_logits =
-      draft_logits_in.has_value() ? std::optional<at::Tensor>(with_dense_rows(*draft_logits_in)) : std::nullopt;
-  const at::Tensor draft_token_ids = draft_token_ids_in.contiguous();
-  const at::Tensor cu_num_draft = cu_num_draft_in.contiguous();
-  const at::Tensor temperature = temperature_in.contiguous();
-  const at::Tensor seed = seed_in.contiguous();
-  const at::Tensor offset = offset_in.contiguous();
-  check_values_on_host(draft_token_ids, cu_num_draft, temperature, shape.num_drafts, shape.vocab_size, max_num_draft);
-
-  auto [output_token_ids, num_accepted] = allocate_verify_outputs(target_logits, shape.num_requests, max_num_draft);
-  if (shape.num_requests == 0) return {output_token_ids, num_accepted};
-  const core::VerifyScratch layout = core::VerifyScratch::layout(shape.num_requests, shape.num_drafts, shape.vocab_size);
-  at::Tensor scratch = at::empty({layout.total_bytes}, target_logits.options().dtype(at::kByte));
-
-  DSPARK_DISPATCH_LOGIT_TYPES(target_logits.scalar_type(), "dspark_verify_cpu", [&] {
-    AT_DISPATCH_INDEX_TYPES(draft_token_ids.scalar_type(), "dspark_verify_cpu_ids", [&] {
-      core::VerifyProblem<scalar_t, index_t> problem{};
-      problem.target_logits = target_logits.data_ptr<scalar_t>();
-      problem.target_row_stride = target_logits.stride(0);
-      problem.draft_logits = draft_logits.has_value() ? draft_logits->data_ptr<scalar_t>() : nullptr;
-      problem.draft_row_stride = draft_logits.has_value() ? draft_logits->stride(0) : 0;
-      problem.draft_token_ids = draft_token_ids.data_ptr<index_t>();
-      problem.cu_num_draft = cu_num_draft.data_ptr<int32_t>();
-      problem.temperature = temperature.data_ptr<float>();
-      problem.seed = seed.data_ptr<int64_t>();
-      problem.offset = offset.data_ptr<int64_t>();
-      problem.num_requests = shape.num_requests;
-      problem.num_drafts = shape.num_drafts;
-      problem.vocab_size = shape.vocab_size;
-      problem.max_num_draft = max_num_draft;
-      problem.output_token_ids = output_token_ids.data_ptr<int64_t>();
-      problem.num_accepted = num_accepted.data_ptr<int32_t>();
-      layout.carve(scratch.data_ptr<unsigned char>(), &problem);
-      run_for_cpu(problem);
+std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft_token_ids,
+                                              const std::optional<at::Tensor>& draft_logits,
+                                              const at::Tensor& cu_num_draft, const at::Tensor& temperature,
+                                              const at::Tensor& seed, const at::Tensor& offset, int64_t max_num_draft) {
+  const PreparedVerify v = prepare_verify(target_logits, draft_token_ids, draft_logits, cu_num_draft, temperature, seed,
+                                          offset, max_num_draft);
+  check_values_on_host(v.draft_token_ids, v.cu_num_draft, v.temperature, v.shape.num_drafts, v.shape.vocab_size,
+                       max_num_draft);
+  if (v.shape.num_requests > 0) {
+    DSPARK_DISPATCH_LOGIT_TYPES(v.target_logits.scalar_type(), "dspark_verify_cpu", [&] {
+      AT_DISPATCH_INDEX_TYPES(v.draft_token_ids.scalar_type(), "dspark_verify_cpu_ids",
+                              [&] { run_for_cpu(v.problem<scalar_t, scalar_t, index_t>()); });
     });
-  });
-  return {output_token_ids, num_accepted};
+  }
+  return {v.output_token_ids, v.num_accepted};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// Structural validation of dspark::verify arguments, shared by the CPU and CUDA
-// launchers (values that need a device read are checked by the CPU launcher only).
+// What the CPU and CUDA launchers of dspark::verify share: structural validation (values
+// that need a device read are checked by the CPU launcher only), inputs in the layout the
+// kernels read, outputs, scratch, and the tensors -> raw-pointer VerifyProblem bridge.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +12,7 @@
 
 #include "checks.h"
 #include "core/rng.h"
+#include "core/verify_request.h"
 
 namespace dspark {
 
@@ -72,10 +74,63 @@ inline at::Tensor with_dense_rows(const at::Tensor& logits) {
   return logits.stride(1) == 1 || logits.size(1) == 1 ? logits : logits.contiguous();
 }
 
-inline std::tuple<at::Tensor, at::Tensor> allocate_verify_outputs(const at::Tensor& like, int64_t num_requests,
-                                                                   int64_t max_num_draft) {
-  return {at::empty({num_requests, max_num_draft + 1}, like.options().dtype(at::kLong)),
-          at::empty({num_requests}, like.options().dtype(at::kInt))};
+struct PreparedVerify {
+  VerifyShape shape;
+  int64_t max_num_draft;
+  at::Tensor target_logits, draft_token_ids, cu_num_draft, temperature, seed, offset;
+  std::optional<at::Tensor> draft_logits;
+  at::Tensor output_token_ids, num_accepted, scratch;
+  core::VerifyScratch layout;
+
+  // KernelLogitT has the bits of ScalarT in the kernel's own type (c10::Half -> __half on CUDA).
+  template <typename KernelLogitT, typename ScalarT, typename IdT>
+  core::VerifyProblem<KernelLogitT, IdT> problem() const {
+    core::VerifyProblem<KernelLogitT, IdT> p{};
+    p.target_logits = reinterpret_cast<const KernelLogitT*>(target_logits.const_data_ptr<ScalarT>());
+    p.target_row_stride = target_logits.stride(0);
+    p.draft_logits = draft_logits.has_value()
+                         ? reinterpret_cast<const KernelLogitT*>(draft_logits->const_data_ptr<ScalarT>())
+                         : nullptr;
+    p.draft_row_stride = draft_logits.has_value() ? draft_logits->stride(0) : 0;
+    p.draft_token_ids = draft_token_ids.const_data_ptr<IdT>();
+    p.cu_num_draft = cu_num_draft.const_data_ptr<int32_t>();
+    p.temperature = temperature.const_data_ptr<float>();
+    p.seed = seed.const_data_ptr<int64_t>();
+    p.offset = offset.const_data_ptr<int64_t>();
+    p.num_requests = shape.num_requests;
+    p.num_drafts = shape.num_drafts;
+    p.vocab_size = shape.vocab_size;
+    p.max_num_draft = max_num_draft;
+    p.output_token_ids = output_token_ids.mutable_data_ptr<int64_t>();
+    p.num_accepted = num_accepted.mutable_data_ptr<int32_t>();
+    layout.carve(scratch.mutable_data_ptr<unsigned char>(), &p);
+    return p;
+  }
+};
+
+// Validates the structure, makes the small tensors contiguous (logit rows stay strided),
+// and allocates outputs and scratch, whose sizes depend on shapes only (CUDA-graph safe).
+inline PreparedVerify prepare_verify(const at::Tensor& target_logits, const at::Tensor& draft_token_ids,
+                                     const std::optional<at::Tensor>& draft_logits, const at::Tensor& cu_num_draft,
+                                     const at::Tensor& temperature, const at::Tensor& seed, const at::Tensor& offset,
+                                     int64_t max_num_draft) {
+  PreparedVerify v;
+  v.shape = check_verify_arguments(target_logits, draft_token_ids, draft_logits, cu_num_draft, temperature, seed,
+                                   offset, max_num_draft);
+  v.max_num_draft = max_num_draft;
+  v.target_logits = with_dense_rows(target_logits);
+  if (draft_logits.has_value()) v.draft_logits = with_dense_rows(*draft_logits);
+  v.draft_token_ids = draft_token_ids.contiguous();
+  v.cu_num_draft = cu_num_draft.contiguous();
+  v.temperature = temperature.contiguous();
+  v.seed = seed.contiguous();
+  v.offset = offset.contiguous();
+  const at::TensorOptions options = target_logits.options();
+  v.output_token_ids = at::empty({v.shape.num_requests, max_num_draft + 1}, options.dtype(at::kLong));
+  v.num_accepted = at::empty({v.shape.num_requests}, options.dtype(at::kInt));
+  v.layout = core::VerifyScratch::layout(v.shape.num_requests, v.shape.num_drafts, v.shape.vocab_size);
+  v.scratch = at::empty({v.layout.total_bytes}, options.dtype(at::kByte));
+  return v;
 }
 
 }  // namespace dspark
