@@ -225,3 +225,22 @@ def test_statistical_check_rejects_a_broken_sampler(rule):
     assert marginal.chi2_pvalue < 1e-4 and marginal.tv > marginal.tv_bound, str(marginal)
     with pytest.raises(AssertionError):
         assert_matches_distribution(joint_codes(output, 16), joint_first_two_law(setup).flatten())
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("nan")], ids=["neg_inf", "nan"])
+@pytest.mark.parametrize("vocab_size", [64, 5000], ids=["one_tile", "three_tiles"])
+def test_draft_row_without_any_mass_means_q_is_zero(fill, vocab_size):
+    """A draft row with no finite logit is q = 0 everywhere: the draft is rejected and the
+    correction is the residual max(0, p - 0) = p, sampled over the whole vocabulary."""
+    g = torch.Generator().manual_seed(5)
+    target_rows = torch.randn(2, vocab_size, generator=g)
+    draft_rows = torch.full((1, vocab_size), fill)
+    ids = torch.full((N, 1), 5, dtype=torch.int64)
+    output, num_accepted = run_op(repeated_request_batch(target_rows, draft_rows, ids, 1.0))
+    assert bool((num_accepted == 0).all())
+    p = torch.softmax(target_rows[0].double(), -1)
+    if vocab_size > 64:  # compare tile masses: 5000 ids are too many bins for 1e5 samples
+        tiles = torch.arange(vocab_size) // VOCAB_TILE
+        assert_matches_distribution(tiles[output[:, 0]], torch.zeros(3, dtype=torch.float64).index_add_(0, tiles, p))
+    else:
+        assert_matches_distribution(output[:, 0], p)

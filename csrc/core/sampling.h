@@ -97,7 +97,12 @@ DSPARK_HOST_DEVICE bool accept_draft(float log_p, float log_q, float u) {
 
 // log max(0, p - q) = log p + log(1 - q/p), exact for tiny p where p - q would
 // cancel or underflow (the residual distribution of speculative sampling).
+// A NaN log q (draft row without mass) means q = 0, so the residual is p; a NaN log p has
+// no mass either way.
+DSPARK_HOST_DEVICE float draft_log_prob_or_zero_mass(float log_q) { return log_q != log_q ? -INFINITY : log_q; }
+
 DSPARK_HOST_DEVICE float log_residual(float log_p, float log_q) {
+  log_q = draft_log_prob_or_zero_mass(log_q);
   if (!(log_p > log_q)) return -INFINITY;
   return log_p + logf(-expm1f(log_q - log_p));
 }
@@ -105,7 +110,7 @@ DSPARK_HOST_DEVICE float log_residual(float log_p, float log_q) {
 // max(0, p - q) from log p and log q, in linear space: summed per tile to weigh the tiles
 // of the residual (mass below ~1e-38 is dropped, which no sampler could ever draw).
 DSPARK_HOST_DEVICE float residual_probability(float log_p, float log_q) {
-  const float difference = expf(log_p) - expf(log_q);
+  const float difference = expf(log_p) - expf(draft_log_prob_or_zero_mass(log_q));
   return difference > 0.0f ? difference : 0.0f;
 }
 

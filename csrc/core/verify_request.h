@@ -117,8 +117,9 @@ DSPARK_HOST_DEVICE bool request_rows(const int32_t* cu_num_draft, int64_t reques
   return true;
 }
 
+// Clamped so a subnormal temperature cannot turn a 0 logit into 0 * inf = NaN.
 DSPARK_HOST_DEVICE float inverse_temperature(float temperature) {
-  return temperature > 0.0f ? 1.0f / temperature : 0.0f;
+  return temperature > 0.0f ? fminf(1.0f / temperature, FLT_MAX) : 0.0f;
 }
 
 DSPARK_HOST_DEVICE bool is_greedy(float temperature) { return !(temperature > 0.0f); }

@@ -4,6 +4,8 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "../core/verify_request.h"
 #include "../dispatch.h"
 #include "../verify_launch.h"
@@ -36,7 +38,8 @@ void check_values_on_host(const at::Tensor& draft_token_ids, const at::Tensor& c
   });
   const float* t = temperature.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(t[b] >= 0.0f, op, ": temperature[", b, "] must be >= 0 (0 = greedy), got ", t[b]);
+    TORCH_CHECK(t[b] >= 0.0f && std::isfinite(t[b]), op, ": temperature[", b, "] must be finite and >= 0 (0 = greedy), got ",
+                t[b]);
 }
 
 enum class CpuIsa { kDefault, kAvx2, kAvx512 };

@@ -144,7 +144,9 @@ void residual_log_weights(const T* target_row, const T* draft_row, int64_t lo, i
   const Vec v_q_max(draft_norm.max), v_q_log_sum(draft_norm.log_sum);
   for (int64_t i = 0; i < n_vec; i += kLanes) {  // core::log_probability, then core::log_residual
     const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
-    const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
+    // NaN log q (a draft row without mass) is q = 0: core::draft_log_prob_or_zero_mass.
+    const Vec log_q = max_ignoring_nan(
+        v_neg_inf, (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum);
     const Vec log_w = log_p + (Vec(0.0f) - (log_q - log_p).expm1()).log();
     Vec::blendv(v_neg_inf, log_w, log_p > log_q).store(out + i);
   }
@@ -166,6 +168,8 @@ float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int
     const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
     const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
     // A row without mass gives NaN log-probabilities; exp_u20 would turn NaN into a huge value.
+    // NaN log p or log q (a row without mass) is probability 0 (core::residual_probability);
+    // exp_u20 itself would turn NaN into a huge value.
     const Vec p = max_ignoring_nan(v_neg_inf, log_p).exp_u20();
     const Vec q = max_ignoring_nan(v_neg_inf, log_q).exp_u20();
     v_sum += at::vec::maximum(p - q, v_zero);
