@@ -262,23 +262,29 @@ def _open_uniform(bits: torch.Tensor) -> torch.Tensor:
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
-def random_uniform(seed, offset, position, index, purpose) -> torch.Tensor:
-    """uniform(seed, offset, position, index, purpose) elementwise (int64 tensors, broadcast)."""
+def random_word(seed, offset, position, index, purpose) -> torch.Tensor:
+    """random_word(seed, offset, position, index, purpose) elementwise (int64 tensors, broadcast)."""
     lanes = _random_blocks(seed, offset, position, index >> 2, purpose)
     lane = index & 3
-    bits = torch.where(lane == 0, lanes[0], torch.where(lane == 1, lanes[1], torch.where(lane == 2, lanes[2], lanes[3])))
-    return _open_uniform(bits)
+    return torch.where(lane == 0, lanes[0], torch.where(lane == 1, lanes[1], torch.where(lane == 2, lanes[2], lanes[3])))
 
 
-def random_uniform_range(seed, offset, position, start, count: int, purpose) -> torch.Tensor:
-    """Uniforms of indices start .. start + count - 1 (start % 4 == 0, count % 4 == 0): [B, count]."""
+def random_uniform(seed, offset, position, index, purpose) -> torch.Tensor:
+    """uniform(seed, offset, position, index, purpose) elementwise (int64 tensors, broadcast)."""
+    return _open_uniform(random_word(seed, offset, position, index, purpose))
+
+
+def random_words_range(seed, offset, position, start, count: int, purpose) -> torch.Tensor:
+    """Random words of indices start .. start + count - 1 (start % 4 == 0, count % 4 == 0): [B, count]."""
     groups = (start >> 2) + torch.arange(count // 4, device=start.device)
     lanes = _random_blocks(seed, offset, position, groups, purpose)
-    return _open_uniform(torch.stack(lanes, -1).flatten(-2))
+    return torch.stack(lanes, -1).flatten(-2)
 
 
-def _race_keys(log_weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return log_weight - torch.log(-torch.log(u))
+def _race_keys(log_weight: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """csrc/core: race_key(log_weight, exponential_variate(bits))."""
+    v = ((bits.to(torch.float32) + 0.5) * (1.0 / 4294967296.0)).clamp(max=0.99999994)
+    return log_weight - torch.log(-torch.log1p(-v))
 
 
 def _sanitize(scaled: torch.Tensor) -> torch.Tensor:
@@ -419,14 +425,14 @@ def _two_level_race(seed, offset, position, tile_lse, token_weights, fallback):
     seed, offset, position = seed[:, None], offset[:, None], position[:, None]
     tile_purpose = torch.where(fallback, _PURPOSE_FALLBACK_TILE, _PURPOSE_TILE)[:, None]
     tile_ids = torch.arange(num_tiles, device=tile_lse.device)[None, :]
-    u_tile = random_uniform(seed, offset, position, tile_ids, tile_purpose)
-    best_tile_key, best_tile = _race_keys(tile_lse, u_tile).max(-1)  # first max wins
+    bits_tile = random_word(seed, offset, position, tile_ids, tile_purpose)
+    best_tile_key, best_tile = _race_keys(tile_lse, bits_tile).max(-1)  # first max wins
     start = best_tile * _VOCAB_TILE
     token_purpose = torch.where(fallback, _PURPOSE_FALLBACK_TOKEN, _PURPOSE_TOKEN)[:, None]
-    u_token = random_uniform_range(seed, offset, position, start[:, None], _VOCAB_TILE, token_purpose)
+    bits_token = random_words_range(seed, offset, position, start[:, None], _VOCAB_TILE, token_purpose)
     requests = torch.arange(batch, device=tile_lse.device)
     tile_weights = _tiled(token_weights)[requests, best_tile]  # [B, 2048]
-    token = start + _race_keys(tile_weights, u_token).argmax(-1)
+    token = start + _race_keys(tile_weights, bits_token).argmax(-1)
     return token, best_tile_key == float("-inf")
 
 

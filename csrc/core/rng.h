@@ -3,6 +3,7 @@
 // composition, thread layout or a global generator (Philox4x32-10, Salmon et al. 2011).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "host_device.h"
@@ -63,12 +64,27 @@ DSPARK_HOST_DEVICE float bits_to_open_uniform(uint32_t bits) {
   return (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
 }
 
-// One Philox call yields the uniforms of four consecutive indices (index / 4 is the
-// counter, index % 4 the lane), so a kernel racing over a tile pays one call per 4 ids.
+// One Philox call yields the words of four consecutive indices (index / 4 is the counter,
+// index % 4 the lane), so a kernel racing over a tile pays one call per 4 ids.
+DSPARK_HOST_DEVICE uint32_t random_word(uint64_t seed, uint64_t offset, uint32_t position, uint32_t index,
+                                        RandomPurpose purpose) {
+  return random_block(seed, offset, position, index >> 2, purpose).v[index & 3u];
+}
+
 DSPARK_HOST_DEVICE float uniform(uint64_t seed, uint64_t offset, uint32_t position, uint32_t index,
                                  RandomPurpose purpose) {
-  const Philox4x32 block = random_block(seed, offset, position, index >> 2, purpose);
-  return bits_to_open_uniform(block.v[index & 3u]);
+  return bits_to_open_uniform(random_word(seed, offset, position, index, purpose));
 }
+
+// Exp(1) variate from 32 random bits: E = -log(1 - v), v = (bits + 1/2) / 2^32, kept below 1.
+// Races are won by the smallest E, and v (unlike u = 1 - v) keeps 2^-32 resolution there,
+// so two candidates practically never share a variate; with 23-bit uniforms they would in
+// ~1e-4 of the races over a 2048-id tile, and the tie would go to the lower id.
+DSPARK_HOST_DEVICE float race_variate_input(uint32_t bits) {
+  const float v = (static_cast<float>(bits) + 0.5f) * (1.0f / 4294967296.0f);
+  return v < 0.99999994f ? v : 0.99999994f;  // the largest float below 1
+}
+
+DSPARK_HOST_DEVICE float exponential_variate(uint32_t bits) { return -log1pf(-race_variate_input(bits)); }
 
 }  // namespace dspark::core

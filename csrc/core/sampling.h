@@ -114,12 +114,12 @@ DSPARK_HOST_DEVICE float residual_probability(float log_p, float log_q) {
   return difference > 0.0f ? difference : 0.0f;
 }
 
-// Exponential race key: argmax_i (log w_i - log E_i), E_i = -log u_i ~ Exp(1), picks
-// i with probability w_i / sum w (the Gumbel-max trick), in one pass with no
+// Exponential race key: argmax_i (log w_i - log E_i), E_i ~ Exp(1) (core::exponential_variate),
+// picks i with probability w_i / sum w (the Gumbel-max trick), in one pass with no
 // normaliser. Weight 0 (log w = -inf) never wins. Callers pass log-weights shifted to
-// at most ~0 so the Gumbel noise is not rounded away next to a huge logit.
-DSPARK_HOST_DEVICE float race_key(float log_weight, float u) {
-  return log_weight - logf(-logf(u));
+// at most ~0 so the noise is not rounded away next to a huge logit.
+DSPARK_HOST_DEVICE float race_key(float log_weight, float exponential) {
+  return log_weight - logf(exponential);
 }
 
 }  // namespace dspark::core

@@ -134,16 +134,16 @@ DSPARK_HOST_DEVICE int64_t clamp_token(int64_t id, int64_t vocab_size, bool* in_
 // `shift` is the largest tile max of the row: it keeps the keys' precision (see race_key).
 DSPARK_HOST_DEVICE float tile_race_key(MaxSum tile_total, float shift, uint64_t seed, uint64_t offset,
                                        int32_t position, int64_t tile, bool fallback) {
-  const float u = uniform(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(tile),
-                          fallback ? RandomPurpose::kVerifyFallbackTileRace : RandomPurpose::kVerifyTileRace);
-  return race_key(shifted_log_total(tile_total, shift), u);
+  const uint32_t bits = random_word(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(tile),
+                                    fallback ? RandomPurpose::kVerifyFallbackTileRace : RandomPurpose::kVerifyTileRace);
+  return race_key(shifted_log_total(tile_total, shift), exponential_variate(bits));
 }
 
 DSPARK_HOST_DEVICE float token_race_key(float token_log_weight, uint64_t seed, uint64_t offset,
                                         int32_t position, int64_t token, bool fallback) {
-  const float u = uniform(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(token),
-                          fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
-  return race_key(token_log_weight, u);
+  const uint32_t bits = random_word(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(token),
+                                    fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
+  return race_key(token_log_weight, exponential_variate(bits));
 }
 
 // The raw random words token_race_key uses for ids 4*group .. 4*group + 3 (one Philox

@@ -190,22 +190,22 @@ void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_
   if (excluded >= lo && excluded < lo + n) out[excluded - lo] = -INFINITY;
 }
 
-// Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, u_i) with u_i
-// the uniforms of core::token_race_key, one Philox call per four ids, keys vectorized.
+// Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, E_i) with E_i
+// the variates of core::token_race_key, one Philox call per four ids, keys vectorized.
 inline ArgMax race_tokens(const float* log_weights, float shift, int64_t lo, int64_t n, uint64_t seed,
                           uint64_t offset, int32_t position, bool fallback) {
   float keys[kVocabTile];
   for (int64_t g = 0; g < (n + 3) / 4; ++g) {
     const core::Philox4x32 block = core::token_race_block(seed, offset, position, (lo >> 2) + g, fallback);
-    for (int lane = 0; lane < 4; ++lane) keys[4 * g + lane] = core::bits_to_open_uniform(block.v[lane]);
+    for (int lane = 0; lane < 4; ++lane) keys[4 * g + lane] = core::race_variate_input(block.v[lane]);
   }
   const int64_t n_vec = n - n % kLanes;
   const Vec v_shift(shift);
   for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const Vec u = Vec::loadu(keys + i);
-    ((Vec::loadu(log_weights + i) - v_shift) - (Vec(0.0f) - u.log()).log()).store(keys + i);
+    const Vec exponential = Vec(0.0f) - (Vec(0.0f) - Vec::loadu(keys + i)).log1p();  // core::exponential_variate
+    ((Vec::loadu(log_weights + i) - v_shift) - exponential.log()).store(keys + i);
   }
-  for (int64_t i = n_vec; i < n; ++i) keys[i] = core::race_key(log_weights[i] - shift, keys[i]);
+  for (int64_t i = n_vec; i < n; ++i) keys[i] = core::race_key(log_weights[i] - shift, -std::log1p(-keys[i]));
   return arg_max_of(keys, n, lo);
 }
 

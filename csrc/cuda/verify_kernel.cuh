@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
           log_weights[j] = first + j == plan.excluded_id ? -INFINITY : core::sanitize_logit(log_weights[j] * inv_t);
         }
       }
-      // The uniforms of core::token_race_key, one Philox call per four ids (first is a multiple of 8).
+      // The random words of core::token_race_key, one Philox call per four ids (first is a multiple of 8).
       const core::Philox4x32 randoms[kIdsPerThread / 4] = {
           core::token_race_block(seed, offset, plan.position, first / 4, fallback),
           core::token_race_block(seed, offset, plan.position, first / 4 + 1, fallback)};
@@ -386,8 +386,8 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
       for (int j = 0; j < kIdsPerThread; ++j) {
         const int64_t id = first + j;
         if (id < V) {
-          const float u = core::bits_to_open_uniform(randoms[j / 4].v[j % 4]);
-          best = core::better(best, ArgMax{core::race_key(log_weights[j] - shift, u), static_cast<int32_t>(id)});
+          const float exponential = core::exponential_variate(randoms[j / 4].v[j % 4]);
+          best = core::better(best, ArgMax{core::race_key(log_weights[j] - shift, exponential), static_cast<int32_t>(id)});
         }
       }
       token = block_best(best, temp, shared_best).index;
