@@ -39,8 +39,4 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               reference_name, ", got ", t.device());
 }
 
-inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
 }  // namespace dspark

@@ -139,15 +139,8 @@ DSPARK_HOST_DEVICE float tile_race_key(MaxSum tile_total, float shift, uint64_t 
   return race_key(shifted_log_total(tile_total, shift), exponential_variate(bits));
 }
 
-DSPARK_HOST_DEVICE float token_race_key(float token_log_weight, uint64_t seed, uint64_t offset,
-                                        int32_t position, int64_t token, bool fallback) {
-  const uint32_t bits = random_word(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(token),
-                                    fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
-  return race_key(token_log_weight, exponential_variate(bits));
-}
-
-// The raw random words token_race_key uses for ids 4*group .. 4*group + 3 (one Philox
-// call), for kernels that race four ids at a time.
+// The random words of the token race for ids 4*group .. 4*group + 3 (one Philox call):
+// token id i races with race_key(log_weight_i, exponential_variate(block.v[i % 4])).
 DSPARK_HOST_DEVICE Philox4x32 token_race_block(uint64_t seed, uint64_t offset, int32_t position, int64_t group,
                                                bool fallback) {
   return random_block(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(group),

@@ -191,7 +191,7 @@ void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_
 }
 
 // Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, E_i) with E_i
-// the variates of core::token_race_key, one Philox call per four ids, keys vectorized.
+// the variates of core::token_race_block, one Philox call per four ids, keys vectorized.
 inline ArgMax race_tokens(const float* log_weights, float shift, int64_t lo, int64_t n, uint64_t seed,
                           uint64_t offset, int32_t position, bool fallback) {
   float keys[kVocabTile];

@@ -185,17 +185,15 @@ __global__ void __launch_bounds__(kTileThreads) verify_tile_stats_kernel(core::V
     float x[kIdsPerThread];
     if (needed) load_chunk<kVectorLoads>(logits, first, V, x);
     if (needed && core::is_greedy(temperature)) {
-      {
-        ArgMax best = core::empty_arg_max();
+      ArgMax best = core::empty_arg_max();
 #pragma unroll
-        for (int j = 0; j < kIdsPerThread; ++j) {
-          // NaN must never become the running best: better() could not displace it.
-          if (first + j < V) best = core::better(best, ArgMax{x[j] != x[j] ? -INFINITY : x[j], static_cast<int32_t>(first + j)});
-        }
-        best = BlockArgMax(temp.arg_max).Reduce(best, PickBetter{});
-        stats.argmax_value = best.value;  // an all -inf/NaN tile answers {-inf, lo}: ties go to the lowest id
-        stats.argmax_index = best.index;
+      for (int j = 0; j < kIdsPerThread; ++j) {
+        // NaN must never become the running best: better() could not displace it.
+        if (first + j < V) best = core::better(best, ArgMax{x[j] != x[j] ? -INFINITY : x[j], static_cast<int32_t>(first + j)});
       }
+      best = BlockArgMax(temp.arg_max).Reduce(best, PickBetter{});
+      stats.argmax_value = best.value;  // an all -inf/NaN tile answers {-inf, lo}: ties go to the lowest id
+      stats.argmax_index = best.index;
     } else if (needed) {
       const float inv_t = core::inverse_temperature(temperature);
       // One-hot drafts: leave the draft token out of its row; an out-of-range id lies in no tile.
@@ -376,7 +374,7 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
           log_weights[j] = first + j == plan.excluded_id ? -INFINITY : core::sanitize_logit(log_weights[j] * inv_t);
         }
       }
-      // The random words of core::token_race_key, one Philox call per four ids (first is a multiple of 8).
+      // The random words of core::token_race_block, one Philox call per four ids (first is a multiple of 8).
       const core::Philox4x32 randoms[kIdsPerThread / 4] = {
           core::token_race_block(seed, offset, plan.position, first / 4, fallback),
           core::token_race_block(seed, offset, plan.position, first / 4 + 1, fallback)};
