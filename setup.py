@@ -55,7 +55,7 @@ cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
 define_macros = [("DSPARK_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
 if IS_X86:
     define_macros.append(("DSPARK_HAVE_X86_ISA_KERNELS", None))
-sources = ["csrc/registration.cpp", "csrc/build_info.cpp", "csrc/cpu/verify.cpp"]
+sources = ["csrc/registration.cpp", "csrc/build_info.cpp"] + relative_sources("csrc/cpu/*.cpp")
 extra_compile_args = {"cxx": cxx_flags}
 
 if WITH_CUDA:
@@ -75,14 +75,14 @@ else:
 
 
 class BuildWithCpuIsaVariants(cpp_extension.BuildExtension):
-    """Compiles csrc/cpu/isa/verify_<isa>.cpp once per instruction set with its own flags,
+    """Compiles csrc/cpu/isa/<op>_<isa>.cpp once per instruction set with its own flags,
     which setuptools cannot express per source file, then links them into _C."""
 
     def build_extension(self, ext):
         isa_objects = []
         for isa, flags in CPU_ISA_FLAGS.items():
             isa_objects += self.compiler.compile(
-                [f"csrc/cpu/isa/verify_{isa.lower()}.cpp"],
+                relative_sources(f"csrc/cpu/isa/*_{isa.lower()}.cpp"),
                 output_dir=self.build_temp,
                 macros=ext.define_macros + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
                 include_dirs=ext.include_dirs,

@@ -62,11 +62,16 @@ PY
 import torch, dspark_ext
 info = dspark_ext.build_info()
 assert info["with_cuda"] and info["cuda_archs"] == "8.0;9.0", info
-assert torch._C._dispatch_has_kernel_for_dispatch_key("dspark::verify", "CUDA"), "no CUDA kernel registered"
+for op in ("dspark::verify", "dspark::markov_draft"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"no CUDA kernel registered for {op}"
 logits = torch.randn(3, 50)
 out, accepted = torch.ops.dspark.verify(logits, logits[:1].argmax(-1), None, torch.tensor([0, 1, 1], dtype=torch.int32),
                                         torch.zeros(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1)
 assert out.tolist() == [[logits[0].argmax().item(), logits[1].argmax().item()], [logits[2].argmax().item(), -1]], out
+w = torch.zeros(50, 4)
+ids, _, _ = torch.ops.dspark.markov_draft(logits[None, :2], torch.tensor([7]), w, w, torch.zeros(1),
+                                          torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), None, None, None)
+assert ids.tolist() == [[logits[0].argmax().item(), logits[1].argmax().item()]], ids
 print(f"cuda-check: the CUDA build loads with torch {torch.__version__}, registers CUDA kernels, CPU path correct")
 PY
 )

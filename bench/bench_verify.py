@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import signal
 import sys
@@ -47,6 +46,7 @@ from common import (  # noqa: E402
     fmt_ms,
     fmt_ratio,
     interleaved_medians,
+    language_model_like_logits,
     machine_lines,
     short_error,
     time_boxed,
@@ -192,14 +192,6 @@ def make_shape_data(vocab: int, batch: int, k: int, dtype: torch.dtype, device: 
     hit = torch.rand(num_drafts, generator=gen, device=device) < 0.7
     greedy_ids = torch.where(hit, target[draft_rows].argmax(-1), random_ids)
     return ShapeData(target.to(dtype), draft.to(dtype), greedy_ids, sampled_ids, cu)
-
-
-def language_model_like_logits(rows: int, vocab: int, gen: torch.Generator, device: str) -> torch.Tensor:
-    """N(0, 1) background plus 5 "hot" tokens per row holding ~99% of the mass (top-1 ~ 55%)."""
-    logits = torch.randn(rows, vocab, generator=gen, device=device)
-    hot_ids = torch.randint(0, vocab, (rows, 5), generator=gen, device=device)
-    hot_logits = math.log(vocab) + 0.5 + torch.tensor([4.5, 3.5, 3.0, 2.5, 2.0], device=device)
-    return logits.scatter_(1, hot_ids, hot_logits.expand(rows, 5).contiguous())
 
 
 def make_inputs(data: ShapeData, config: Config) -> VerifyInputs:

@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -121,6 +122,17 @@ def time_boxed(
         if spent_s >= budget_s:
             break
     return BoxedTiming(statistics.median(samples), len(samples))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def language_model_like_logits(rows: int, vocab: int, gen: torch.Generator, device: str) -> torch.Tensor:
+    """N(0, 1) background plus 5 "hot" tokens per row holding ~99% of the mass (top-1 ~ 55%)."""
+    logits = torch.randn(rows, vocab, generator=gen, device=device)
+    hot_ids = torch.randint(0, vocab, (rows, 5), generator=gen, device=device)
+    hot_logits = math.log(vocab) + 0.5 + torch.tensor([4.5, 3.5, 3.0, 2.5, 2.0], device=device)
+    return logits.scatter_(1, hot_ids, hot_logits.expand(rows, 5).contiguous())
 
 
 # --------------------------------------------------------------------------- machine

@@ -4,7 +4,8 @@
 #   2. build the extension for sm_90:  TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -v -e .
 #   3. pytest -q tests                  (the CUDA tests run here)
 #   4. python3 bench/bench_verify.py --device cuda   (full grid; eager reference only for small sizes)
-#   5. a compiled-reference subset of the bench, if time is left
+#   5. python3 bench/bench_markov_draft.py --device cuda   (eager loop + floor, no compile)
+#   6. a compiled-reference subset of the verify bench, if time is left
 #
 # Logs go to ${OUT:-/tmp/dspark_gpu_check}/<step>.log. Every step runs under `timeout`, the
 # whole script stays under 8 minutes (a global deadline shrinks later steps' timeouts), a
@@ -102,19 +103,26 @@ assert info['with_cuda'], 'built without CUDA'
 "
 
 # ------------------------------------------------------------------ 3. tests (continue on failure)
-run_step tests "$(limit 180 100)" tee "$PYTHON" -m pytest -q tests
+run_step tests "$(limit 180 130)" tee "$PYTHON" -m pytest -q tests
 
 # ------------------------------------------------------------------ 4. bench, full grid
 # No torch.compile here (a cold compile is tens of seconds per config), eager reference only
 # up to 4 MB of logits (it copies every logit into Python lists).
-BENCH_LIMIT=$(limit 240 75)
+BENCH_LIMIT=$(limit 180 120)
 run_step bench "$BENCH_LIMIT" tee "$PYTHON" bench/bench_verify.py --device cuda --no-compile \
   --eager-max-mb 4 --ref-budget 0.5 --op-budget 0.5 --min-time 0.05 --repeats 20 \
   --time-limit $((BENCH_LIMIT > 60 ? BENCH_LIMIT - 30 : BENCH_LIMIT / 2)) --markdown "$OUT/bench_verify.md"
 
-# ------------------------------------------------------------------ 5. compiled reference, subset
+# ------------------------------------------------------------------ 5. markov_draft bench
+# The full grid against the eager loop and the memory floor; no torch.compile (cold compiles).
+MARKOV_LIMIT=$(limit 90 30)
+run_step bench_markov "$MARKOV_LIMIT" tee "$PYTHON" bench/bench_markov_draft.py --device cuda --no-compile \
+  --op-budget 0.3 --ref-budget 0.3 --min-time 0.05 --repeats 10 --eager-repeats 2 \
+  --time-limit $((MARKOV_LIMIT > 40 ? MARKOV_LIMIT - 20 : MARKOV_LIMIT / 2)) --markdown "$OUT/bench_markov_draft.md"
+
+# ------------------------------------------------------------------ 6. compiled reference, subset
 if [[ $(step_status import) == PASS ]]; then
-  run_step bench_compiled "$(limit 120 5)" tee "$PYTHON" bench/bench_verify.py --device cuda --compile \
+  run_step bench_compiled "$(limit 60 5)" tee "$PYTHON" bench/bench_verify.py --device cuda --compile \
     --compile-dynamic --no-eager --vocab 151936 --batch 64 --k 4 --dtypes bf16 \
     --op-budget 0.5 --min-time 0.05 --markdown "$OUT/bench_verify_compiled.md"
 else

@@ -8,4 +8,8 @@ TORCH_LIBRARY(dspark, m) {
   m.def(
       "verify(Tensor target_logits, Tensor draft_token_ids, Tensor? draft_logits, Tensor cu_num_draft, "
       "Tensor temperature, Tensor seed, Tensor offset, int max_num_draft) -> (Tensor, Tensor)");
+  m.def(
+      "markov_draft(Tensor base_logits, Tensor prev_token_ids, Tensor markov_w1, Tensor markov_w2, "
+      "Tensor temperature, Tensor seed, Tensor offset, "
+      "Tensor? conf_base, Tensor? conf_w_prev, Tensor? conf_temperature) -> (Tensor, Tensor, Tensor)");
 }

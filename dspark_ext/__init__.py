@@ -9,9 +9,10 @@ from dspark_ext import _loader
 _loader.load_compiled_library()
 
 from dspark_ext import ops  # noqa: E402  (registers the fake kernels)
-from dspark_ext.ops import verify  # noqa: E402
+from dspark_ext.ops import markov_draft, verify  # noqa: E402
+from dspark_ext.heads import ConfidenceHead, MarkovHead  # noqa: E402
 
-__all__ = ["verify", "ops", "build_info"]
+__all__ = ["verify", "markov_draft", "MarkovHead", "ConfidenceHead", "ops", "build_info"]
 
 
 def build_info() -> dict:

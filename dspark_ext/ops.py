@@ -39,3 +39,48 @@ def verify(
     return torch.ops.dspark.verify(
         target_logits, draft_token_ids, draft_logits, cu_num_draft, temperature, seed, offset, max_num_draft
     )
+
+
+@torch.library.register_fake("dspark::markov_draft")
+def _markov_draft_fake(
+    base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset, conf_base, conf_w_prev,
+    conf_temperature,
+):
+    num_requests, num_draft, _ = base_logits.shape
+    draft_token_ids = base_logits.new_empty((num_requests, num_draft), dtype=torch.int64)
+    draft_logits = base_logits.new_empty(base_logits.shape)  # contiguous, whatever base_logits' strides
+    confidence_shape = (num_requests, num_draft) if conf_base is not None else (0,)
+    confidence = base_logits.new_empty(confidence_shape, dtype=torch.float32)
+    return draft_token_ids, draft_logits, confidence
+
+
+def markov_draft(
+    base_logits: torch.Tensor,
+    prev_token_ids: torch.Tensor,
+    markov_w1: torch.Tensor,
+    markov_w2: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    conf_base: Optional[torch.Tensor] = None,
+    conf_w_prev: Optional[torch.Tensor] = None,
+    conf_temperature: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Autoregressive Markov drafting of K tokens per request, with optional per-position confidence.
+
+    ``base_logits`` [B, K, V] (float32/bfloat16/float16) are the backbone's logits U_k;
+    ``prev_token_ids`` [B] int64 the anchor token x_0; ``markov_w1``, ``markov_w2`` [V, r]
+    (float32 or base_logits' dtype) the Markov embedding and output weight. Draft position k
+    uses ``l_k = U_k + W2 @ W1[x_{k-1}]`` (float32 math, rounded to base_logits' dtype) and
+    takes its argmax (``temperature`` [B] float32 == 0) or samples softmax(l_k / T) from the
+    keyed Philox stream ``(seed, offset)`` [B] int64. With ``conf_base`` [B, K] float32,
+    ``confidence[b, k] = sigmoid((conf_base[b, k] + conf_w_prev . W1[x_{k-1}]) / conf_temperature[k])``
+    (``conf_w_prev`` [r] and ``conf_temperature`` [K] float32 are optional).
+
+    Returns ``(draft_token_ids [B, K] int64, draft_logits [B, K, V] contiguous in base_logits'
+    dtype, confidence [B, K] float32 or [0] without conf_base)``, all on base_logits' device.
+    """
+    return torch.ops.dspark.markov_draft(
+        base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset,
+        conf_base, conf_w_prev, conf_temperature,
+    )

@@ -1,14 +1,15 @@
-"""Plain-PyTorch reference of ``dspark::verify`` (slow, readable; for tests only).
+"""Plain-PyTorch references of ``dspark::verify`` and ``dspark::markov_draft`` (slow,
+readable; for tests only).
 
-It follows the op contract (README / dspark_ext.ops.verify) step by step, one request
-and one draft position at a time, in float64. Randomness comes from a
-``torch.Generator`` instead of the op's keyed Philox streams, so sampled results can only
-be compared in distribution; greedy results (temperature 0) are deterministic and must
-match the op token for token.
+Each follows its op contract (README / dspark_ext.ops) step by step: verify one request and
+one draft position at a time in float64, Markov drafting one draft position at a time in
+the op's float32 math. Randomness comes from a ``torch.Generator`` instead of the ops' keyed
+Philox streams, so sampled results can only be compared in distribution; greedy results
+(temperature 0) are deterministic and must match the op token for token.
 
-``rule`` selects deliberately *wrong* variants of speculative sampling. They exist only
-so the statistical tests can show that they are able to detect a broken sampler
-(power checks); the op is always compared against ``rule="exact"``.
+``rule`` (verify) and ``variant`` (Markov drafting) select deliberately *wrong* variants.
+They exist only so the statistical tests can show that they are able to detect a broken
+sampler (power checks); the ops are always compared against the exact ones.
 
 This module never calls ``torch.ops.dspark``.
 """
@@ -199,3 +200,100 @@ def verify_reference(
     return torch.tensor(output, dtype=torch.int64).reshape(num_requests, max_num_draft + 1), torch.tensor(
         num_accepted, dtype=torch.int32
     )
+
+
+#: Correct Markov drafting (the contract of dspark::markov_draft).
+MARKOV_EXACT = "exact"
+#: Broken: drops the Markov bias (l = U), so a draft no longer depends on the previous token.
+MARKOV_DROPPED = "markov_dropped"
+MARKOV_VARIANTS = (MARKOV_EXACT, MARKOV_DROPPED)
+
+
+def markov_probabilities(logits: torch.Tensor, temperature) -> torch.Tensor:
+    """The op's sampling law ``softmax(sanitize(float32(l) / T))`` over the last dim, in float64.
+
+    sanitize: NaN -> -inf, +inf -> FLT_MAX, applied *after* the division, so the +inf entries
+    and the entries that overflow at this temperature share the mass equally. A row without
+    mass (nothing above -inf) comes back as all NaN. ``temperature`` is a float or a tensor
+    broadcastable to ``logits.shape[:-1]``."""
+    t = torch.as_tensor(temperature, dtype=torch.float32)
+    if t.dim() > 0:
+        t = t.unsqueeze(-1)  # one temperature per row
+    x = logits.detach().to(device="cpu", dtype=torch.float32) / t
+    x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    return torch.softmax(x.double(), dim=-1)
+
+
+def markov_draft_reference(
+    base_logits: torch.Tensor,
+    prev_token_ids: torch.Tensor,
+    markov_w1: torch.Tensor,
+    markov_w2: torch.Tensor,
+    temperature: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+    conf_base: Optional[torch.Tensor] = None,
+    conf_w_prev: Optional[torch.Tensor] = None,
+    conf_temperature: Optional[torch.Tensor] = None,
+    *,
+    forced_tokens: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    variant: str = MARKOV_EXACT,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same arguments and outputs as ``torch.ops.dspark.markov_draft`` (outputs on CPU):
+    ``(draft_token_ids [B, K] int64, draft_logits [B, K, V] in base_logits' dtype,
+    confidence [B, K] float32 or [0] without conf_base)``.
+
+    Position k (x_0 = prev_token_ids): ``a = float32(W1[x_{k-1}])``,
+    ``l = round_to_dtype(float32(U_k) + a @ float32(W2).T)``; greedy rows (``not T > 0``) take
+    ``greedy_tokens(l)``, the others draw from ``markov_probabilities(l, T)`` (a row without
+    mass answers 0); ``confidence = sigmoid((conf_base_k + a . conf_w_prev) / conf_temperature_k)``.
+    The float32 bias is summed in matmul order, the op's order is unspecified: equal up to
+    rounding, and bitwise equal when every product and partial sum is exact (e.g. small
+    integer weights).
+
+    ``seed`` and ``offset`` are accepted for signature compatibility and ignored: the draws
+    come from ``generator`` (torch's default generator when None) and do not reproduce the
+    op's Philox streams. ``forced_tokens`` [B, K], when given, replaces the chosen tokens
+    (and is returned as draft_token_ids), so position k conditions on ``forced_tokens[:, k-1]``:
+    teacher forcing, or replaying the op's own sampled tokens to check its logits and
+    confidence. ``variant=MARKOV_DROPPED`` is the broken drafter of the power checks (the
+    confidence keeps its previous-token term). Inputs are assumed valid (no argument checking).
+    """
+    if variant not in MARKOV_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {MARKOV_VARIANTS}")
+    del seed, offset
+    base = base_logits.detach().cpu()
+    num_requests, num_draft, vocab_size = base.shape
+    w1, w2 = markov_w1.detach().cpu(), markov_w2.detach().cpu()
+    temps = temperature.detach().cpu().float()
+    greedy = ~(temps > 0)  # NaN temperatures are greedy too
+    sampling_temps = torch.where(greedy, torch.ones_like(temps), temps)
+    prev = prev_token_ids.detach().cpu().long()
+
+    token_ids = torch.zeros(num_requests, num_draft, dtype=torch.int64)
+    logits = torch.empty(num_requests, num_draft, vocab_size, dtype=base.dtype)
+    confidence = torch.empty((num_requests, num_draft) if conf_base is not None else (0,), dtype=torch.float32)
+    for k in range(num_draft):
+        a = w1[prev].float()
+        bias = a @ w2.float().T if variant == MARKOV_EXACT else 0.0
+        row_logits = (base[:, k].float() + bias).to(base.dtype)
+        logits[:, k] = row_logits
+        probs = markov_probabilities(row_logits, sampling_temps)
+        no_mass = torch.isnan(probs).any(dim=-1)
+        probs[no_mass] = 0.0
+        probs[no_mass, 0] = 1.0  # a row without mass answers 0
+        drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        chosen = torch.where(greedy, greedy_tokens(row_logits), drawn)
+        if forced_tokens is not None:
+            chosen = forced_tokens[:, k].detach().cpu().long()
+        token_ids[:, k] = chosen
+        if conf_base is not None:
+            z = conf_base[:, k].detach().cpu().float()
+            if conf_w_prev is not None:
+                z = z + a @ conf_w_prev.detach().cpu().float()
+            if conf_temperature is not None:
+                z = z / conf_temperature[k].detach().cpu().float()
+            confidence[:, k] = torch.sigmoid(z)
+        prev = chosen
+    return token_ids, logits, confidence

@@ -1,17 +1,26 @@
 """Shared test helpers for dspark::verify: random ragged batches, output-format checks,
 exact speculative-sampling distributions and the statistical (chi-square + total
-variation) distribution check used for the op and for the deliberately broken samplers."""
+variation) distribution check used for the op and for the deliberately broken samplers.
+The last section holds the dspark::markov_draft counterparts (inputs, reference runs,
+exact sequence laws)."""
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import List, Optional, Sequence, Union
 
 import pytest
 import scipy.stats
 import torch
 
-from dspark_ext.reference import greedy_tokens, probabilities, verify_reference
+from dspark_ext.reference import (
+    MARKOV_EXACT,
+    greedy_tokens,
+    markov_draft_reference,
+    markov_probabilities,
+    probabilities,
+    verify_reference,
+)
 
 verify_op = torch.ops.dspark.verify.default
 
@@ -548,3 +557,261 @@ def acceptance_law(setup: LosslessSetup) -> torch.Tensor:
         law.append(survive)
         return torch.tensor(law, dtype=torch.float64)
     return acceptance_length_exact(setup.target_probs[:-1], setup.draft_law)
+
+
+# --------------------------------------------------------------------------- dspark::markov_draft
+# Inputs, reference runs and exact sequence laws for tests/test_markov_draft.py and, with
+# device="cuda", tests/test_markov_draft_cuda.py.
+
+markov_op = torch.ops.dspark.markov_draft.default
+
+#: Largest op-vs-reference difference of a corrected logit, by logits dtype: the float32 bias
+#: is summed in another order (a few float32 ulps), and a 16-bit logit may then round to the
+#: neighbouring value (one ulp of the dtype).
+MARKOV_LOGIT_TOLERANCE = {
+    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.bfloat16: dict(rtol=2.0**-7, atol=1e-4),
+    torch.float16: dict(rtol=2.0**-10, atol=1e-4),
+}
+#: Confidence: float32 dot product in another order, then a sigmoid (expf vs torch).
+MARKOV_CONFIDENCE_TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+
+
+@dataclass
+class MarkovInputs:
+    """The ten arguments of dspark::markov_draft, in schema order."""
+
+    base_logits: torch.Tensor  # [B, K, V]
+    prev_token_ids: torch.Tensor  # [B] int64
+    markov_w1: torch.Tensor  # [V, r]
+    markov_w2: torch.Tensor  # [V, r]
+    temperature: torch.Tensor  # [B] float32
+    seed: torch.Tensor  # [B] int64
+    offset: torch.Tensor  # [B] int64
+    conf_base: Optional[torch.Tensor] = None  # [B, K] float32
+    conf_w_prev: Optional[torch.Tensor] = None  # [r] float32
+    conf_temperature: Optional[torch.Tensor] = None  # [K] float32
+
+    #: Arguments with one entry per request (dim 0 = B).
+    PER_REQUEST = ("base_logits", "prev_token_ids", "temperature", "seed", "offset", "conf_base")
+
+    def args(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))
+
+    @property
+    def num_requests(self) -> int:
+        return self.base_logits.shape[0]
+
+    @property
+    def num_draft(self) -> int:
+        return self.base_logits.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_logits.shape[2]
+
+    @property
+    def rank(self) -> int:
+        return self.markov_w1.shape[1]
+
+    def to(self, device) -> "MarkovInputs":
+        return MarkovInputs(*(None if a is None else a.to(device) for a in self.args()))
+
+    def select(self, order: Sequence[int]) -> "MarkovInputs":
+        """A new batch holding requests ``order`` (in that order, repeats allowed)."""
+        index = torch.tensor(list(order), dtype=torch.int64, device=self.base_logits.device)
+        return replace(self, **{name: getattr(self, name).index_select(0, index)
+                                for name in self.PER_REQUEST if getattr(self, name) is not None})
+
+
+def make_markov_inputs(
+    num_requests: int,
+    num_draft: int,
+    vocab_size: int,
+    rank: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    weight_dtype: Optional[torch.dtype] = None,
+    temperature: Union[float, Sequence[float]] = 0.0,
+    confidence: bool = False,
+    conf_w_prev: bool = True,
+    conf_temperature: bool = True,
+    exact_weights: bool = False,
+    logit_scale: float = 2.0,
+    markov_scale: float = 1.5,
+    seed: int = 0,
+    device: str = "cpu",
+) -> MarkovInputs:
+    """Random inputs for B = ``num_requests`` rows, K = ``num_draft`` positions, V = ``vocab_size``.
+
+    ``weight_dtype`` (default: ``dtype``) is the dtype of W1 and W2. Random weights give a
+    bias W2 . W1[p] of standard deviation about ``markov_scale``. ``exact_weights`` draws W1
+    from {-2..2} and W2 from {-0.5, -0.25, 0, 0.25, 0.5}: every product and partial sum is
+    exact in float32, so the op and the reference agree bitwise whatever their summation
+    order (and so do the CPU and CUDA kernels and the instruction-set builds).
+    ``confidence`` adds conf_base (and conf_w_prev / conf_temperature unless disabled)."""
+    g = torch.Generator().manual_seed(seed)
+    B, K, V, r = num_requests, num_draft, vocab_size, rank
+    weight_dtype = dtype if weight_dtype is None else weight_dtype
+    temps = [float(temperature)] * B if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+    assert len(temps) == B
+    base = (torch.randn(B, K, V, generator=g) * logit_scale).to(dtype)
+    if exact_weights:
+        w1 = torch.randint(-2, 3, (V, r), generator=g).float()
+        w2 = torch.randint(-2, 3, (V, r), generator=g).float() / 4
+    else:
+        w1 = torch.randn(V, r, generator=g)
+        w2 = torch.randn(V, r, generator=g) * (markov_scale / math.sqrt(r))
+    inputs = MarkovInputs(
+        base,
+        torch.randint(0, V, (B,), generator=g),
+        w1.to(weight_dtype),
+        w2.to(weight_dtype),
+        torch.tensor(temps, dtype=torch.float32),
+        torch.randint(0, 2**62, (B,), generator=g, dtype=torch.int64),
+        torch.randint(0, 2**40, (B,), generator=g, dtype=torch.int64),
+    )
+    if confidence:
+        inputs.conf_base = torch.randn(B, K, generator=g)
+        if conf_w_prev:
+            inputs.conf_w_prev = torch.randn(r, generator=g) * 0.5
+        if conf_temperature:
+            inputs.conf_temperature = torch.rand(K, generator=g) + 0.5
+    return inputs if device == "cpu" else inputs.to(device)
+
+
+def repeated_markov_inputs(
+    base_rows: torch.Tensor,
+    anchor: int,
+    markov_w1: torch.Tensor,
+    markov_w2: torch.Tensor,
+    temperature: float,
+    num_samples: int,
+    *,
+    seed: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+) -> MarkovInputs:
+    """``num_samples`` requests with identical rows ``base_rows`` ([K, V], broadcast with
+    stride 0) and anchor: seeds default to 0..N-1 and offsets to 0, so the rows are
+    independent samples of one law."""
+    device = base_rows.device
+    n = num_samples
+    return MarkovInputs(
+        base_rows[None].expand(n, *base_rows.shape),
+        torch.full((n,), anchor, dtype=torch.int64, device=device),
+        markov_w1,
+        markov_w2,
+        torch.full((n,), temperature, dtype=torch.float32, device=device),
+        torch.arange(n, dtype=torch.int64, device=device) if seed is None else seed.to(device),
+        torch.zeros(n, dtype=torch.int64, device=device) if offset is None else offset.to(device),
+    )
+
+
+def run_markov_op(inputs: MarkovInputs):
+    return markov_op(*inputs.args())
+
+
+def run_markov_reference(inputs: MarkovInputs, *, forced_tokens: Optional[torch.Tensor] = None, seed: int = 0,
+                         variant: str = MARKOV_EXACT):
+    return markov_draft_reference(*inputs.args(), forced_tokens=forced_tokens,
+                                  generator=torch.Generator().manual_seed(seed), variant=variant)
+
+
+def check_markov_output_format(inputs: MarkovInputs, token_ids: torch.Tensor, draft_logits: torch.Tensor,
+                               confidence: torch.Tensor) -> None:
+    """Structural contract of the outputs: shapes, dtypes, device, contiguous logits, ids in
+    [0, V), confidence in [0, 1] (or shape [0] without conf_base)."""
+    B, K, V = inputs.num_requests, inputs.num_draft, inputs.vocab_size
+    device = inputs.base_logits.device
+    assert token_ids.shape == (B, K) and token_ids.dtype == torch.int64, (token_ids.shape, token_ids.dtype)
+    assert draft_logits.shape == (B, K, V) and draft_logits.dtype == inputs.base_logits.dtype
+    assert draft_logits.is_contiguous()
+    for t in (token_ids, draft_logits, confidence):
+        assert t.device == device, (t.device, device)
+    ids = token_ids.cpu()
+    assert bool(((ids >= 0) & (ids < V)).all()), f"draft ids outside [0, {V}): {ids.unique().tolist()}"
+    if inputs.conf_base is None:
+        assert confidence.shape == (0,) and confidence.dtype == torch.float32, (confidence.shape, confidence.dtype)
+    else:
+        assert confidence.shape == (B, K) and confidence.dtype == torch.float32, (confidence.shape, confidence.dtype)
+        c = confidence.cpu()
+        assert bool(((c >= 0) & (c <= 1)).all()), "confidence outside [0, 1]"
+
+
+def _clear_greedy_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Rows (last dim) whose largest logit beats every other by more than twice the dtype's
+    tolerance: their argmax cannot move under the op's rounding."""
+    tol = MARKOV_LOGIT_TOLERANCE[logits.dtype]
+    x = torch.nan_to_num(logits.double(), nan=float("-inf"))
+    top2 = x.topk(min(2, x.shape[-1]), dim=-1).values
+    if top2.shape[-1] < 2:
+        return torch.ones(x.shape[:-1], dtype=torch.bool)
+    best, second = top2[..., 0], top2[..., 1]
+    margin = 2 * (tol["atol"] + tol["rtol"] * best.abs())
+    return torch.isfinite(best) & (best - second > margin)
+
+
+def assert_markov_matches_reference(inputs: MarkovInputs, outputs=None, *, exact: bool = False):
+    """The op against dspark_ext.reference.markov_draft_reference.
+
+    Along the op's own tokens (the reference teacher-forced with them): every corrected logit
+    equals round(U_k + W2 . W1[x_{k-1}]) (bitwise with ``exact``, else within the dtype's
+    tolerance) and the confidence equals its formula. Greedy rows: each token is the first
+    argmax (NaN never wins) of the op's own logits row; with ``exact`` or float32 logits the
+    free-running reference drafts the same tokens, otherwise tokens are compared wherever the
+    reference row's maximum is unique by a clear margin. Sampled rows: every token has
+    positive probability under softmax(l_k / T). Returns the op's outputs."""
+    token_ids, draft_logits, confidence = run_markov_op(inputs) if outputs is None else outputs
+    check_markov_output_format(inputs, token_ids, draft_logits, confidence)
+    ids, logits, conf = token_ids.cpu(), draft_logits.cpu(), confidence.cpu()
+    ref_ids, ref_logits, ref_conf = run_markov_reference(inputs, forced_tokens=ids)
+    assert torch.equal(ref_ids, ids)
+    tolerance = dict(rtol=0, atol=0) if exact else MARKOV_LOGIT_TOLERANCE[logits.dtype]
+    torch.testing.assert_close(logits, ref_logits, equal_nan=True, **tolerance)
+    torch.testing.assert_close(conf, ref_conf, equal_nan=True, **MARKOV_CONFIDENCE_TOLERANCE)
+
+    temps = inputs.temperature.cpu()
+    greedy = ~(temps > 0)
+    if bool(greedy.any()):
+        assert torch.equal(ids[greedy], greedy_tokens(logits[greedy])), "a greedy token is not the argmax of its row"
+        if exact or logits.dtype == torch.float32:
+            free_ids, _, _ = run_markov_reference(inputs)
+            assert torch.equal(ids[greedy], free_ids[greedy]), "greedy tokens differ from the reference"
+        else:
+            clear = _clear_greedy_margin(ref_logits[greedy])
+            assert float(clear.double().mean()) > 0.3, "too few rows with a clear argmax to compare"
+            assert torch.equal(ids[greedy][clear], greedy_tokens(ref_logits[greedy])[clear])
+    sampled = ~greedy
+    if bool(sampled.any()):
+        probs = markov_probabilities(logits[sampled], temps[sampled][:, None])
+        no_mass = torch.isnan(probs).any(dim=-1)
+        chosen = probs.nan_to_num(0.0).gather(-1, ids[sampled][..., None])[..., 0]
+        assert bool(((chosen > 0) | (no_mass & (ids[sampled] == 0))).all()), "a sampled token has probability 0"
+    return token_ids, draft_logits, confidence
+
+
+def markov_sequence_law(base_rows: torch.Tensor, anchor: int, markov_w1: torch.Tensor, markov_w2: torch.Tensor,
+                        temperature: float) -> torch.Tensor:
+    """Exact law of (x_1, ..., x_K) for one request (rows ``base_rows`` [K, V], anchor x_0):
+    prod_k softmax(l_k(x_{k-1}) / T)[x_k] with l_k(p) = round(U_k + W2 . W1[p]), enumerated
+    over all V^K sequences. Flat float64 [V^K], index sum_k x_k V^(K-1-k) (``sequence_codes``)."""
+    rows = base_rows.detach().cpu()
+    K, V = rows.shape
+    w1, w2 = markov_w1.detach().cpu().float(), markov_w2.detach().cpu().float()
+    # x_0 is fixed: position 0 needs the anchor's row only, later ones every previous token's.
+    law = markov_probabilities((rows[0].float() + w1[anchor] @ w2.T).to(rows.dtype), temperature)
+    if K > 1:
+        all_bias = w1 @ w2.T  # [previous, next]
+    for k in range(1, K):
+        step = markov_probabilities((rows[k].float() + all_bias).to(rows.dtype), temperature)  # [previous, next]
+        law = (law.reshape(-1, V)[:, :, None] * step[None]).reshape(-1)
+    return law
+
+
+def sequence_codes(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Category code of each row of ``token_ids`` [N, K], matching markov_sequence_law()."""
+    ids = token_ids.cpu().long()
+    codes = torch.zeros(ids.shape[0], dtype=torch.int64)
+    for k in range(ids.shape[1]):
+        codes = codes * vocab_size + ids[:, k]
+    return codes

@@ -1,42 +1,83 @@
-"""The CPU kernel is built once per instruction set (plain C++, AVX2, AVX-512) and picked
+"""The CPU kernels are built once per instruction set (plain C++, AVX2, AVX-512) and picked
 at run time from ATen's capability. Each build must take the same decisions: greedy
-outputs identical, sampled outputs identical except at floating-point near-ties."""
+outputs identical, sampled outputs identical except at floating-point near-ties.
 
-import json
+The inputs are made once, in this process, and handed to every build: torch's own random
+generators (torch.randn) take vectorized paths too, so inputs drawn under another
+capability would differ in the last bits.
+
+dspark::markov_draft also computes: its float32 bias W2 . W1[x] is summed in an order that
+depends on the vector width, so the corrected logits agree bitwise when every partial sum is
+exact (small dyadic weights), and within rounding otherwise."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import MARKOV_LOGIT_TOLERANCE
+
 CAPABILITIES = ["default", "avx2", "avx512"]
 
 _RUN_ONE_CAPABILITY = r"""
-import json, torch, dspark_ext
-torch.manual_seed(0)
-B, K, V = 512, 3, 4099
-D = B * K
-target = torch.randn(D + B, V) * 3
-draft = target[:D].clone() + torch.randn(D, V)
-ids = torch.distributions.Categorical(logits=draft).sample()
-cu = torch.arange(0, D + 1, K, dtype=torch.int32)
-seed, offset = torch.arange(B), torch.full((B,), 7)
+import sys, torch, dspark_ext
+inputs = torch.load(sys.argv[1])
 results = {}
-for name, temperature, draft_logits in [("greedy", 0.0, None), ("onehot", 1.0, None), ("draft_logits", 0.8, draft)]:
+v = inputs["verify"]
+for name, temperature, draft_logits in [("greedy", 0.0, None), ("onehot", 1.0, None),
+                                       ("draft_logits", 0.8, v["draft"])]:
     for dtype in (torch.float32, torch.bfloat16):
-        out, accepted = torch.ops.dspark.verify(target.to(dtype), ids, None if draft_logits is None else draft_logits.to(dtype),
-                                                cu, torch.full((B,), temperature), seed, offset, K)
-        results[f"{name}/{dtype}"] = out.tolist()
-print(json.dumps(results))
+        out, accepted = torch.ops.dspark.verify(v["target"].to(dtype), v["ids"],
+                                                None if draft_logits is None else draft_logits.to(dtype), v["cu"],
+                                                torch.full((v["B"],), temperature), v["seed"], v["offset"], v["K"])
+        results[f"{name}/{dtype}"] = out
+for case, args in inputs["markov"].items():
+    ids, logits, confidence = torch.ops.dspark.markov_draft(*args)
+    results[f"markov/{case}"] = dict(ids=ids, logits=logits, confidence=confidence)
+torch.save(results, sys.argv[2])
 """
 
 
-def _outputs_with(capability: str) -> dict:
+def _verify_inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    B, K, V = 512, 3, 4099
+    D = B * K
+    target = torch.randn(D + B, V, generator=g) * 3
+    draft = target[:D].clone() + torch.randn(D, V, generator=g)
+    ids = torch.multinomial(torch.softmax(draft, dim=-1), 1, generator=g)[:, 0]
+    return dict(B=B, K=K, target=target, draft=draft, ids=ids, cu=torch.arange(0, D + 1, K, dtype=torch.int32),
+                seed=torch.arange(B), offset=torch.full((B,), 7))
+
+
+def _markov_inputs() -> dict:
+    """dspark::markov_draft argument tuples: B = 256 rows (blocks of 4 rows) and B = 3
+    (a tail block), mixed temperatures, confidence; exact (dyadic) and Gaussian weights."""
+    g = torch.Generator().manual_seed(1)
+    K, V, r = 3, 4099, 24
+    weights = {
+        "exact": (torch.randint(-2, 3, (V, r), generator=g).float(),
+                  torch.randint(-2, 3, (V, r), generator=g).float() / 4),
+        "random": (torch.randn(V, r, generator=g), torch.randn(V, r, generator=g) * 0.3),
+    }
+    cases = {}
+    for B in (256, 3):
+        base = torch.randn(B, K, V, generator=g) * 2
+        prev = torch.randint(0, V, (B,), generator=g)
+        temperature = torch.tensor(([0.0, 1.0, 0.7, 0.0] * B)[:B])
+        seed, offset = torch.arange(B), torch.full((B,), 3)
+        conf = (torch.randn(B, K, generator=g), torch.randn(r, generator=g), torch.rand(K, generator=g) + 0.5)
+        for weights_name, (w1, w2) in weights.items():
+            for dtype in (torch.float32, torch.bfloat16):
+                cases[f"B{B}/{weights_name}/{dtype}"] = (base.to(dtype), prev, w1, w2, temperature, seed, offset, *conf)
+    return cases
+
+
+def _outputs_with(capability: str, inputs_path, outputs_path) -> dict:
     env = {"ATEN_CPU_CAPABILITY": capability, "PATH": "/usr/bin:/bin"}
-    completed = subprocess.run(
-        [sys.executable, "-c", _RUN_ONE_CAPABILITY], env=env, capture_output=True, text=True, timeout=300, check=True
-    )
-    return json.loads(completed.stdout)
+    subprocess.run([sys.executable, "-c", _RUN_ONE_CAPABILITY, str(inputs_path), str(outputs_path)], env=env,
+                   capture_output=True, text=True, timeout=300, check=True)
+    return torch.load(outputs_path)
 
 
 def _supported_capabilities() -> list:
@@ -45,19 +86,59 @@ def _supported_capabilities() -> list:
 
 
 @pytest.fixture(scope="module")
-def outputs_by_capability():
-    return {capability: _outputs_with(capability) for capability in _supported_capabilities()}
+def markov_inputs():
+    return _markov_inputs()
+
+
+@pytest.fixture(scope="module")
+def outputs_by_capability(tmp_path_factory, markov_inputs):
+    directory = tmp_path_factory.mktemp("isa")
+    torch.save(dict(verify=_verify_inputs(), markov=markov_inputs), directory / "inputs.pt")
+    return {capability: _outputs_with(capability, directory / "inputs.pt", directory / f"{capability}.pt")
+            for capability in _supported_capabilities()}
+
+
+def _reference_and_other(outputs_by_capability, capability):
+    best = _supported_capabilities()[-1]
+    if capability == best or capability not in outputs_by_capability:
+        pytest.skip(f"this CPU's best build is {best}: nothing to compare {capability} with")
+    return outputs_by_capability[best], outputs_by_capability[capability]
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_instruction_set_builds_agree(outputs_by_capability, capability):
-    best = _supported_capabilities()[-1]
-    if capability == best or capability not in outputs_by_capability:
-        pytest.skip(f"this CPU's best build is {best}: nothing to compare {capability} with")
-    reference, other = outputs_by_capability[best], outputs_by_capability[capability]
+    reference, other = _reference_and_other(outputs_by_capability, capability)
     for case, rows in reference.items():
+        if case.startswith("markov/"):
+            continue
         if case.startswith("greedy"):
-            assert other[case] == rows, case
+            assert torch.equal(other[case], rows), case
         else:
-            equal = sum(a == b for a, b in zip(rows, other[case]))
+            equal = int((rows == other[case]).all(dim=1).sum())
             assert equal >= 0.998 * len(rows), f"{case}: only {equal}/{len(rows)} rows agree"
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_instruction_set_builds_agree_on_markov_draft(outputs_by_capability, markov_inputs, capability):
+    """Exact weights: logits and greedy drafts identical, sampled drafts identical except at
+    near-ties of the race (the bar of verify). Gaussian weights: logits equal within rounding
+    and whole rows of drafts identical with the same bar (the drafts condition on each other)."""
+    reference, other = _reference_and_other(outputs_by_capability, capability)
+    for case, args in markov_inputs.items():
+        expected, got = reference[f"markov/{case}"], other[f"markov/{case}"]
+        ids, other_ids = expected["ids"], got["ids"]
+        greedy = args[4] == 0
+        # Logits and confidence along the prefix both builds drafted alike: a sampled draft
+        # that differs changes everything after it.
+        same_prefix = torch.cat([torch.ones(ids.shape[0], 1, dtype=torch.bool),
+                                 (ids == other_ids).cumprod(dim=1).bool()[:, :-1]], dim=1)
+        torch.testing.assert_close(got["confidence"][same_prefix], expected["confidence"][same_prefix], rtol=1e-5,
+                                   atol=1e-6, msg=case)
+        if case.split("/")[1] == "exact":
+            assert torch.equal(got["logits"][same_prefix], expected["logits"][same_prefix]), case
+            assert torch.equal(other_ids[greedy], ids[greedy]), case
+        else:
+            torch.testing.assert_close(got["logits"][same_prefix], expected["logits"][same_prefix], msg=case,
+                                       **MARKOV_LOGIT_TOLERANCE[expected["logits"].dtype])
+        equal = int((ids == other_ids).all(dim=1).sum())
+        assert equal >= 0.998 * ids.shape[0], f"{case}: only {equal}/{ids.shape[0]} rows agree"

@@ -22,6 +22,14 @@ DSPARK_HOST_DEVICE int64_t num_vocab_tiles(int64_t vocab_size) {
 
 DSPARK_HOST_DEVICE float negative_infinity() { return -INFINITY; }
 
+// Temperature 0 (or anything not > 0, NaN included) is greedy decoding. 1/T is clamped so
+// that a subnormal temperature cannot turn a 0 logit into 0 * inf = NaN.
+DSPARK_HOST_DEVICE float inverse_temperature(float temperature) {
+  return temperature > 0.0f ? fminf(1.0f / temperature, FLT_MAX) : 0.0f;
+}
+
+DSPARK_HOST_DEVICE bool is_greedy(float temperature) { return !(temperature > 0.0f); }
+
 // NaN carries no probability (-inf); +inf becomes the largest finite logit, so rows
 // holding +inf share their mass among those entries instead of producing NaN.
 DSPARK_HOST_DEVICE float sanitize_logit(float scaled_logit) {
@@ -86,6 +94,15 @@ DSPARK_HOST_DEVICE ArgMax better(ArgMax a, ArgMax b) {
   if (b.value > a.value || (b.value == a.value && b.index < a.index)) return b;
   return a;
 }
+
+// Per (row, vocabulary tile) stats of a pass over logits: MaxSum for sampled rows, ArgMax
+// for greedy rows.
+struct TileStats {
+  float max;
+  float sum;
+  float argmax_value;
+  int32_t argmax_index;
+};
 
 // Accept draft token x with probability min(1, p(x) / q(x)) (Leviathan et al. 2023,
 // Alg. 1), in log space: u < p/q  <=>  log u < log p - log q. q(x) = 0 rejects

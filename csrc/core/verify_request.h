@@ -15,18 +15,11 @@
 #include <cstdint>
 
 #include "host_device.h"
+#include "race.h"
 #include "rng.h"
 #include "sampling.h"
 
 namespace dspark::core {
-
-// Per (row, tile) stats, four floats: MaxSum for sampled rows, ArgMax for greedy rows.
-struct TileStats {
-  float max;
-  float sum;
-  float argmax_value;
-  int32_t argmax_index;
-};
 
 // What stage 5 draws the request's emitted token from.
 enum class EmitSource : int32_t {
@@ -117,34 +110,19 @@ DSPARK_HOST_DEVICE bool request_rows(const int32_t* cu_num_draft, int64_t reques
   return true;
 }
 
-// Clamped so a subnormal temperature cannot turn a 0 logit into 0 * inf = NaN.
-DSPARK_HOST_DEVICE float inverse_temperature(float temperature) {
-  return temperature > 0.0f ? fminf(1.0f / temperature, FLT_MAX) : 0.0f;
-}
-
-DSPARK_HOST_DEVICE bool is_greedy(float temperature) { return !(temperature > 0.0f); }
-
 DSPARK_HOST_DEVICE int64_t clamp_token(int64_t id, int64_t vocab_size, bool* in_range) {
   *in_range = id >= 0 && id < vocab_size;
   return *in_range ? id : 0;
 }
 
-// Stage 5 keys. Position is the draft position of the emitted row, so a request's
-// random stream does not depend on where its rows sit in the batch.
-// `shift` is the largest tile max of the row: it keeps the keys' precision (see race_key).
-DSPARK_HOST_DEVICE float tile_race_key(MaxSum tile_total, float shift, uint64_t seed, uint64_t offset,
-                                       int32_t position, int64_t tile, bool fallback) {
-  const uint32_t bits = random_word(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(tile),
-                                    fallback ? RandomPurpose::kVerifyFallbackTileRace : RandomPurpose::kVerifyTileRace);
-  return race_key(shifted_log_total(tile_total, shift), exponential_variate(bits));
+// Stage 5 keys (core/race.h) in verify's streams. Position is the draft position of the
+// emitted row, so a request's random stream does not depend on where its rows sit in the batch.
+DSPARK_HOST_DEVICE RandomPurpose verify_tile_purpose(bool fallback) {
+  return fallback ? RandomPurpose::kVerifyFallbackTileRace : RandomPurpose::kVerifyTileRace;
 }
 
-// The random words of the token race for ids 4*group .. 4*group + 3 (one Philox call):
-// token id i races with race_key(log_weight_i, exponential_variate(block.v[i % 4])).
-DSPARK_HOST_DEVICE Philox4x32 token_race_block(uint64_t seed, uint64_t offset, int32_t position, int64_t group,
-                                               bool fallback) {
-  return random_block(seed, offset, static_cast<uint32_t>(position), static_cast<uint32_t>(group),
-                      fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace);
+DSPARK_HOST_DEVICE RandomPurpose verify_token_purpose(bool fallback) {
+  return fallback ? RandomPurpose::kVerifyFallbackTokenRace : RandomPurpose::kVerifyTokenRace;
 }
 
 DSPARK_HOST_DEVICE float accept_uniform(uint64_t seed, uint64_t offset, int32_t position) {

@@ -1,7 +1,6 @@
 // CPU launcher of dspark::verify: validates, checks values (free on the host), picks
 // the kernel built for this CPU's instruction set and runs it.
 #include <ATen/Dispatch.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -9,6 +8,7 @@
 #include "../core/verify_request.h"
 #include "../dispatch.h"
 #include "../verify_launch.h"
+#include "cpu_isa.h"
 #include "verify_dispatch.h"
 
 namespace dspark::cpu {
@@ -42,31 +42,9 @@ void check_values_on_host(const at::Tensor& draft_token_ids, const at::Tensor& c
                 t[b]);
 }
 
-enum class CpuIsa { kDefault, kAvx2, kAvx512 };
-
-// ATen's own choice (it honours ATEN_CPU_CAPABILITY=default|avx2|avx512), read once.
-CpuIsa detected_cpu_isa() {
-  static const CpuIsa isa = [] {
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return CpuIsa::kAvx512;
-    if (capability == "AVX2") return CpuIsa::kAvx2;
-    return CpuIsa::kDefault;
-  }();
-  return isa;
-}
-
 template <typename LogitT, typename IdT>
 void run_for_cpu(const core::VerifyProblem<LogitT, IdT>& problem) {
-  switch (detected_cpu_isa()) {
-#if defined(DSPARK_HAVE_X86_ISA_KERNELS)
-    case CpuIsa::kAvx512:
-      return AVX512::run_verify(problem);
-    case CpuIsa::kAvx2:
-      return AVX2::run_verify(problem);
-#endif
-    default:
-      return DEFAULT::run_verify(problem);
-  }
+  DSPARK_CALL_FOR_CPU_ISA(run_verify, problem);
 }
 
 std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits, const at::Tensor& draft_token_ids,

@@ -4,135 +4,19 @@
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cfloat>
 #include <cmath>
-#include <type_traits>
 #include <vector>
 
 #include "../core/verify_request.h"
+#include "vec_sampling.h"
 #include "verify_dispatch.h"
 
 namespace dspark::cpu {
 namespace CPU_CAPABILITY {
 
-using core::ArgMax;
-using core::MaxSum;
 using core::TileStats;
-using core::kVocabTile;
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-// Smallest chunk a thread takes: a few microseconds of work, so that small batches run
-// inline instead of paying an OpenMP fork per stage.
-constexpr int64_t kTilesPerChunk = 8;
-constexpr int64_t kCheapItemsPerChunk = 64;
-
-template <typename T>
-inline float to_float(T value) {
-  return static_cast<float>(value);
-}
-
-template <typename T>
-inline Vec load_floats(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec out;
-    at::vec::load_to_float<T>(p, out);
-    return out;
-  }
-}
-
-// at::vec::clamp_min(a, b) is "b if a < b else a" on every instruction set (x86: max_ps(b, a)),
-// so a NaN b leaves a: one instruction for a NaN-ignoring running max and for NaN -> -inf.
-// tests/test_cpu_isa.py and the NaN tests hold every build to it.
-inline Vec max_ignoring_nan(Vec running_max, Vec x) { return at::vec::clamp_min(running_max, x); }
-
-// Vector form of core::sanitize_logit(x * inv_t).
-inline Vec sanitized_scaled(Vec x, Vec inv_t) {
-  return at::vec::clamp_max(max_ignoring_nan(Vec(-INFINITY), x * inv_t), Vec(FLT_MAX));
-}
-
-inline float lane_max(Vec v) {
-  float lanes[kLanes];
-  v.store(lanes);
-  return *std::max_element(lanes, lanes + kLanes);
-}
-
-inline float lane_sum(Vec v) {
-  float lanes[kLanes];
-  v.store(lanes);
-  float total = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
-  return total;
-}
-
-// MaxSum of sanitize(x * inv_t) over row[lo, hi): a max pass that also stores the scaled
-// logits in an L1-resident buffer, then a sum-exp pass over the buffer (cheaper than
-// rescaling an online sum per vector). exp_u20 (relative error ~2e-6) is ample for
-// probabilities and about twice as fast as the 1-ulp exp.
-template <typename T>
-MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
-  float scaled[kVocabTile];
-  const Vec v_inv_t(inv_t);
-  const T* p = row + lo;
-  const int64_t n = hi - lo;
-  const int64_t n_vec = n - n % kLanes;
-  Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const Vec x = sanitized_scaled(load_floats(p + i), v_inv_t);
-    x.store(scaled + i);
-    v_max = max_ignoring_nan(v_max, x);
-  }
-  float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) {
-    scaled[i] = core::sanitize_logit(to_float(p[i]) * inv_t);
-    max = std::max(max, scaled[i]);
-  }
-  if (max == -INFINITY) return core::empty_max_sum();
-  const Vec v_shift(max);
-  Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(scaled + i) - v_shift).exp_u20();
-  float sum = lane_sum(v_sum);
-  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(scaled[i] - max);
-  return MaxSum{max, sum};
-}
-
-// Largest of p[0, n), NaN ignored (-inf when there is no other value).
-template <typename T>
-float max_of(const T* p, int64_t n) {
-  const int64_t n_vec = n - n % kLanes;
-  Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = max_ignoring_nan(v_max, load_floats(p + i));
-  float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) {
-    const float x = to_float(p[i]);
-    if (x > max) max = x;
-  }
-  return max;
-}
-
-// First index (reported as first_id + i) of the largest of p[0, n); NaN never wins; an
-// all -inf/NaN range answers first_id, so an emitted id is always a real vocabulary id.
-template <typename T>
-ArgMax arg_max_of(const T* p, int64_t n, int64_t first_id) {
-  const int64_t n_vec = n - n % kLanes;
-  const float max = max_of(p, n);
-  if (max == -INFINITY) return ArgMax{-INFINITY, static_cast<int32_t>(first_id)};
-  // Second pass over the (cache-resident) range finds the first lane equal to the max.
-  const Vec v_target(max);
-  const int all_lanes = static_cast<int>((1ull << kLanes) - 1);
-  for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const int not_equal = (load_floats(p + i) == v_target).zero_mask();
-    if (not_equal != all_lanes) return ArgMax{max, static_cast<int32_t>(first_id + i + __builtin_ctz(~not_equal & all_lanes))};
-  }
-  for (int64_t i = n_vec; i < n; ++i)
-    if (to_float(p[i]) == max) return ArgMax{max, static_cast<int32_t>(first_id + i)};
-  return ArgMax{max, static_cast<int32_t>(first_id)};  // unreachable: max came from this range
-}
 
 // log max(0, p - q) of row[lo, lo + n) into out (core::residual_log_weight, vectorized).
 template <typename T>
@@ -178,35 +62,6 @@ float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int
   for (int64_t i = n_vec; i < n; ++i)
     sum += core::residual_mass(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t, target_norm, draft_norm);
   return sum;
-}
-
-// sanitize(row[lo + i] * inv_t) into out, with `excluded` (an absolute id, or -1) at -inf.
-template <typename T>
-void target_log_weights(const T* row, int64_t lo, int64_t n, float inv_t, int64_t excluded, float* out) {
-  const int64_t n_vec = n - n % kLanes;
-  const Vec v_inv_t(inv_t);
-  for (int64_t i = 0; i < n_vec; i += kLanes) sanitized_scaled(load_floats(row + lo + i), v_inv_t).store(out + i);
-  for (int64_t i = n_vec; i < n; ++i) out[i] = core::sanitize_logit(to_float(row[lo + i]) * inv_t);
-  if (excluded >= lo && excluded < lo + n) out[excluded - lo] = -INFINITY;
-}
-
-// Token race inside one tile: argmax_i core::race_key(log_weights[i] - shift, E_i) with E_i
-// the variates of core::token_race_block, one Philox call per four ids, keys vectorized.
-inline ArgMax race_tokens(const float* log_weights, float shift, int64_t lo, int64_t n, uint64_t seed,
-                          uint64_t offset, int32_t position, bool fallback) {
-  float keys[kVocabTile];
-  for (int64_t g = 0; g < (n + 3) / 4; ++g) {
-    const core::Philox4x32 block = core::token_race_block(seed, offset, position, (lo >> 2) + g, fallback);
-    for (int lane = 0; lane < 4; ++lane) keys[4 * g + lane] = core::race_variate_input(block.v[lane]);
-  }
-  const int64_t n_vec = n - n % kLanes;
-  const Vec v_shift(shift);
-  for (int64_t i = 0; i < n_vec; i += kLanes) {
-    const Vec exponential = Vec(0.0f) - (Vec(0.0f) - Vec::loadu(keys + i)).log1p();  // core::exponential_variate
-    ((Vec::loadu(log_weights + i) - v_shift) - exponential.log()).store(keys + i);
-  }
-  for (int64_t i = n_vec; i < n; ++i) keys[i] = core::race_key(log_weights[i] - shift, -std::log1p(-keys[i]));
-  return arg_max_of(keys, n, lo);
 }
 
 template <typename LogitT, typename IdT>
@@ -338,7 +193,8 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
         for (int64_t t = 0; t < tiles; ++t) shift = std::max(shift, tile_total(use_residual, t).max);
         ArgMax winner{-INFINITY, -1};
         for (int64_t t = 0; t < tiles; ++t) {
-          const float key = core::tile_race_key(tile_total(use_residual, t), shift, seed, offset, plan.position, t, is_fallback);
+          const float key = core::tile_race_key(tile_total(use_residual, t), shift, seed, offset, plan.position, t,
+                                                core::verify_tile_purpose(is_fallback));
           winner = core::better(winner, ArgMax{key, static_cast<int32_t>(t)});
         }
         return winner;
@@ -361,7 +217,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
           target_log_weights(target_row, lo, n, inv_t, plan.excluded_id, log_weights);
         }
         const float shift = tile_total(residual, tile.index).max;
-        token = race_tokens(log_weights, shift, lo, n, seed, offset, plan.position, fallback).index;
+        token = race_tokens(log_weights, shift, lo, n, seed, offset, plan.position, core::verify_token_purpose(fallback)).index;
       }
       pb.output_token_ids[b * width + plan.position] = token;
     }

@@ -10,24 +10,11 @@
 #include "../core/verify_request.h"
 #include "../dispatch.h"
 #include "../verify_launch.h"
+#include "cuda_type.h"
 #include "verify_kernel.cuh"
 
 namespace dspark::gpu {
 namespace {
-
-// The CUDA type with the bit layout of each ATen logit type.
-template <typename T>
-struct CudaLogit {
-  using type = T;
-};
-template <>
-struct CudaLogit<c10::Half> {
-  using type = __half;
-};
-template <>
-struct CudaLogit<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
 
 std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits, const at::Tensor& draft_token_ids,
                                                const std::optional<at::Tensor>& draft_logits,
@@ -41,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> verify_cuda(const at::Tensor& target_logits, 
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     DSPARK_DISPATCH_LOGIT_TYPES(v.target_logits.scalar_type(), "dspark_verify_cuda", [&] {
       AT_DISPATCH_INDEX_TYPES(v.draft_token_ids.scalar_type(), "dspark_verify_cuda_ids", [&] {
-        launch_verify(v.problem<typename CudaLogit<scalar_t>::type, scalar_t, index_t>(), stream);
+        launch_verify(v.problem<typename CudaType<scalar_t>::type, scalar_t, index_t>(), stream);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

@@ -6,129 +6,33 @@
 // index derived from them is checked on the device (core::request_rows, clamp_token).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
-
-#include <cub/cub.cuh>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "../core/race.h"
 #include "../core/verify_request.h"
+#include "element_access.cuh"
+#include "reductions.cuh"
 
 namespace dspark::gpu {
 
-using core::ArgMax;
-using core::MaxSum;
 using core::RequestPlan;
 using core::TileStats;
 using core::kVocabTile;
 
-constexpr int kTileThreads = 256;   // stages 1, 4, 5: one block sweeps one vocabulary tile
-constexpr int kIdsPerThread = 8;    // 16 bytes of bf16/fp16, 32 bytes of fp32
+// Stages 1, 4 and 5 run kTileThreads-thread blocks (reductions.cuh), kIdsPerThread ids each.
 constexpr int kRowSummaryThreads = 256;
 constexpr int kDecideThreads = 128;
-constexpr int kWarpSize = 32;
 static_assert(kTileThreads * kIdsPerThread == kVocabTile, "one sweep of a block must cover exactly one tile");
 static_assert(kIdsPerThread == 8, "stage 5 draws the token-race uniforms of 8 ids with two Philox calls");
-
-// ---------------------------------------------------------------------------------------
-// Logit loads. bf16/fp16 convert exactly to float, as at::vec::load_to_float does on CPU.
-
-DSPARK_HOST_DEVICE float to_float(float x) { return x; }
-DSPARK_HOST_DEVICE float to_float(__half x) { return __half2float(x); }
-DSPARK_HOST_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // The element loader core::decide_request calls.
 template <typename T>
 struct LogitLoader {
   DSPARK_HOST_DEVICE float operator()(const T* base, int64_t index) const { return to_float(base[index]); }
 };
-
-__device__ __forceinline__ void load_aligned_chunk(const float* p, float (&out)[kIdsPerThread]) {
-  const float4 a = reinterpret_cast<const float4*>(p)[0];
-  const float4 b = reinterpret_cast<const float4*>(p)[1];
-  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w;
-  out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-}
-
-// 8 x 16-bit in one uint4; the element at the lower address is the low half of a word.
-__device__ __forceinline__ void load_aligned_chunk(const __nv_bfloat16* p, float (&out)[kIdsPerThread]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    out[2 * w] = __uint_as_float(words[w] << 16);  // bf16 is the high half of a float
-    out[2 * w + 1] = __uint_as_float(words[w] & 0xFFFF0000u);
-  }
-}
-
-__device__ __forceinline__ void load_aligned_chunk(const __half* p, float (&out)[kIdsPerThread]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int w = 0; w < 4; ++w) {
-    out[2 * w] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w] & 0xFFFFu)));
-    out[2 * w + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w] >> 16)));
-  }
-}
-
-// row[first, first + 8) as floats; ids >= vocab_size read as -inf and are never touched.
-// The vector path needs a 16-byte aligned row (decided on the host) and a full chunk.
-template <bool kVectorLoads, typename T>
-__device__ __forceinline__ void load_chunk(const T* row, int64_t first, int64_t vocab_size,
-                                           float (&out)[kIdsPerThread]) {
-  if (kVectorLoads && first + kIdsPerThread <= vocab_size) {
-    load_aligned_chunk(row + first, out);
-  } else {
-#pragma unroll
-    for (int j = 0; j < kIdsPerThread; ++j) out[j] = first + j < vocab_size ? to_float(row[first + j]) : -INFINITY;
-  }
-}
-
-// Whether 16-byte loads of 8 ids are aligned in every row: tiles start at multiples of
-// 2048 ids and threads at multiples of 8 ids, so only the base and the row stride matter.
-inline bool rows_allow_vector_loads(const void* base, int64_t row_stride, int64_t element_bytes) {
-  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && (row_stride * element_bytes) % 16 == 0;
-}
-
-// ---------------------------------------------------------------------------------------
-// Reductions.
-
-struct MergeMaxSum {
-  __device__ __forceinline__ MaxSum operator()(const MaxSum& a, const MaxSum& b) const { return core::merge(a, b); }
-};
-
-struct PickBetter {
-  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const { return core::better(a, b); }
-};
-
-// MaxSum of one thread's log-weights (no NaN): max first, then sum exp(w - max).
-__device__ __forceinline__ MaxSum chunk_max_sum(const float (&log_weights)[kIdsPerThread]) {
-  float max = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < kIdsPerThread; ++j) max = fmaxf(max, log_weights[j]);
-  if (max == -INFINITY) return core::empty_max_sum();
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kIdsPerThread; ++j) sum += expf(log_weights[j] - max);
-  return MaxSum{max, sum};
-}
-
-using BlockArgMax = cub::BlockReduce<ArgMax, kTileThreads>;
-using BlockMaxSum = cub::BlockReduce<MaxSum, kTileThreads>;
-using BlockSum = cub::BlockReduce<float, kTileThreads>;
-
-// Block-wide core::better reduction, answered to every thread.
-__device__ __forceinline__ ArgMax block_best(ArgMax mine, typename BlockArgMax::TempStorage& temp, ArgMax& shared) {
-  const ArgMax best = BlockArgMax(temp).Reduce(mine, PickBetter{});
-  if (threadIdx.x == 0) shared = best;
-  __syncthreads();
-  const ArgMax result = shared;
-  __syncthreads();  // temp and shared are reused by the caller's next reduction
-  return result;
-}
 
 // ---------------------------------------------------------------------------------------
 // Stage 1: tile stats, one block per (row, tile).
@@ -321,7 +225,7 @@ __device__ __forceinline__ ArgMax race_tiles(const TileStats* row_tiles, const M
   ArgMax winner{-INFINITY, -1};
   for (int64_t t = threadIdx.x; t < tiles; t += kTileThreads) {
     const float key = core::tile_race_key(tile_total(row_tiles, residual_tiles, use_residual, t), shift, seed, offset,
-                                          position, t, fallback);
+                                          position, t, core::verify_tile_purpose(fallback));
     winner = core::better(winner, ArgMax{key, static_cast<int32_t>(t)});
   }
   return block_best(winner, temp, shared);
@@ -376,8 +280,8 @@ __global__ void __launch_bounds__(kTileThreads) verify_sample_kernel(core::Verif
       }
       // The random words of core::token_race_block, one Philox call per four ids (first is a multiple of 8).
       const core::Philox4x32 randoms[kIdsPerThread / 4] = {
-          core::token_race_block(seed, offset, plan.position, first / 4, fallback),
-          core::token_race_block(seed, offset, plan.position, first / 4 + 1, fallback)};
+          core::token_race_block(seed, offset, plan.position, first / 4, core::verify_token_purpose(fallback)),
+          core::token_race_block(seed, offset, plan.position, first / 4 + 1, core::verify_token_purpose(fallback))};
       const float shift = tile_total(row_tiles, residual_tiles, residual, tile.index).max;
       ArgMax best{-INFINITY, static_cast<int32_t>(lo)};  // the CPU's initial value: all -inf answers lo
 #pragma unroll

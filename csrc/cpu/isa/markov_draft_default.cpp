@@ -1,0 +1,1 @@
+#include "instantiate_markov_draft.h"
