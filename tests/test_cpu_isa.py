@@ -70,19 +70,32 @@ def _markov_inputs() -> dict:
         for weights_name, (w1, w2) in weights.items():
             for dtype in (torch.float32, torch.bfloat16):
                 cases[f"B{B}/{weights_name}/{dtype}"] = (base.to(dtype), prev, w1, w2, temperature, seed, offset, *conf)
+            # bf16 weights: AVX-512 CPUs with AVX512_BF16 sum them with vdpbf16ps.
+            cases[f"B{B}/{weights_name}/bf16-weights"] = (base.to(torch.bfloat16), prev, w1.bfloat16(), w2.bfloat16(),
+                                                          temperature, seed, offset, *conf)
     return cases
 
 
+#: The AVX-512 build without its vdpbf16ps path for bf16 Markov weights.
+AVX512_WITHOUT_BF16_DOT = "avx512-without-bf16-dot"
+
+
 def _outputs_with(capability: str, inputs_path, outputs_path) -> dict:
-    env = {"ATEN_CPU_CAPABILITY": capability, "PATH": "/usr/bin:/bin"}
+    env = {"ATEN_CPU_CAPABILITY": capability.split("-")[0], "PATH": "/usr/bin:/bin"}
+    if capability == AVX512_WITHOUT_BF16_DOT:
+        env["DSPARK_DISABLE_AVX512_BF16"] = "1"
     subprocess.run([sys.executable, "-c", _RUN_ONE_CAPABILITY, str(inputs_path), str(outputs_path)], env=env,
                    capture_output=True, text=True, timeout=300, check=True)
     return torch.load(outputs_path)
 
 
 def _supported_capabilities() -> list:
+    """The builds this CPU can run, best last."""
     best = torch.backends.cpu.get_cpu_capability().lower()
-    return CAPABILITIES[: CAPABILITIES.index(best) + 1] if best in CAPABILITIES else ["default"]
+    supported = CAPABILITIES[: CAPABILITIES.index(best) + 1] if best in CAPABILITIES else ["default"]
+    if best == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read():
+        supported.insert(-1, AVX512_WITHOUT_BF16_DOT)
+    return supported
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +131,7 @@ def test_instruction_set_builds_agree(outputs_by_capability, capability):
             assert equal >= 0.998 * len(rows), f"{case}: only {equal}/{len(rows)} rows agree"
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", ["default", "avx2", AVX512_WITHOUT_BF16_DOT])
 def test_instruction_set_builds_agree_on_markov_draft(outputs_by_capability, markov_inputs, capability):
     """Exact weights: logits and greedy drafts identical, sampled drafts identical except at
     near-ties of the race (the bar of verify). Gaussian weights: logits equal within rounding

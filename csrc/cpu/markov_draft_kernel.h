@@ -13,9 +13,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -74,13 +76,18 @@ template <int64_t kRows>
 void dot_block(const float* a, const float* w, int64_t rank, float* out) {
   const int64_t r_vec = rank - rank % kLanes;
   Vec acc[kRows][4];
+#pragma GCC unroll 4
   for (int64_t q = 0; q < kRows; ++q)
+#pragma GCC unroll 4
     for (int64_t i = 0; i < 4; ++i) acc[q][i] = Vec(0.0f);
   for (int64_t j = 0; j < r_vec; j += kLanes) {
     Vec wv[4];
+#pragma GCC unroll 4
     for (int64_t i = 0; i < 4; ++i) wv[i] = Vec::loadu(w + i * rank + j);
+#pragma GCC unroll 4
     for (int64_t q = 0; q < kRows; ++q) {
       const Vec x = Vec::loadu(a + q * rank + j);
+#pragma GCC unroll 4
       for (int64_t i = 0; i < 4; ++i) acc[q][i] = at::vec::fmadd(x, wv[i], acc[q][i]);
     }
   }
@@ -129,6 +136,86 @@ void markov_bias_chunk(const float* a, int64_t B, const W* w2, int64_t rank, int
     }
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 weights on CPUs with AVX512_BF16: vdpbf16ps multiplies pairs of bf16 (exactly, in
+// float32) and adds them to a float32 accumulator, twice the rate of float32 FMAs and no
+// conversion pass over W2. a_b = W1[x] is bf16 too, so only the summation order changes
+// (and subnormals flush to zero); every bias of the call uses this path, so results stay
+// batch invariant.
+// DSPARK_DISABLE_AVX512_BF16=1 keeps the float32 path (tests compare the two).
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512bf16") && std::getenv("DSPARK_DISABLE_AVX512_BF16") == nullptr;
+  return has;
+}
+
+#define DSPARK_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+DSPARK_BF16_TARGET inline __m512bh load_bf16_pairs(const c10::BFloat16* p, int64_t count) {
+  const __mmask32 mask = count >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << count) - 1u);
+  return reinterpret_cast<__m512bh>(_mm512_maskz_loadu_epi16(mask, p));
+}
+
+template <int64_t kRows>
+DSPARK_BF16_TARGET void dot_block_bf16(const c10::BFloat16* a, const c10::BFloat16* w, int64_t rank, float* out) {
+  __m512 acc[kRows][4];
+#pragma GCC unroll 4
+  for (int64_t q = 0; q < kRows; ++q)
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < 4; ++i) acc[q][i] = _mm512_setzero_ps();
+  // 32 ids per step; the last step loads zeros past the rank.
+  for (int64_t j = 0; j < rank; j += 32) {
+    const int64_t count = std::min<int64_t>(32, rank - j);
+    __m512bh wv[4];
+#pragma GCC unroll 4
+    for (int64_t i = 0; i < 4; ++i) wv[i] = load_bf16_pairs(w + i * rank + j, count);
+#pragma GCC unroll 4
+    for (int64_t q = 0; q < kRows; ++q) {
+      const __m512bh x = load_bf16_pairs(a + q * rank + j, count);
+#pragma GCC unroll 4
+      for (int64_t i = 0; i < 4; ++i) acc[q][i] = _mm512_dpbf16_ps(acc[q][i], x, wv[i]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int64_t q = 0; q < kRows; ++q) {
+    const Vec sums[4] = {Vec(acc[q][0]), Vec(acc[q][1]), Vec(acc[q][2]), Vec(acc[q][3])};
+    horizontal_sums4(sums, out + q * 4);
+  }
+}
+
+// markov_bias_chunk for bf16 weights with vdpbf16ps (a: [B, r] bf16).
+DSPARK_BF16_TARGET inline void markov_bias_chunk_bf16(const c10::BFloat16* a, int64_t B, const c10::BFloat16* w2,
+                                                     int64_t rank, int64_t v0, int64_t n, int64_t prefetch_end,
+                                                     c10::BFloat16* w_buffer, float* bias) {
+  float out[kRowsPerBlock * 4];
+  for (int64_t i = 0; i < n; i += 4) {
+    const int64_t count = std::min<int64_t>(4, n - i);
+    const char* ahead = reinterpret_cast<const char*>(w2 + (v0 + i + 16) * rank);
+    if (v0 + i + 20 <= prefetch_end)
+      for (int64_t byte = 0; byte < 4 * rank * 2; byte += 64) __builtin_prefetch(ahead + byte);
+    // Read in place; past the vocabulary the last row is repeated (its sums are dropped).
+    const c10::BFloat16* rows = w2 + (v0 + i) * rank;
+    if (count < 4) {
+      for (int64_t q = 0; q < 4; ++q) {
+        const c10::BFloat16* src = w2 + (v0 + i + std::min(q, count - 1)) * rank;
+        std::copy(src, src + rank, w_buffer + q * rank);
+      }
+      rows = w_buffer;
+    }
+    for (int64_t b = 0; b < B; b += kRowsPerBlock) {
+      const int64_t rows_here = std::min(kRowsPerBlock, B - b);
+      switch (rows_here) {
+        case 4: dot_block_bf16<4>(a + b * rank, rows, rank, out); break;
+        case 3: dot_block_bf16<3>(a + b * rank, rows, rank, out); break;
+        case 2: dot_block_bf16<2>(a + b * rank, rows, rank, out); break;
+        default: dot_block_bf16<1>(a + b * rank, rows, rank, out);
+      }
+      for (int64_t q = 0; q < rows_here; ++q)
+        for (int64_t k = 0; k < count; ++k) bias[(b + q) * kBiasChunk + i + k] = out[q * 4 + k];
+    }
+  }
+}
+#endif
 
 // out[i] = round(U[i] + bias[i]) in the logits dtype, and rounded[i] = float(out[i]), i < n.
 template <typename T>
@@ -218,12 +305,29 @@ void run_markov_draft(const core::MarkovDraftProblem<LogitT, W>& pb) {
   const int64_t B = pb.batch, K = pb.steps, V = pb.vocab_size, r = pb.rank;
   const int64_t num_tiles = core::num_vocab_tiles(V);
   TileStats* tile_stats = pb.unit_stats;  // [B, num_tiles] here (the scratch holds [B, units] >= that)
+  bool bf16_dot = false;  // bf16 weights take vdpbf16ps where this CPU has it
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<W, c10::BFloat16>) bf16_dot = cpu_has_avx512_bf16();
+#endif
+  std::vector<c10::BFloat16> a_bf16(bf16_dot ? B * r : 0);
+  auto compute_bias = [&](int64_t v0, int64_t n, int64_t prefetch_end, float* w_rows, c10::BFloat16* w_rows_bf16,
+                          float* bias) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<W, c10::BFloat16>) {
+      if (bf16_dot) return markov_bias_chunk_bf16(a_bf16.data(), B, pb.markov_w2, r, v0, n, prefetch_end, w_rows_bf16, bias);
+    }
+#endif
+    markov_bias_chunk(pb.prev_embedding, B, pb.markov_w2, r, v0, n, prefetch_end, w_rows, bias);
+  };
 
   for (int64_t k = 0; k < K; ++k) {
     gather_previous_embeddings(pb, k);
+    // Exact: the float32 values were widened from W1's bf16.
+    for (int64_t i = 0; i < static_cast<int64_t>(a_bf16.size()); ++i) a_bf16[i] = c10::BFloat16(pb.prev_embedding[i]);
 
     at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
       std::vector<float> bias(B * kBiasChunk), w_rows(4 * r);
+      std::vector<c10::BFloat16> w_rows_bf16(bf16_dot ? 4 * r : 0);
       float rounded[kBiasChunk];
       std::vector<TileStats> stats(B);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -231,7 +335,7 @@ void run_markov_draft(const core::MarkovDraftProblem<LogitT, W>& pb) {
         for (int64_t b = 0; b < B; ++b) stats[b] = TileStats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
         for (int64_t v0 = lo; v0 < hi; v0 += kBiasChunk) {
           const int64_t n = std::min(hi, v0 + kBiasChunk) - v0;
-          markov_bias_chunk(pb.prev_embedding, B, pb.markov_w2, r, v0, n, hi, w_rows.data(), bias.data());
+          compute_bias(v0, n, hi, w_rows.data(), w_rows_bf16.data(), bias.data());
           for (int64_t b = 0; b < B; ++b) {
             const int64_t row = (b * K + k) * V;
             write_corrected_logits(pb.base_logits + row + v0, bias.data() + b * kBiasChunk, n,

@@ -52,7 +52,7 @@ __device__ __forceinline__ TileStats warp_merge(TileStats s) {
 }
 
 struct MarkovShared {
-  float prev_embedding[kMarkovRowsPerUnit][kRankChunk];
+  alignas(16) float prev_embedding[kMarkovRowsPerUnit][kRankChunk];  // read as float4
   float inverse_temperature[kMarkovRowsPerUnit];
   TileStats warp_stats[kMarkovRowsPerUnit][kMarkovThreads / kWarpSize];
   union {
@@ -222,24 +222,24 @@ __global__ void __launch_bounds__(kMarkovThreads) markov_draft_kernel(core::Mark
   const int64_t units = core::num_markov_units(pb.vocab_size);
   const int64_t row_blocks = (B + kMarkovRowsPerUnit - 1) / kMarkovRowsPerUnit;
 
-  const int64_t first_block_of_rows = blockIdx.x / units, first_unit = blockIdx.x % units;
-  const int64_t row_block_stride = gridDim.x / units, unit_stride = gridDim.x % units;
+  // Task t is (unit t / row_blocks, row block t % row_blocks): the blocks working on one unit
+  // run side by side, so its W2 slice comes from DRAM once per step and from L2 for the other
+  // row blocks. Tasks are stepped without a 64-bit division (a subroutine call on the GPU).
+  const int64_t first_unit = blockIdx.x / row_blocks, first_block_of_rows = blockIdx.x % row_blocks;
+  const int64_t unit_stride = gridDim.x / row_blocks, row_block_stride = gridDim.x % row_blocks;
 
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) gather_row(pb, b, 0, pb.prev_token_ids[b], sh);
   for (int64_t k = 0; k < K; ++k) {
     grid.sync();
-    // Consecutive blocks take consecutive units of one row block, so a W2 slice is reused from
-    // L2 by the other row blocks while it is hot.
-    // Task t is (row block t / units, unit t % units), stepped without a 64-bit division.
-    int64_t block_of_rows = first_block_of_rows, unit = first_unit;
-    while (block_of_rows < row_blocks) {
+    int64_t unit = first_unit, block_of_rows = first_block_of_rows;
+    while (unit < units) {
       const int64_t b0 = block_of_rows * kMarkovRowsPerUnit;
       markov_unit<kVectorLoads>(pb, k, unit, b0, static_cast<int>(B - b0 < kMarkovRowsPerUnit ? B - b0 : kMarkovRowsPerUnit), sh);
       unit += unit_stride;
       block_of_rows += row_block_stride;
-      if (unit >= units) {
-        unit -= units;
-        ++block_of_rows;
+      if (block_of_rows >= row_blocks) {
+        block_of_rows -= row_blocks;
+        ++unit;
       }
     }
     grid.sync();
