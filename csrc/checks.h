@@ -39,4 +39,19 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               reference_name, ", got ", t.device());
 }
 
+// The per-request sampling controls every sampling op takes: temperature [B] float32,
+// seed and offset [B] int64.
+inline void check_sampling_controls(const char* op, const at::Tensor& temperature, const at::Tensor& seed,
+                                    const at::Tensor& offset, int64_t B) {
+  check_dim(op, "temperature", temperature, 1);
+  check_dtype(op, "temperature", temperature, {at::kFloat});
+  check_size(op, "temperature", temperature, 0, B, "B");
+  check_dim(op, "seed", seed, 1);
+  check_dtype(op, "seed", seed, {at::kLong});
+  check_size(op, "seed", seed, 0, B, "B");
+  check_dim(op, "offset", offset, 1);
+  check_dtype(op, "offset", offset, {at::kLong});
+  check_size(op, "offset", offset, 0, B, "B");
+}
+
 }  // namespace dspark

@@ -50,15 +50,7 @@ inline MarkovDraftShape check_markov_draft_arguments(
   check_size(op, "markov_w2", markov_w2, 0, V, "V = base_logits.size(2)");
   check_size(op, "markov_w2", markov_w2, 1, r, "the rank r = markov_w1.size(1)");
 
-  check_dim(op, "temperature", temperature, 1);
-  check_dtype(op, "temperature", temperature, {at::kFloat});
-  check_size(op, "temperature", temperature, 0, B, "B");
-  check_dim(op, "seed", seed, 1);
-  check_dtype(op, "seed", seed, {at::kLong});
-  check_size(op, "seed", seed, 0, B, "B");
-  check_dim(op, "offset", offset, 1);
-  check_dtype(op, "offset", offset, {at::kLong});
-  check_size(op, "offset", offset, 0, B, "B");
+  check_sampling_controls(op, temperature, seed, offset, B);
 
   if (conf_base.has_value()) {
     check_dim(op, "conf_base", *conf_base, 2);

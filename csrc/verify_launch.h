@@ -42,15 +42,7 @@ inline VerifyShape check_verify_arguments(const at::Tensor& target_logits, const
               " rows (D = draft_token_ids.size(0), B = cu_num_draft.size(0) - 1), got shape ", target_logits.sizes());
   TORCH_CHECK(max_num_draft >= 0 && max_num_draft <= core::kMaxRandomPosition - 1, op,
               ": max_num_draft must be in [0, 2^24 - 2], got ", max_num_draft);
-  check_dim(op, "temperature", temperature, 1);
-  check_dtype(op, "temperature", temperature, {at::kFloat});
-  check_size(op, "temperature", temperature, 0, B, "B");
-  check_dim(op, "seed", seed, 1);
-  check_dtype(op, "seed", seed, {at::kLong});
-  check_size(op, "seed", seed, 0, B, "B");
-  check_dim(op, "offset", offset, 1);
-  check_dtype(op, "offset", offset, {at::kLong});
-  check_size(op, "offset", offset, 0, B, "B");
+  check_sampling_controls(op, temperature, seed, offset, B);
   check_same_device(op, "draft_token_ids", draft_token_ids, target_logits, "target_logits");
   check_same_device(op, "cu_num_draft", cu_num_draft, target_logits, "target_logits");
   check_same_device(op, "temperature", temperature, target_logits, "target_logits");

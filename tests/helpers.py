@@ -815,3 +815,11 @@ def sequence_codes(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     for k in range(ids.shape[1]):
         codes = codes * vocab_size + ids[:, k]
     return codes
+
+
+def markov_step(base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset, conf_base, conf_w_prev):
+    """dspark::markov_draft with a little arithmetic around it, as a serving step would do
+    (what the torch.compile tests trace)."""
+    ids, logits, confidence = torch.ops.dspark.markov_draft(
+        base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset + 1, conf_base, conf_w_prev, None)
+    return ids, logits, confidence, (confidence > 0.3).sum(dim=1), ids[:, -1]

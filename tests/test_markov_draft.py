@@ -23,6 +23,7 @@ from helpers import (
     make_markov_inputs,
     markov_op,
     markov_sequence_law,
+    markov_step,
     repeated_markov_inputs,
     run_markov_op,
     run_markov_reference,
@@ -648,13 +649,6 @@ def test_fake_kernel_shapes():
             fake = markov_op(*(None if a is None else mode.from_tensor(a) for a in inputs.args()))
         for r, f in zip(real, fake):
             assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
-
-
-def markov_step(base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset, conf_base, conf_w_prev):
-    """A little arithmetic around the op, as a serving step would do."""
-    ids, logits, confidence = torch.ops.dspark.markov_draft(
-        base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset + 1, conf_base, conf_w_prev, None)
-    return ids, logits, confidence, (confidence > 0.3).sum(dim=1), ids[:, -1]
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -19,6 +19,7 @@ from helpers import (
     make_markov_inputs,
     markov_op,
     markov_sequence_law,
+    markov_step,
     repeated_markov_inputs,
     run_markov_op,
     sequence_codes,
@@ -307,21 +308,15 @@ def test_cuda_graph_capture_and_replay(confidence):
         check_markov_output_format(new, *static_outputs)
 
 
-def _step(base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset, conf_base, conf_w_prev):
-    ids, logits, confidence = torch.ops.dspark.markov_draft(
-        base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset + 1, conf_base, conf_w_prev, None)
-    return ids, logits, confidence, (confidence > 0.3).sum(dim=1), ids[:, -1]
-
-
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
-    compiled = torch.compile(_step, fullgraph=True)
+    compiled = torch.compile(markov_step, fullgraph=True)
     for seed in (22, 23):
         inputs = make_markov_inputs(6, 3, 700, 8, dtype=torch.bfloat16, weight_dtype=torch.float32,
                                     temperature=[1.0, 0.0, 0.8, 1.2, 0.0, 2.0], confidence=True, seed=seed,
                                     device=DEVICE)
         args = inputs.args()[:9]
-        for e, g in zip(_step(*args), compiled(*args)):
+        for e, g in zip(markov_step(*args), compiled(*args)):
             assert e.dtype == g.dtype and e.shape == g.shape and e.device == g.device
             assert torch.equal(e, g)
 
