@@ -4,9 +4,10 @@
 //
 // One step k, for the whole batch at once:
 //   1. gather a_b = W1[x_{k-1,b}] (float32) and write c_k;
-//   2. parallel over vocabulary tiles: W2 rows of the tile are read once for every row
-//      (GEMM-shaped bias, markov_bias.h), each row's l_k = round(U_k + bias) is written, and the tile's
-//      stats are taken from the rounded values while they are in L1;
+//   2. parallel over vocabulary tiles (and groups of rows when tiles are few): W2 rows of the
+//      tile are read once for every row (GEMM-shaped bias, markov_bias.h), each row's
+//      l_k = round(U_k + bias) is written, and the tile's stats are taken from the rounded
+//      values while they are in L1;
 //   3. per row: x_k from the tile stats (argmax, or tile race + token race in one tile).
 #pragma once
 
@@ -123,52 +124,66 @@ void run_markov_draft(const core::MarkovDraftProblem<LogitT, W>& pb) {
   if constexpr (std::is_same_v<W, c10::BFloat16>) bf16_dot = cpu_has_avx512_bf16();
 #endif
   std::vector<c10::BFloat16> a_bf16(bf16_dot ? B * r : 0);
-  auto compute_bias = [&](int64_t v0, int64_t n, int64_t prefetch_end, float* w_rows, c10::BFloat16* w_rows_bf16,
-                          float* bias) {
+  // Bias of rows [b_begin, b_begin + rows) for ids [v0, v0 + n).
+  auto compute_bias = [&](int64_t b_begin, int64_t rows, int64_t v0, int64_t n, int64_t prefetch_end, float* w_rows,
+                          c10::BFloat16* w_rows_bf16, float* bias) {
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<W, c10::BFloat16>) {
       if (bf16_dot)
-        return markov_bias_chunk(a_bf16.data(), B, pb.markov_w2, r, v0, n, prefetch_end, w_rows_bf16, Bf16Dot{}, bias);
+        return markov_bias_chunk(a_bf16.data() + b_begin * r, rows, pb.markov_w2, r, v0, n, prefetch_end, w_rows_bf16,
+                                 Bf16Dot{}, bias);
     }
 #endif
-    markov_bias_chunk(pb.prev_embedding, B, pb.markov_w2, r, v0, n, prefetch_end, w_rows, FloatDot{}, bias);
+    markov_bias_chunk(pb.prev_embedding + b_begin * r, rows, pb.markov_w2, r, v0, n, prefetch_end, w_rows, FloatDot{},
+                      bias);
   };
+  // Tasks are (tile, group of rows). A whole batch per tile reads each W2 row once per step;
+  // rows are split into groups (multiples of the 4-row register block) only when there are
+  // too few tiles to keep every thread busy, and a tile's groups are neighbouring tasks, so
+  // they mostly run on one thread with W2 still in its caches.
+  const int64_t wanted_tasks = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t wanted_groups = std::clamp<int64_t>((wanted_tasks + num_tiles - 1) / num_tiles, 1, (B + 3) / 4);
+  const int64_t rows_per_group = ((B + wanted_groups - 1) / wanted_groups + 3) / 4 * 4;
+  const int64_t row_groups = (B + rows_per_group - 1) / rows_per_group;
 
   for (int64_t k = 0; k < K; ++k) {
     gather_previous_embeddings(pb, k);
     // Exact: the float32 values were widened from W1's bf16.
     for (int64_t i = 0; i < static_cast<int64_t>(a_bf16.size()); ++i) a_bf16[i] = c10::BFloat16(pb.prev_embedding[i]);
 
-    at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-      std::vector<float> bias(B * kBiasChunk), w_rows(4 * r);
+    at::parallel_for(0, num_tiles * row_groups, 1, [&](int64_t task_begin, int64_t task_end) {
+      std::vector<float> bias(rows_per_group * kBiasChunk), w_rows(4 * r);
       std::vector<c10::BFloat16> w_rows_bf16(bf16_dot ? 4 * r : 0);
       float rounded[kBiasChunk];
-      std::vector<TileStats> stats(B);
-      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      std::vector<TileStats> stats(rows_per_group);
+      for (int64_t task = task_begin; task < task_end; ++task) {
+        const int64_t tile = task / row_groups, b_begin = (task % row_groups) * rows_per_group;
+        const int64_t rows = std::min(rows_per_group, B - b_begin);
         const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
-        for (int64_t b = 0; b < B; ++b) stats[b] = TileStats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
+        for (int64_t i = 0; i < rows; ++i) stats[i] = TileStats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
         for (int64_t v0 = lo; v0 < hi; v0 += kBiasChunk) {
           const int64_t n = std::min(hi, v0 + kBiasChunk) - v0;
-          compute_bias(v0, n, hi, w_rows.data(), w_rows_bf16.data(), bias.data());
-          for (int64_t b = 0; b < B; ++b) {
+          compute_bias(b_begin, rows, v0, n, hi, w_rows.data(), w_rows_bf16.data(), bias.data());
+          for (int64_t i = 0; i < rows; ++i) {
+            const int64_t b = b_begin + i;
             const int64_t row = (b * K + k) * V;
-            write_corrected_logits(pb.base_logits + row + v0, bias.data() + b * kBiasChunk, n,
+            write_corrected_logits(pb.base_logits + row + v0, bias.data() + i * kBiasChunk, n,
                                    pb.draft_logits + row + v0, rounded);
             const float temperature = pb.temperature[b];
             if (core::is_greedy(temperature)) {
               const ArgMax best = arg_max_of(rounded, n, v0);
-              const ArgMax merged = core::better(ArgMax{stats[b].argmax_value, stats[b].argmax_index}, best);
-              stats[b].argmax_value = merged.value;
-              stats[b].argmax_index = merged.index;
+              const ArgMax merged = core::better(ArgMax{stats[i].argmax_value, stats[i].argmax_index}, best);
+              stats[i].argmax_value = merged.value;
+              stats[i].argmax_index = merged.index;
             } else {
               const MaxSum chunk = segment_max_sum(rounded, 0, n, core::inverse_temperature(temperature));
-              const MaxSum merged = core::merge(MaxSum{stats[b].max, stats[b].sum}, chunk);
-              stats[b].max = merged.max;
-              stats[b].sum = merged.sum;
+              const MaxSum merged = core::merge(MaxSum{stats[i].max, stats[i].sum}, chunk);
+              stats[i].max = merged.max;
+              stats[i].sum = merged.sum;
             }
           }
         }
-        for (int64_t b = 0; b < B; ++b) tile_stats[b * num_tiles + tile] = stats[b];
+        for (int64_t i = 0; i < rows; ++i) tile_stats[(b_begin + i) * num_tiles + tile] = stats[i];
       }
     });
 
