@@ -205,6 +205,20 @@ def test_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16"])
+def test_separate_launches_match_the_cooperative_kernel(dtype, weight_dtype, monkeypatch):
+    """The 1 + 2K launch path (taken where cooperative launches are unavailable) runs the same
+    device functions: bitwise the same outputs as the one cooperative launch."""
+    inputs = make_markov_inputs(20, 4, 5000, 24, dtype=dtype, weight_dtype=weight_dtype,
+                                temperature=[1.0, 0.0, 0.7, 1.3] * 5, confidence=True, seed=31, device=DEVICE)
+    cooperative = run_markov_op(inputs)
+    monkeypatch.setenv("DSPARK_MARKOV_SEPARATE_LAUNCHES", "1")
+    separate = run_markov_op(inputs)
+    for a, b in zip(cooperative, separate):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("rank", [5, 16, 37])
 def test_batch_invariance(rank):
     """Alone, inside the batch and inside a reordered batch with repeats: bitwise the same."""

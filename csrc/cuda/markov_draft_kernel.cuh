@@ -1,6 +1,7 @@
 // CUDA kernel of dspark::markov_draft: framework-free (raw pointers and a cudaStream_t).
 // One cooperative launch runs all K steps; the step-to-step dependency (x_k over the whole
-// vocabulary) is a grid-wide barrier, never a host round trip. Per step:
+// vocabulary) is a grid-wide barrier, never a host round trip. Where a cooperative launch is
+// unavailable the same phases run as 1 + 2K ordinary launches on the stream. Per step:
 //   A. units: one block per (256 ids, 8 rows): each thread owns one id, reads its W2 row
 //      once for the 8 rows (a GEMM-shaped bias; W2 is read from DRAM once per step and the
 //      other row blocks hit L2), writes l_k = round(U_k + bias) and its unit's stats;
@@ -15,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../core/markov.h"
 #include "../core/race.h"
@@ -86,10 +88,16 @@ __device__ __noinline__ void markov_unit(const core::MarkovDraftProblem<T, W>& p
     __syncthreads();
     if (in_vocab) {
       int j = 0;
-      // Rows that are not 16-byte aligned take the one-weight-at-a-time loop below only.
-      for (; kVectorLoads && j + kIdsPerThread <= chunk; j += kIdsPerThread) {
+      // 8 weights at a time, with 16-byte loads when W2's rows allow them; both load paths
+      // sum in the same order, so the bias does not depend on W2's alignment.
+      for (; j + kIdsPerThread <= chunk; j += kIdsPerThread) {
         float w[kIdsPerThread];
-        load_aligned_chunk(w_row + r0 + j, w);
+        if constexpr (kVectorLoads) {
+          load_aligned_chunk(w_row + r0 + j, w);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kIdsPerThread; ++e) w[e] = to_float(w_row[r0 + j + e]);
+        }
 #pragma unroll
         for (int i = 0; i < kMarkovRowsPerUnit; ++i) {
           const float4 a0 = *reinterpret_cast<const float4*>(&sh.prev_embedding[i][j]);
@@ -160,7 +168,7 @@ __device__ __noinline__ void gather_row(const core::MarkovDraftProblem<T, W>& pb
 }
 
 // Step B, first half: x_k of row b from its unit stats.
-template <bool kVectorLoads, typename T, typename W>
+template <typename T, typename W>
 __device__ __noinline__ int64_t select_token(const core::MarkovDraftProblem<T, W>& pb, int64_t b, int64_t k, MarkovShared& sh) {
   const int64_t V = pb.vocab_size;
   const int64_t units = core::num_markov_units(V), tiles = core::num_vocab_tiles(V);
@@ -197,7 +205,7 @@ __device__ __noinline__ int64_t select_token(const core::MarkovDraftProblem<T, W
   const float inv_t = core::inverse_temperature(temperature);
   const int64_t first = lo + static_cast<int64_t>(threadIdx.x) * kIdsPerThread;
   float log_weights[kIdsPerThread];
-  load_chunk<kVectorLoads>(pb.draft_logits + (b * pb.steps + k) * V, first, V, log_weights);
+  load_chunk<false>(pb.draft_logits + (b * pb.steps + k) * V, first, V, log_weights);  // one tile per row and step
   const core::Philox4x32 randoms[kIdsPerThread / 4] = {
       core::token_race_block(seed, offset, position, first / 4, core::kMarkovTokenPurpose),
       core::token_race_block(seed, offset, position, first / 4 + 1, core::kMarkovTokenPurpose)};
@@ -213,69 +221,117 @@ __device__ __noinline__ int64_t select_token(const core::MarkovDraftProblem<T, W
   return block_best(best, sh.temp.arg_max, sh.best).index;
 }
 
-// kVectorLoads: 16-byte loads of W2 rows and of l_k rows (decided on the host).
+// The three phases over the whole grid (grid-stride loops; every block of the grid calls them).
+
+template <typename T, typename W>
+__device__ __forceinline__ void gather_anchors(const core::MarkovDraftProblem<T, W>& pb, MarkovShared& sh) {
+  for (int64_t b = blockIdx.x; b < pb.batch; b += gridDim.x) gather_row(pb, b, 0, pb.prev_token_ids[b], sh);
+}
+
+// Task t is (unit t / row_blocks, row block t % row_blocks): the blocks working on one unit run
+// side by side, so its W2 slice comes from DRAM once per step and from L2 for the other row
+// blocks. Tasks are stepped without a 64-bit division in the loop (a subroutine call here).
 template <bool kVectorLoads, typename T, typename W>
-__global__ void __launch_bounds__(kMarkovThreads) markov_draft_kernel(core::MarkovDraftProblem<T, W> pb) {
-  __shared__ MarkovShared sh;
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  const int64_t B = pb.batch, K = pb.steps;
+__device__ __forceinline__ void run_units(const core::MarkovDraftProblem<T, W>& pb, int64_t k, MarkovShared& sh) {
+  const int64_t B = pb.batch;
   const int64_t units = core::num_markov_units(pb.vocab_size);
   const int64_t row_blocks = (B + kMarkovRowsPerUnit - 1) / kMarkovRowsPerUnit;
-
-  // Task t is (unit t / row_blocks, row block t % row_blocks): the blocks working on one unit
-  // run side by side, so its W2 slice comes from DRAM once per step and from L2 for the other
-  // row blocks. Tasks are stepped without a 64-bit division (a subroutine call on the GPU).
-  const int64_t first_unit = blockIdx.x / row_blocks, first_block_of_rows = blockIdx.x % row_blocks;
   const int64_t unit_stride = gridDim.x / row_blocks, row_block_stride = gridDim.x % row_blocks;
-
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) gather_row(pb, b, 0, pb.prev_token_ids[b], sh);
-  for (int64_t k = 0; k < K; ++k) {
-    grid.sync();
-    int64_t unit = first_unit, block_of_rows = first_block_of_rows;
-    while (unit < units) {
-      const int64_t b0 = block_of_rows * kMarkovRowsPerUnit;
-      markov_unit<kVectorLoads>(pb, k, unit, b0, static_cast<int>(B - b0 < kMarkovRowsPerUnit ? B - b0 : kMarkovRowsPerUnit), sh);
-      unit += unit_stride;
-      block_of_rows += row_block_stride;
-      if (block_of_rows >= row_blocks) {
-        block_of_rows -= row_blocks;
-        ++unit;
-      }
-    }
-    grid.sync();
-    for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-      const int64_t token = select_token<kVectorLoads>(pb, b, k, sh);
-      if (threadIdx.x == 0) pb.draft_token_ids[b * K + k] = token;
-      if (k + 1 < K) gather_row(pb, b, k + 1, token, sh);
+  int64_t unit = blockIdx.x / row_blocks, block_of_rows = blockIdx.x % row_blocks;
+  while (unit < units) {
+    const int64_t b0 = block_of_rows * kMarkovRowsPerUnit;
+    markov_unit<kVectorLoads>(pb, k, unit, b0, static_cast<int>(B - b0 < kMarkovRowsPerUnit ? B - b0 : kMarkovRowsPerUnit), sh);
+    unit += unit_stride;
+    block_of_rows += row_block_stride;
+    if (block_of_rows >= row_blocks) {
+      block_of_rows -= row_blocks;
+      ++unit;
     }
   }
 }
 
-// Whether W2 rows and l_k rows allow the 16-byte paths: aligned bases, and rows whose
-// length keeps every 8-element chunk aligned.
+template <typename T, typename W>
+__device__ __forceinline__ void select_rows(const core::MarkovDraftProblem<T, W>& pb, int64_t k, MarkovShared& sh) {
+  for (int64_t b = blockIdx.x; b < pb.batch; b += gridDim.x) {
+    const int64_t token = select_token(pb, b, k, sh);
+    if (threadIdx.x == 0) pb.draft_token_ids[b * pb.steps + k] = token;
+    if (k + 1 < pb.steps) gather_row(pb, b, k + 1, token, sh);
+  }
+}
+
+// All K steps in one cooperative launch. kVectorLoads: 16-byte loads of W2 rows (decided on
+// the host).
+template <bool kVectorLoads, typename T, typename W>
+__global__ void __launch_bounds__(kMarkovThreads) markov_draft_kernel(core::MarkovDraftProblem<T, W> pb) {
+  __shared__ MarkovShared sh;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  gather_anchors(pb, sh);
+  for (int64_t k = 0; k < pb.steps; ++k) {
+    grid.sync();
+    run_units<kVectorLoads>(pb, k, sh);
+    grid.sync();
+    select_rows(pb, k, sh);
+  }
+}
+
+// The same phases as separate launches (1 + 2K on the stream), where a cooperative launch is
+// not available (no cooperative-launch support, or a context too small for one block per SM).
+// One block per row (the launcher's grid covers the batch).
+template <typename T, typename W>
+__global__ void __launch_bounds__(kMarkovThreads) markov_gather_kernel(core::MarkovDraftProblem<T, W> pb) {
+  __shared__ MarkovShared sh;
+  const int64_t b = blockIdx.x;
+  if (b < pb.batch) gather_row(pb, b, 0, pb.prev_token_ids[b], sh);
+}
+
+template <bool kVectorLoads, typename T, typename W>
+__global__ void __launch_bounds__(kMarkovThreads) markov_units_kernel(core::MarkovDraftProblem<T, W> pb, int64_t k) {
+  __shared__ MarkovShared sh;
+  run_units<kVectorLoads>(pb, k, sh);
+}
+
+template <typename T, typename W>
+__global__ void __launch_bounds__(kMarkovThreads) markov_select_kernel(core::MarkovDraftProblem<T, W> pb, int64_t k) {
+  __shared__ MarkovShared sh;
+  select_rows(pb, k, sh);
+}
+
+// Whether W2's rows allow 16-byte loads: an aligned base and rows whose length keeps every
+// 8-element chunk aligned.
 template <typename T, typename W>
 bool markov_allows_vector_loads(const core::MarkovDraftProblem<T, W>& pb) {
-  return reinterpret_cast<uintptr_t>(pb.markov_w2) % 16 == 0 && (pb.rank * sizeof(W)) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(pb.draft_logits) % 16 == 0 && (pb.vocab_size * sizeof(T)) % 16 == 0;
+  return reinterpret_cast<uintptr_t>(pb.markov_w2) % 16 == 0 && (pb.rank * sizeof(W)) % 16 == 0;
 }
 
 template <bool kVectorLoads, typename T, typename W>
 cudaError_t launch_markov_draft_kernel(const core::MarkovDraftProblem<T, W>& pb, cudaStream_t stream) {
   auto* kernel = markov_draft_kernel<kVectorLoads, T, W>;
-  int device = 0, sm_count = 0, blocks_per_sm = 0;
+  int device = 0, sm_count = 0, cooperative = 0, blocks_per_sm = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device);
   if (status == cudaSuccess) status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kMarkovThreads, 0);
   if (status != cudaSuccess) return status;
-  // A cooperative grid must be co-resident; more blocks than work items would only wait.
   const int64_t units = core::num_markov_units(pb.vocab_size);
-  const int64_t work = std::max<int64_t>(pb.batch, units * ((pb.batch + kMarkovRowsPerUnit - 1) / kMarkovRowsPerUnit));
-  const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) * sm_count;
-  const unsigned int blocks = static_cast<unsigned int>(std::clamp<int64_t>(std::min(work, resident), 1, INT32_MAX));
+  const int64_t unit_tasks = units * ((pb.batch + kMarkovRowsPerUnit - 1) / kMarkovRowsPerUnit);
+  auto blocks_for = [](int64_t work) { return static_cast<unsigned int>(std::clamp<int64_t>(work, 1, INT32_MAX)); };
+  // DSPARK_MARKOV_SEPARATE_LAUNCHES=1 takes the separate launches anyway (tests compare them).
+  if (cooperative == 0 || blocks_per_sm == 0 || std::getenv("DSPARK_MARKOV_SEPARATE_LAUNCHES") != nullptr) {
+    if (pb.batch > INT32_MAX) return cudaErrorInvalidValue;  // one block per row below
+    markov_gather_kernel<<<blocks_for(pb.batch), kMarkovThreads, 0, stream>>>(pb);
+    for (int64_t k = 0; k < pb.steps; ++k) {
+      markov_units_kernel<kVectorLoads><<<blocks_for(unit_tasks), kMarkovThreads, 0, stream>>>(pb, k);
+      markov_select_kernel<<<blocks_for(pb.batch), kMarkovThreads, 0, stream>>>(pb, k);
+    }
+    return cudaGetLastError();
+  }
+  // A cooperative grid must be co-resident; more blocks than work items would only wait.
+  const int64_t resident = static_cast<int64_t>(blocks_per_sm) * sm_count;
   core::MarkovDraftProblem<T, W> args = pb;
   void* kernel_args[] = {&args};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(blocks), dim3(kMarkovThreads),
-                                     kernel_args, 0, stream);
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel),
+                                     dim3(blocks_for(std::min(std::max(pb.batch, unit_tasks), resident))),
+                                     dim3(kMarkovThreads), kernel_args, 0, stream);
 }
 
 // Enqueues all K steps on `stream` as one cooperative launch: no host synchronisation, no
