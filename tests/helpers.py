@@ -823,3 +823,21 @@ def markov_step(base_logits, prev_token_ids, markov_w1, markov_w2, temperature, 
     ids, logits, confidence = torch.ops.dspark.markov_draft(
         base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset + 1, conf_base, conf_w_prev, None)
     return ids, logits, confidence, (confidence > 0.3).sum(dim=1), ids[:, -1]
+
+
+def non_finite_markov_inputs(dtype: torch.dtype) -> "MarkovInputs":
+    """B = 10 mixed-temperature requests (exact weights, confidence) whose base logits hold
+    random NaN / -inf / +inf entries and whole non-finite rows: the NaN/inf safety case."""
+    temps = [0.0, 1.0, 0.0, 0.7, 1.0, 0.0, 2.0, 0.0, 1.0, 0.5]
+    inputs = make_markov_inputs(10, 3, 2100, 8, dtype=dtype, temperature=temps, confidence=True,
+                                exact_weights=True, seed=16)
+    g = torch.Generator().manual_seed(17)
+    base = inputs.base_logits.clone()
+    u = torch.rand(base.shape, generator=g)
+    base[u < 0.1] = float("nan")
+    base[(u >= 0.1) & (u < 0.12)] = float("-inf")
+    base[(u >= 0.12) & (u < 0.1203)] = float("inf")
+    base[3, 1] = float("nan")  # whole rows
+    base[7, 0] = float("-inf")
+    base[9, 2, :1000] = float("nan")
+    return with_replaced(inputs, base_logits=base)

@@ -24,6 +24,7 @@ from helpers import (
     markov_op,
     markov_sequence_law,
     markov_step,
+    non_finite_markov_inputs,
     repeated_markov_inputs,
     run_markov_op,
     run_markov_reference,
@@ -465,19 +466,7 @@ def test_sampled_never_drafts_zero_probability_tokens():
 def test_nan_inf_sprinkled_batch_is_safe(dtype):
     """Random NaN / +inf / -inf entries in U and whole non-finite rows: no crash, valid ids,
     logits and greedy tokens as the reference's."""
-    temps = [0.0, 1.0, 0.0, 0.7, 1.0, 0.0, 2.0, 0.0, 1.0, 0.5]
-    inputs = make_markov_inputs(10, 3, 2100, 8, dtype=dtype, temperature=temps, confidence=True,
-                                exact_weights=True, seed=16)
-    g = torch.Generator().manual_seed(17)
-    base = inputs.base_logits.clone()
-    u = torch.rand(base.shape, generator=g)
-    base[u < 0.1] = NAN
-    base[(u >= 0.1) & (u < 0.12)] = -INF
-    base[(u >= 0.12) & (u < 0.1203)] = INF
-    base[3, 1] = NAN  # whole rows
-    base[7, 0] = -INF
-    base[9, 2, :1000] = NAN
-    noisy = with_replaced(inputs, base_logits=base)
+    noisy = non_finite_markov_inputs(dtype)
     for _ in range(2):
         assert_markov_matches_reference(noisy, exact=True)
 

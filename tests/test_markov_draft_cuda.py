@@ -20,6 +20,7 @@ from helpers import (
     markov_op,
     markov_sequence_law,
     markov_step,
+    non_finite_markov_inputs,
     repeated_markov_inputs,
     run_markov_op,
     sequence_codes,
@@ -268,19 +269,7 @@ def test_greedy_nan_inf_rules():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_nan_inf_sprinkled_batch_is_safe(dtype):
-    temps = [0.0, 1.0, 0.0, 0.7, 1.0, 0.0, 2.0, 0.0, 1.0, 0.5]
-    inputs = make_markov_inputs(10, 3, 2100, 8, dtype=dtype, temperature=temps, confidence=True,
-                                exact_weights=True, seed=16)
-    g = torch.Generator().manual_seed(17)
-    base = inputs.base_logits.clone()
-    u = torch.rand(base.shape, generator=g)
-    base[u < 0.1] = NAN
-    base[(u >= 0.1) & (u < 0.12)] = -INF
-    base[(u >= 0.12) & (u < 0.1203)] = INF
-    base[3, 1] = NAN
-    base[7, 0] = -INF
-    base[9, 2, :1000] = NAN
-    noisy = with_replaced(inputs, base_logits=base).to(DEVICE)
+    noisy = non_finite_markov_inputs(dtype).to(DEVICE)
     assert_markov_matches_reference(noisy, exact=True)
 
 
