@@ -62,7 +62,7 @@ PY
 import torch, dspark_ext
 info = dspark_ext.build_info()
 assert info["with_cuda"] and info["cuda_archs"] == "8.0;9.0", info
-for op in ("dspark::verify", "dspark::markov_draft"):
+for op in ("dspark::verify", "dspark::markov_draft", "dspark::schedule"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"no CUDA kernel registered for {op}"
 logits = torch.randn(3, 50)
 out, accepted = torch.ops.dspark.verify(logits, logits[:1].argmax(-1), None, torch.tensor([0, 1, 1], dtype=torch.int32),
@@ -72,6 +72,9 @@ w = torch.zeros(50, 4)
 ids, _, _ = torch.ops.dspark.markov_draft(logits[None, :2], torch.tensor([7]), w, w, torch.zeros(1),
                                           torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), None, None, None)
 assert ids.tolist() == [[logits[0].argmax().item(), logits[1].argmax().item()]], ids
+sps = torch.tensor([0.0, 1.0, 0.5, 0.45])
+assert torch.ops.dspark.schedule(torch.tensor([[0.8, 0.9]]), sps, None).tolist() == [0]
+assert torch.ops.dspark.schedule(torch.tensor([[0.9, 0.9]]), torch.tensor([0.0, 1.0, 0.9, 0.85]), None).tolist() == [2]
 print(f"cuda-check: the CUDA build loads with torch {torch.__version__}, registers CUDA kernels, CPU path correct")
 PY
 )

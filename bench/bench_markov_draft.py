@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     fmt_ratio,
     language_model_like_logits,
     machine_lines,
+    op_availability,
     short_error,
 )
 
@@ -653,18 +654,6 @@ def gemm_peaks(dtypes, device: str) -> Dict[torch.dtype, float]:
     return {dtype: max(measured[dtype], measured[torch.float32]) for dtype in dtypes}
 
 
-def op_availability(args) -> Tuple[Optional[str], str]:
-    """(why the op is skipped or None, build description)."""
-    try:
-        import dspark_ext  # noqa: F401  (registers torch.ops.dspark.*)
-    except Exception as error:
-        return f"skipped: dspark_ext does not import ({short_error(error)})", "n/a"
-    build = f"{dspark_ext.build_info()}" if hasattr(dspark_ext, "build_info") else "n/a"
-    if not args.op:
-        return "skipped: --no-op", build
-    if not hasattr(torch.ops.dspark, "markov_draft"):
-        return "skipped: torch.ops.dspark.markov_draft is not in this build", build
-    return None, build
 
 
 def main(argv=None) -> int:
@@ -677,7 +666,7 @@ def main(argv=None) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
 
-    op_reason, build = op_availability(args)
+    op_reason, build = op_availability("markov_draft", args.op)
     header = ["dspark::markov_draft benchmark", *machine_lines(args.device), f"dspark_ext build: {build}"]
     if op_reason:
         header.append(f"op: {op_reason}")

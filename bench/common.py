@@ -230,3 +230,21 @@ def short_error(error: BaseException, limit: int = 60) -> str:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = f"{type(error).__name__}: {message}" if message else type(error).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def op_availability(op_name: str, enabled: bool = True) -> "tuple[Optional[str], str]":
+    """(why ``torch.ops.dspark.<op_name>`` is skipped, or None; the build description)."""
+    try:
+        import dspark_ext  # noqa: F401  (registers torch.ops.dspark.*)
+    except Exception as error:
+        return f"skipped: dspark_ext does not import ({short_error(error)})", "n/a"
+    try:
+        build = f"{dspark_ext.build_info()}"
+    except Exception as error:
+        build = f"n/a ({short_error(error)})"
+    if not enabled:
+        return "skipped: --no-op", build
+    if not hasattr(torch.ops.dspark, op_name):
+        return f"skipped: torch.ops.dspark.{op_name} is not in this build", build
+    return None, build
+

@@ -5,7 +5,8 @@
 #   3. pytest -q tests                  (the CUDA tests run here)
 #   4. python3 bench/bench_verify.py --device cuda   (full grid; eager reference only for small sizes)
 #   5. python3 bench/bench_markov_draft.py --device cuda   (eager loop + floor, no compile)
-#   6. a compiled-reference subset of the verify bench, if time is left
+#   6. python3 bench/bench_schedule.py --device cuda --quick   (op vs schedule_eager, both CUDA paths)
+#   7. a compiled-reference subset of the verify bench, if time is left
 #
 # Logs go to ${OUT:-/tmp/dspark_gpu_check}/<step>.log. Every step runs under `timeout`, the
 # whole script stays under 8 minutes (a global deadline shrinks later steps' timeouts), a
@@ -115,12 +116,21 @@ run_step bench "$BENCH_LIMIT" tee "$PYTHON" bench/bench_verify.py --device cuda 
 
 # ------------------------------------------------------------------ 5. markov_draft bench
 # The full grid against the eager loop and the memory floor; no torch.compile (cold compiles).
-MARKOV_LIMIT=$(limit 90 30)
+MARKOV_LIMIT=$(limit 90 50)
 run_step bench_markov "$MARKOV_LIMIT" tee "$PYTHON" bench/bench_markov_draft.py --device cuda --no-compile \
   --op-budget 0.3 --ref-budget 0.3 --min-time 0.05 --repeats 10 --eager-repeats 2 \
   --time-limit $((MARKOV_LIMIT > 40 ? MARKOV_LIMIT - 20 : MARKOV_LIMIT / 2)) --markdown "$OUT/bench_markov_draft.md"
 
-# ------------------------------------------------------------------ 6. compiled reference, subset
+# ------------------------------------------------------------------ 6. schedule bench
+# R in {1, 64, 512, 4096}, K = 8, light and heavy load: R*K = 4096 is the single-block kernel's
+# largest size, 32768 takes the device-wide sort + scan. Every config first checks the op's
+# output against schedule_eager (torch.equal); no torch.compile. Takes ~10-20 s.
+SCHEDULE_LIMIT=$(limit 45 25)
+run_step bench_schedule "$SCHEDULE_LIMIT" tee "$PYTHON" bench/bench_schedule.py --device cuda --quick --no-compile \
+  --op-budget 0.5 --min-time 0.05 --repeats 20 \
+  --time-limit $((SCHEDULE_LIMIT > 30 ? SCHEDULE_LIMIT - 15 : SCHEDULE_LIMIT / 2)) --markdown "$OUT/bench_schedule.md"
+
+# ------------------------------------------------------------------ 7. compiled reference, subset
 if [[ $(step_status import) == PASS ]]; then
   run_step bench_compiled "$(limit 60 5)" tee "$PYTHON" bench/bench_verify.py --device cuda --compile \
     --compile-dynamic --no-eager --vocab 151936 --batch 64 --k 4 --dtypes bf16 \

@@ -12,4 +12,5 @@ TORCH_LIBRARY(dspark, m) {
       "markov_draft(Tensor base_logits, Tensor prev_token_ids, Tensor markov_w1, Tensor markov_w2, "
       "Tensor temperature, Tensor seed, Tensor offset, "
       "Tensor? conf_base, Tensor? conf_w_prev, Tensor? conf_temperature) -> (Tensor, Tensor, Tensor)");
+  m.def("schedule(Tensor confidence, Tensor sps, Tensor? max_len) -> Tensor");
 }

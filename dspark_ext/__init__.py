@@ -9,10 +9,26 @@ from dspark_ext import _loader
 _loader.load_compiled_library()
 
 from dspark_ext import ops  # noqa: E402  (registers the fake kernels)
-from dspark_ext.ops import markov_draft, verify  # noqa: E402
+from dspark_ext.ops import markov_draft, schedule, verify  # noqa: E402
 from dspark_ext.heads import ConfidenceHead, MarkovHead  # noqa: E402
+from dspark_ext.scheduling import schedule_async  # noqa: E402
+from dspark_ext.calibration import calibrate_sts, load_sps, profile_sps, reliability_diagram, save_sps  # noqa: E402
 
-__all__ = ["verify", "markov_draft", "MarkovHead", "ConfidenceHead", "ops", "build_info"]
+__all__ = [
+    "verify",
+    "markov_draft",
+    "schedule",
+    "schedule_async",
+    "MarkovHead",
+    "ConfidenceHead",
+    "profile_sps",
+    "save_sps",
+    "load_sps",
+    "calibrate_sts",
+    "reliability_diagram",
+    "ops",
+    "build_info",
+]
 
 
 def build_info() -> dict:

@@ -84,3 +84,22 @@ def markov_draft(
         base_logits, prev_token_ids, markov_w1, markov_w2, temperature, seed, offset,
         conf_base, conf_w_prev, conf_temperature,
     )
+
+
+@torch.library.register_fake("dspark::schedule")
+def _schedule_fake(confidence, sps, max_len):
+    return confidence.new_empty((confidence.shape[0],), dtype=torch.int32)
+
+
+def schedule(confidence: torch.Tensor, sps: torch.Tensor, max_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DSpark Algorithm 1: how many drafts each request verifies this round.
+
+    ``confidence`` [R, K] float32 holds the conditional acceptance c_{r,k}; ``sps`` [N + 1]
+    float32 the profiled steps per second of one target forward over n tokens at index n
+    (index 0 unused; batches above N tokens are inadmissible; N >= R); ``max_len`` [R] int32
+    optionally caps each request. Candidates (r, j) with survival a_{r,j} = prod_{i<=j} c_{r,i} > 0
+    are admitted in descending a (ties: lower request, then lower position) while
+    Theta = tau * SPS(B) strictly improves, stopping at the first that does not (the early stop
+    keeps it lossless). Returns ``num_draft`` [R] int32. See README.md for the full contract.
+    """
+    return torch.ops.dspark.schedule(confidence, sps, max_len)

@@ -1,5 +1,5 @@
-"""Plain-PyTorch references of ``dspark::verify`` and ``dspark::markov_draft`` (slow,
-readable; for tests only).
+"""Plain-PyTorch references of ``dspark::verify``, ``dspark::markov_draft`` and
+``dspark::schedule`` (slow, readable; for tests only).
 
 Each follows its op contract (README / dspark_ext.ops) step by step: verify one request and
 one draft position at a time in float64, Markov drafting one draft position at a time in
@@ -297,3 +297,96 @@ def markov_draft_reference(
             confidence[:, k] = torch.sigmoid(z)
         prev = chosen
     return token_ids, logits, confidence
+
+
+#: Fixed-point resolution of the expected accepted tokens tau in ``dspark::schedule``.
+TAU_SCALE = 2**40
+
+
+def _survival_and_caps(confidence: torch.Tensor, max_len: Optional[torch.Tensor]) -> Tuple[torch.Tensor, List[int]]:
+    """Survival ``a[r, j] = prod_{i<=j} c[r, i]`` rounded to float32 after every product (the
+    kernels' order), over confidences read like the CUDA kernel does (NaN -> 0, clamped to [0, 1]),
+    and each request's cap ``clamp(max_len, 0, K)``."""
+    c = torch.nan_to_num(confidence.detach().cpu().float(), nan=0.0).clamp(0.0, 1.0)
+    num_requests, num_draft = c.shape
+    survival = c.clone()
+    for j in range(1, num_draft):
+        survival[:, j] = survival[:, j - 1] * c[:, j]
+    if max_len is None:
+        caps = [num_draft] * num_requests
+    else:
+        caps = [min(max(int(m), 0), num_draft) for m in max_len.detach().cpu().tolist()]
+    return survival, caps
+
+
+def _throughput(tau_fixed: int, sps_value: float) -> float:
+    """Theta = tau * SPS(B) in float64, tau in 2^-40 units (the kernels' exact arithmetic)."""
+    return float(tau_fixed) * 2.0**-40 * sps_value
+
+
+def _greedy_admission_path(confidence, sps, max_len):
+    """DSpark Algorithm 1's candidates in admission order and Theta after admitting each:
+    ``(candidates [(r, j)], thetas [float], theta_0)``; the path ends at the largest admissible
+    batch (N tokens)."""
+    survival, caps = _survival_and_caps(confidence, max_len)
+    num_requests = survival.shape[0]
+    steps_per_second = sps.detach().cpu().double().tolist()
+    max_batch = len(steps_per_second) - 1
+    if num_requests > max_batch:
+        raise ValueError(f"sps covers batches up to {max_batch} tokens, fewer than R = {num_requests}")
+    # Candidate space E = {(r, j) : a[r, j] > 0}, descending a, ties: lower request, lower position.
+    candidates = sorted(
+        (-float(survival[r, j]), r, j) for r in range(num_requests) for j in range(caps[r]) if survival[r, j] > 0
+    )
+    tau = num_requests * TAU_SCALE
+    theta_0 = _throughput(tau, steps_per_second[num_requests]) if num_requests else 0.0
+    path, thetas = [], []
+    for position, (negative_survival, r, j) in enumerate(candidates):
+        batch = num_requests + position + 1
+        if batch > max_batch:
+            break
+        tau += int(-negative_survival * TAU_SCALE)  # truncation, like the kernels
+        path.append((r, j))
+        thetas.append(_throughput(tau, steps_per_second[batch]))
+    return path, thetas, theta_0
+
+
+def schedule_reference(
+    confidence: torch.Tensor, sps: torch.Tensor, max_len: Optional[torch.Tensor] = None, *, early_stop: bool = True
+) -> torch.Tensor:
+    """DSpark Algorithm 1, line by line: ``num_draft`` [R] int32 like ``torch.ops.dspark.schedule``.
+
+    Admits candidates in descending survival while Theta = tau * SPS(B) strictly improves and
+    stops at the first one that does not. ``early_stop=False`` is the *broken* global search of
+    DSpark appendix A (keep scanning, return the best Theta seen), which leaks the drafted
+    tokens into their own admission; it exists so the losslessness test can show it fails."""
+    num_requests = confidence.shape[0]
+    path, thetas, best = _greedy_admission_path(confidence, sps, max_len)
+    lengths = [0] * num_requests
+    best_lengths = list(lengths)
+    for (r, j), theta in zip(path, thetas):
+        lengths[r] = j + 1
+        if theta > best:
+            best, best_lengths = theta, list(lengths)
+        elif early_stop:
+            break
+    return torch.tensor(best_lengths, dtype=torch.int32)
+
+
+def schedule_async_reference(
+    confidence: torch.Tensor,
+    lagged_confidence: torch.Tensor,
+    sps: torch.Tensor,
+    max_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The asynchronous scheduler of DSpark Sec. 5.2, plainly: the token budget n is the number
+    of drafts that the global search (no early stop) admits on ``lagged_confidence`` (scores from
+    an earlier step, independent of the current drafts); the current candidates are then admitted
+    in descending current survival up to n drafts (and at most N - R)."""
+    budget = int(schedule_reference(lagged_confidence, sps, early_stop=False).sum())
+    num_requests = confidence.shape[0]
+    path, _, _ = _greedy_admission_path(confidence, sps, max_len)
+    lengths = [0] * num_requests
+    for r, j in path[:budget]:
+        lengths[r] = j + 1
+    return torch.tensor(lengths, dtype=torch.int32)

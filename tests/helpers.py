@@ -841,3 +841,364 @@ def non_finite_markov_inputs(dtype: torch.dtype) -> "MarkovInputs":
     base[7, 0] = float("-inf")
     base[9, 2, :1000] = float("nan")
     return with_replaced(inputs, base_logits=base)
+
+
+# --------------------------------------------------------------------------- dspark::schedule
+# Inputs, the brute-force optimum and the end-to-end engine of the losslessness tests for
+# tests/test_schedule.py, tests/test_schedule_lossless.py and, with device="cuda",
+# tests/test_schedule_cuda.py.
+
+schedule_op = torch.ops.dspark.schedule.default
+
+
+@dataclass
+class ScheduleInputs:
+    """The three arguments of dspark::schedule, in schema order."""
+
+    confidence: torch.Tensor  # [R, K] float32
+    sps: torch.Tensor  # [N + 1] float32
+    max_len: Optional[torch.Tensor] = None  # [R] int32
+
+    def args(self) -> tuple:
+        return (self.confidence, self.sps, self.max_len)
+
+    @property
+    def num_requests(self) -> int:
+        return self.confidence.shape[0]
+
+    @property
+    def num_draft(self) -> int:
+        return self.confidence.shape[1]
+
+    @property
+    def max_batch(self) -> int:
+        return self.sps.shape[0] - 1
+
+    def to(self, device) -> "ScheduleInputs":
+        return ScheduleInputs(*(None if a is None else a.to(device) for a in self.args()))
+
+    def strided(self) -> "ScheduleInputs":
+        """The same values read through non-contiguous views: confidence as the transpose of
+        a [K, R] buffer, sps as every other entry of a buffer twice as long (the others NaN),
+        max_len as every other entry of an int32 buffer (the others -7)."""
+        device = self.confidence.device
+        confidence = self.confidence.t().contiguous().t()
+        sps_buffer = torch.full((2 * self.sps.shape[0],), float("nan"), device=device)
+        sps_buffer[::2] = self.sps
+        max_len = None
+        if self.max_len is not None:
+            max_len_buffer = torch.full((2 * self.max_len.shape[0],), -7, dtype=torch.int32, device=device)
+            max_len_buffer[::2] = self.max_len
+            max_len = max_len_buffer[::2]
+        return ScheduleInputs(confidence, sps_buffer[::2], max_len)
+
+
+def random_sps(num_requests: int, max_batch: int, g: torch.Generator, *, jagged: bool = True,
+               quadratic: Optional[bool] = None) -> torch.Tensor:
+    """[N + 1] float32 steps-per-second curve 1 / t(n) with t(n) = t0 + t1 n (+ t2 n^2), scaled so
+    that admission thresholds (a > tau (SPS(B) / SPS(B + 1) - 1)) fall inside [0, 1] for R
+    requests. ``jagged`` multiplies in cliffs (a drop from some n on), flat stretches and local
+    bumps (the curve is then neither monotone nor smooth). Entries below R are never read by
+    the scheduler; they hold 0 here."""
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=g))
+
+    R, N = num_requests, max_batch
+    n = torch.arange(N + 1, dtype=torch.float64)
+    t0 = uniform(0.5, 2.0)
+    t1 = t0 * uniform(0.02, 1.5) / max(R, 1)
+    if quadratic is None:
+        quadratic = uniform(0, 1) < 0.3
+    t2 = t1 * uniform(0.0, 0.5) / max(R, 1) if quadratic else 0.0
+    sps = 1.0 / (t0 + t1 * n + t2 * n * n)
+    if jagged and N > R:
+        def position() -> int:
+            return int(torch.randint(R, N + 1, (), generator=g))
+
+        for _ in range(int(torch.randint(0, 3, (), generator=g))):  # cliffs
+            sps[position():] *= uniform(0.3, 0.95)
+        for _ in range(int(torch.randint(0, 3, (), generator=g))):  # flat stretches
+            begin = position()
+            sps[begin:begin + int(torch.randint(2, 7, (), generator=g))] = float(sps[begin])
+        bumps = torch.rand(N + 1, generator=g, dtype=torch.float64) < 0.1
+        sps[bumps] *= 0.9 + 0.25 * torch.rand(int(bumps.sum()), generator=g, dtype=torch.float64)
+    sps[:R] = 0.0
+    if R == 0:
+        sps[0] = 0.0
+    return sps.float()
+
+
+def random_confidence(num_requests: int, num_draft: int, g: torch.Generator, *, ties: bool = False) -> torch.Tensor:
+    """[R, K] float32 in [0, 1]: uniform, or skewed towards 1 (long surviving prefixes), with
+    exact 0 and 1 entries sprinkled in; ``ties`` rounds to one decimal (many exactly equal
+    survival probabilities, within and across requests)."""
+    c = torch.rand(num_requests, num_draft, generator=g)
+    if float(torch.rand((), generator=g)) < 0.5:
+        c = c ** 0.3
+    if ties:
+        c = (c * 10).round() / 10
+    u = torch.rand(num_requests, num_draft, generator=g)
+    c[u < 0.04] = 0.0
+    c[(u >= 0.04) & (u < 0.1)] = 1.0
+    return c
+
+
+def make_schedule_inputs(num_requests: int, num_draft: int, *, seed: int, max_len: bool = False, ties: bool = False,
+                         max_batch: Optional[int] = None, jagged: bool = True, device: str = "cpu") -> ScheduleInputs:
+    """Random valid inputs (every value passes the CPU checks). N defaults to a random value in
+    R .. R (K + 1) + 5, so the token budget sometimes binds and sometimes does not; ``max_len``
+    draws caps in 0 .. K + 2 (above K means no cap)."""
+    g = torch.Generator().manual_seed(seed)
+    R, K = num_requests, num_draft
+    if max_batch is None:
+        max_batch = int(torch.randint(R, R * (K + 1) + 6, (), generator=g))
+    inputs = ScheduleInputs(
+        random_confidence(R, K, g, ties=ties),
+        random_sps(R, max_batch, g, jagged=jagged),
+        torch.randint(0, K + 3, (R,), generator=g, dtype=torch.int32) if max_len else None,
+    )
+    return inputs if device == "cpu" else inputs.to(device)
+
+
+def near_tie_schedule_inputs(seed: int, num_requests: Optional[int] = None, num_draft: Optional[int] = None,
+                             device: str = "cpu") -> ScheduleInputs:
+    """SPS chosen so that Theta is the same along the whole greedy path up to a relative drift of
+    1e-7 per candidate, then each entry moved by -2..+2 float32 ulps: every comparison
+    Theta_after > Theta_before is decided at the last bits (tau's fixed point and the float64
+    product must be exactly the kernels'). R and K default to random values in 1..8."""
+    from dspark_ext.scheduling import survival_probabilities
+
+    g = torch.Generator().manual_seed(seed)
+    R = int(torch.randint(1, 9, (), generator=g)) if num_requests is None else num_requests
+    K = int(torch.randint(1, 9, (), generator=g)) if num_draft is None else num_draft
+    confidence = random_confidence(R, K, g, ties=seed % 2 == 0)
+    max_len = torch.randint(0, K + 2, (R,), generator=g, dtype=torch.int32) if seed % 3 == 0 else None
+    survival = survival_probabilities(confidence, max_len).reshape(-1)
+    path = torch.sort(survival[survival > 0], descending=True).values
+    scale = 2**40  # dspark_ext.reference.TAU_SCALE
+    tau = R * scale + torch.cumsum((path.double() * scale).long(), 0)
+    tau = torch.cat([torch.tensor([R * scale]), tau]).double() / scale
+    n = torch.arange(tau.shape[0], dtype=torch.float64)
+    sps = torch.zeros(R + tau.shape[0])
+    sps[R:] = (R * (1 + 1e-7 * n) / tau).float()
+    for _ in range(2):
+        step = torch.randint(-1, 2, sps.shape, generator=g)
+        sps = torch.where(step > 0, torch.nextafter(sps, torch.full_like(sps, 2.0)), sps)
+        sps = torch.where(step < 0, torch.nextafter(sps, torch.zeros_like(sps)), sps)
+    sps[:R] = 0.0
+    inputs = ScheduleInputs(confidence, sps, max_len)
+    return inputs if device == "cpu" else inputs.to(device)
+
+
+def raw_schedule_inputs(num_requests: int, num_draft: int, *, seed: int, device: str = "cpu") -> ScheduleInputs:
+    """Inputs the CPU op rejects and the CUDA kernel sanitizes: confidences NaN, +inf, above 1
+    and below 0; max_len from -3 to K + 2; SPS entries NaN, +inf, 0 and negative among the
+    batch sizes R..N. ``schedule_reference`` defines the result."""
+    nan, inf = float("nan"), float("inf")
+    R, K = num_requests, num_draft
+    inputs = make_schedule_inputs(R, K, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    confidence = inputs.confidence.clone()
+    u = torch.rand(R, K, generator=g)
+    confidence[u < 0.1] = nan
+    confidence[(u >= 0.1) & (u < 0.15)] = 1.5
+    confidence[(u >= 0.15) & (u < 0.2)] = -0.3
+    confidence[(u >= 0.2) & (u < 0.22)] = inf
+    confidence[(u >= 0.22) & (u < 0.23)] = -inf
+    sps = inputs.sps.clone()
+    v = torch.rand(sps.shape, generator=g)
+    sps[v < 0.05] = nan
+    sps[(v >= 0.05) & (v < 0.08)] = inf
+    sps[(v >= 0.08) & (v < 0.1)] = -1.0
+    sps[(v >= 0.1) & (v < 0.11)] = 0.0
+    max_len = torch.randint(-3, K + 3, (R,), generator=g, dtype=torch.int32)
+    raw = ScheduleInputs(confidence, sps, max_len)
+    return raw if device == "cpu" else raw.to(device)
+
+
+def run_schedule_op(inputs: ScheduleInputs) -> torch.Tensor:
+    return schedule_op(*inputs.args())
+
+
+def check_schedule_output(inputs: ScheduleInputs, num_draft: torch.Tensor) -> None:
+    """Structural contract: [R] int32 contiguous on the inputs' device, lengths within
+    [0, min(K, max_len)], at most N tokens in the batch."""
+    R, K = inputs.num_requests, inputs.num_draft
+    assert num_draft.shape == (R,) and num_draft.dtype == torch.int32, (num_draft.shape, num_draft.dtype)
+    assert num_draft.device == inputs.confidence.device and num_draft.is_contiguous()
+    lengths = num_draft.cpu().long()
+    cap = torch.full((R,), K, dtype=torch.int64)
+    if inputs.max_len is not None:
+        cap = inputs.max_len.cpu().long().clamp(0, K)
+    assert bool(((lengths >= 0) & (lengths <= cap)).all()), f"lengths {lengths.tolist()} outside [0, {cap.tolist()}]"
+    assert R + int(lengths.sum()) <= max(inputs.max_batch, R), "batch above N tokens"
+
+
+def schedule_throughput(survival: torch.Tensor, sps: torch.Tensor, lengths: Sequence[int]) -> float:
+    """Theta of the length vector ``lengths`` in float64: (R + sum of the admitted survival
+    probabilities) * SPS(R + sum of lengths); -inf when the batch exceeds N."""
+    R = survival.shape[0]
+    batch = R + int(sum(lengths))
+    if batch > sps.shape[0] - 1:
+        return float("-inf")
+    tau = float(R) + sum(float(survival[r, :length].double().sum()) for r, length in enumerate(lengths))
+    return tau * float(sps[batch])
+
+
+def brute_force_best_throughput(survival: torch.Tensor, sps: torch.Tensor, caps: Sequence[int]) -> float:
+    """max over every length vector (l_1 .. l_R), l_r in [0, caps[r]], of schedule_throughput."""
+    return max(schedule_throughput(survival, sps, lengths)
+               for lengths in itertools.product(*(range(cap + 1) for cap in caps)))
+
+
+# --------------------------------------------------------------------------- toy engine (schedule lossless)
+# A V = 4 bigram target and a K = 2 Markov drafter whose confidence at position 2 depends on
+# the first draft: markov_draft -> scheduler -> verify, as a serving step runs them.
+
+TOY_A, TOY_B, TOY_C, TOY_D = range(4)
+TOY_VOCAB = 4
+TOY_NUM_DRAFT = 2
+#: p_t(y | previous token): row = previous token. After D (the anchor of DSpark appendix A)
+#: the target is (0.69, 0.29, 0.01, 0.01), i.e. appendix A's (0.7, 0.3) with a little mass on C/D.
+TOY_TARGET_PROBS = torch.tensor([
+    [0.20, 0.50, 0.20, 0.10],  # after A
+    [0.40, 0.10, 0.30, 0.20],  # after B
+    [0.25, 0.25, 0.25, 0.25],  # after C
+    [0.69, 0.29, 0.01, 0.01],  # after D
+], dtype=torch.float64)
+TOY_TARGET_LOGITS = TOY_TARGET_PROBS.log().float()
+#: Backbone logits U_k: position 1 ~ (0.49, 0.49, 0.01, 0.01) after D (W1[D] = 0: no Markov
+#: bias); position 2's law is moved by the Markov bias W2 . W1[x_1].
+TOY_BASE_LOGITS = torch.tensor([[0.0, 0.0, -4.0, -4.0], [0.0, 0.0, -1.0, -1.0]])
+#: W1[A] = e_0, W1[B] = e_1, W1[C] = (e_0 + e_1) / 2, W1[D] = 0.
+TOY_W1 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.0, 0.0]])
+#: bias after A = W2[:, 0] (favours B), after B = W2[:, 1] (favours A).
+TOY_W2 = torch.tensor([[0.0, 1.5], [1.5, 0.0], [0.0, 0.0], [0.0, 0.0]])
+#: c_k = sigmoid(conf_base_k + w_prev . W1[x_{k-1}]): + ln 9 after A (a 0.9 after a 0 base),
+#: -30 after B (about 1e-13: "the drafter knows the second draft is hopeless after B").
+TOY_CONF_W_PREV = torch.tensor([math.log(9.0), -30.0])
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
+@dataclass(frozen=True)
+class ToyRequest:
+    anchor: int
+    conf_base: tuple  # (conf_base_1, conf_base_2)
+
+
+@dataclass(frozen=True)
+class ToySetting:
+    """R = len(requests) requests scheduled together at every engine step, and the SPS curve."""
+
+    requests: tuple
+    sps: tuple
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.requests)
+
+
+#: Anchor D, c_1 = 0.8, c_2 = 0.9 after x_1 = A and ~1e-13 after x_1 = B (appendix A's drafter).
+TOY_APPENDIX_REQUEST = ToyRequest(TOY_D, (math.log(4.0), 0.0))
+
+
+def toy_exact_joint(anchor: int) -> torch.Tensor:
+    """Exact law of the first two emitted tokens (y_1, y_2) after ``anchor``: p_t(y_1 | anchor)
+    p_t(y_2 | y_1), from the stored float32 target logits; flat [16], code y_1 * 4 + y_2."""
+    p = torch.stack([exact_probs(row, 1.0) for row in TOY_TARGET_LOGITS])  # [previous, next]
+    return (p[anchor][:, None] * p).reshape(-1)
+
+
+def _toy_draft(anchors: torch.Tensor, conf_base: torch.Tensor, seed: torch.Tensor, offset: int):
+    n, device = anchors.shape[0], anchors.device
+    base = TOY_BASE_LOGITS.to(device)[None].expand(n, TOY_NUM_DRAFT, TOY_VOCAB)
+    return markov_op(base, anchors, TOY_W1.to(device), TOY_W2.to(device), torch.ones(n, device=device), seed,
+                     torch.full((n,), offset, dtype=torch.int64, device=device), conf_base, TOY_CONF_W_PREV.to(device),
+                     None)
+
+
+def _toy_verify(anchors: torch.Tensor, draft_ids: torch.Tensor, draft_logits: torch.Tensor, lengths: torch.Tensor,
+                seed: torch.Tensor, offset: int):
+    """One packed verify call: request b verifies its first lengths[b] drafts against the target
+    rows after (anchor, x_1, .., x_L) (the last one is the bonus row)."""
+    n, device = anchors.shape[0], anchors.device
+    lengths = lengths.long()
+    previous = torch.cat([anchors[:, None], draft_ids], dim=1)  # [n, K + 1]
+    row_mask = torch.arange(TOY_NUM_DRAFT + 1, device=device)[None] <= lengths[:, None]
+    draft_mask = torch.arange(TOY_NUM_DRAFT, device=device)[None] < lengths[:, None]
+    cu = torch.zeros(n + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return verify_op(TOY_TARGET_LOGITS.to(device)[previous[row_mask]], draft_ids[draft_mask], draft_logits[draft_mask],
+                     cu, torch.ones(n, device=device), seed, torch.full((n,), offset, dtype=torch.int64, device=device),
+                     TOY_NUM_DRAFT)
+
+
+def _toy_schedule_steps(scheduler, confidence: torch.Tensor, lagged: torch.Tensor, sps: torch.Tensor,
+                        every_step: bool) -> torch.Tensor:
+    """num_draft [M, R] for M engine steps, one scheduler call per step on [R, K] confidences.
+    ``every_step`` calls the scheduler on every step; otherwise once per distinct
+    (confidence, lagged confidence) step (the schedulers are pure functions of their inputs, so
+    this is the same result; the Python schedulers cost ~0.1 ms a call)."""
+    M = confidence.shape[0]
+    if every_step:
+        return torch.stack([scheduler(confidence[m], lagged[m], sps) for m in range(M)])
+    keys = torch.cat([confidence.reshape(M, -1), lagged.reshape(M, -1)], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    R, K = confidence.shape[1:]
+    per_key = torch.stack([scheduler(key[:R * K].reshape(R, K), key[R * K:].reshape(R, K), sps) for key in unique])
+    return per_key[inverse]
+
+
+@dataclass
+class ToyRun:
+    """Per engine step m and request r: the first two emitted tokens, the first draft, the
+    scheduled lengths of the first round and the first round's num_accepted."""
+
+    y1: torch.Tensor  # [M, R]
+    y2: torch.Tensor  # [M, R]
+    x1: torch.Tensor  # [M, R]
+    num_draft: torch.Tensor  # [M, R]
+    num_accepted: torch.Tensor  # [M, R]
+    second_round_num_draft: torch.Tensor  # [M, R]
+
+    def codes(self, r: int) -> torch.Tensor:
+        """Category code y_1 * 4 + y_2 of request r, matching toy_exact_joint."""
+        return self.y1[:, r] * TOY_VOCAB + self.y2[:, r]
+
+
+def run_toy_engine(setting: ToySetting, scheduler, num_steps: int, *, seed: int = 0, device: str = "cpu",
+                   every_step: bool = False) -> ToyRun:
+    """M = ``num_steps`` engine steps of R requests, two rounds each.
+
+    Round 1: markov_draft of all M R rows at once (independent streams: seed = seed + row), one
+    scheduler call per step on that step's [R, K] confidences, then one packed verify call over
+    all M R requests. The first emitted token y_1 = output[:, 0]. Round 2 (anchor y_1, fresh
+    offsets, same steps): its first emitted token is y_2 where round 1 accepted no draft,
+    otherwise y_2 = output[:, 1] of round 1. ``scheduler(confidence [R, K], lagged [R, K],
+    sps)`` -> [R] int32; ``lagged`` holds the confidences of an independent earlier draft of the
+    same requests (same anchors), so asynchronous schedulers get a budget independent of the
+    current drafts; synchronous ones ignore it."""
+    M, R, K = num_steps, setting.num_requests, TOY_NUM_DRAFT
+    rows = M * R
+    seeds = torch.arange(rows, dtype=torch.int64, device=device) + seed * rows
+    conf_base = torch.tensor([list(q.conf_base) for q in setting.requests], dtype=torch.float32,
+                             device=device).repeat(M, 1)
+    anchors = torch.tensor([q.anchor for q in setting.requests], dtype=torch.int64, device=device).repeat(M)
+    sps = torch.tensor(setting.sps, dtype=torch.float32, device=device)
+
+    def one_round(round_anchors: torch.Tensor, round_index: int):
+        ids, logits, confidence = _toy_draft(round_anchors, conf_base, seeds, offset=2 * round_index)
+        _, _, lagged = _toy_draft(round_anchors, conf_base, seeds, offset=2 * round_index + 1)
+        lengths = _toy_schedule_steps(scheduler, confidence.reshape(M, R, K), lagged.reshape(M, R, K), sps,
+                                      every_step)
+        output, num_accepted = _toy_verify(round_anchors, ids, logits, lengths.reshape(-1), seeds, offset=round_index)
+        return ids, lengths, output, num_accepted
+
+    ids, lengths, output, num_accepted = one_round(anchors, 0)
+    y1 = output[:, 0]
+    _, second_lengths, second_output, _ = one_round(y1, 1)
+    y2 = torch.where(num_accepted >= 1, output[:, 1], second_output[:, 0])
+    return ToyRun(*(t.reshape(M, R).cpu() for t in (y1, y2, ids[:, 0], lengths, num_accepted, second_lengths)))

@@ -1,10 +1,11 @@
-"""torch.library.opcheck and torch.compile(fullgraph=True) over dspark::verify, on CPU and
+"""torch.library.opcheck and torch.compile(fullgraph=True) over dspark::verify, and opcheck and
+fake-tensor shapes of dspark::schedule (its torch.compile tests: test_schedule.py), on CPU and
 (when present) CUDA."""
 
 import pytest
 import torch
 
-from helpers import make_batch, verify_op
+from helpers import make_batch, make_schedule_inputs, schedule_op, verify_op
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -77,3 +78,40 @@ def test_fake_tensor_shapes(device):
         fake = verify_op(*fake_args)
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.dtype == f.dtype and r.device == f.device
+
+
+# --------------------------------------------------------------------------- dspark::schedule
+
+# (case id, make_schedule_inputs keyword arguments)
+SCHEDULE_OPCHECK_CASES = [
+    ("no_max_len", dict(num_requests=5, num_draft=4)),
+    ("max_len", dict(num_requests=7, num_draft=3, max_len=True, ties=True)),
+    ("single_request", dict(num_requests=1, num_draft=6, max_len=True)),
+    ("wide_batch", dict(num_requests=40, num_draft=8, max_len=True)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kwargs", [c[1] for c in SCHEDULE_OPCHECK_CASES], ids=[c[0] for c in SCHEDULE_OPCHECK_CASES])
+def test_schedule_opcheck(kwargs, device):
+    inputs = make_schedule_inputs(seed=9, device=device, **kwargs)
+    torch.library.opcheck(schedule_op, inputs.args())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_schedule_opcheck_strided(device):
+    inputs = make_schedule_inputs(6, 5, seed=10, max_len=True, device=device).strided()
+    assert not inputs.confidence.is_contiguous() and inputs.sps.stride(0) == 2
+    torch.library.opcheck(schedule_op, inputs.args())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_schedule_fake_tensor_shapes(device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for max_len in (False, True):
+        inputs = make_schedule_inputs(9, 3, seed=11, max_len=max_len, device=device)
+        real = schedule_op(*inputs.args())
+        with FakeTensorMode() as mode:
+            fake = schedule_op(*(None if a is None else mode.from_tensor(a) for a in inputs.args()))
+        assert real.shape == fake.shape and real.dtype == fake.dtype == torch.int32 and real.device == fake.device

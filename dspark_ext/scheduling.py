@@ -1,0 +1,119 @@
+"""Verification-length scheduling in plain tensor ops: no host sync, no data-dependent
+shapes, any device, traceable by torch.compile.
+
+``schedule_async`` is DSpark's production scheduler (Sec. 5.2): the token budget comes from
+confidences of an earlier step, so it can be fixed before the current drafts exist. The
+synchronous scheduler is the op ``torch.ops.dspark.schedule``; ``schedule_eager`` is the same
+Algorithm 1 composed from torch ops (bitwise equal to the op, the baseline of
+bench/bench_schedule.py).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+#: tau (expected accepted tokens) is summed in 2^-40 fixed point, exactly as the kernels do.
+TAU_FRACTION_BITS = 40
+
+
+def survival_probabilities(confidence: torch.Tensor, max_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``a[r, j] = prod_{i<=j} c[r, i]`` [R, K] float32, rounded after every product (the kernels'
+    order; torch.cumprod may accumulate in float64), 0 beyond ``max_len[r]``. Confidences are read
+    like the CUDA kernel reads them: NaN -> 0, clamped to [0, 1]."""
+    c = torch.nan_to_num(confidence.float(), nan=0.0).clamp(0.0, 1.0)
+    columns = [c[:, 0]] if c.shape[1] else []
+    for j in range(1, c.shape[1]):
+        columns.append(columns[-1] * c[:, j])
+    survival = torch.stack(columns, dim=1) if columns else c.clone()
+    if max_len is not None:
+        positions = torch.arange(c.shape[1], device=c.device)
+        survival = torch.where(positions < max_len.clamp(min=0).unsqueeze(1), survival, 0.0)
+    return survival
+
+
+def _admission_order(survival: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Candidates in Algorithm 1's order: descending survival, ties by lower request then lower
+    position (a stable sort of the row-major flattening). Returns (sorted survival, flat index)."""
+    return torch.sort(survival.reshape(-1), descending=True, stable=True)
+
+
+def _greedy_path_throughput(
+    sorted_survival: torch.Tensor, num_requests: int, sps: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along the admission order: (Theta after each candidate [n] float64, Theta with no draft
+    [] float64, admissible [n] bool: the candidate exists and the batch stays within N)."""
+    max_batch = sps.shape[0] - 1
+    increments = (sorted_survival.double() * 2.0**TAU_FRACTION_BITS).long()  # truncation, like the kernels
+    tau = (num_requests << TAU_FRACTION_BITS) + torch.cumsum(increments, 0)
+    batch = num_requests + 1 + torch.arange(sorted_survival.shape[0], device=sorted_survival.device)
+    admissible = (sorted_survival > 0) & (batch <= max_batch)
+    steps_per_second = sps.double()
+    theta = tau.double() * 2.0**-TAU_FRACTION_BITS * steps_per_second[batch.clamp(max=max_batch)]
+    theta_0 = float(num_requests) * steps_per_second[num_requests]
+    return theta, theta_0, admissible
+
+
+def _lengths_of_first(order: torch.Tensor, num_admitted: torch.Tensor, num_requests: int, num_draft: int) -> torch.Tensor:
+    """num_draft [R] int32 when the first ``num_admitted`` candidates of ``order`` are admitted;
+    a request's admitted positions are a prefix, so its length is its largest admitted j + 1."""
+    admitted = torch.arange(order.shape[0], device=order.device) < num_admitted
+    lengths = torch.where(admitted, order % num_draft + 1, 0)
+    out = torch.zeros(num_requests, dtype=torch.int64, device=order.device)
+    return out.scatter_reduce(0, order // num_draft, lengths, "amax").to(torch.int32)
+
+
+def _check(confidence: torch.Tensor, sps: torch.Tensor, name: str = "confidence") -> None:
+    if confidence.dim() != 2:
+        raise ValueError(f"{name} must be [R, K], got shape {list(confidence.shape)}")
+    if sps.dim() != 1 or confidence.shape[0] > sps.shape[0] - 1:
+        raise ValueError(
+            f"sps must be [N + 1] with N >= R = {confidence.shape[0]} ({name}.size(0)), got shape {list(sps.shape)}"
+        )
+
+
+def schedule_eager(confidence: torch.Tensor, sps: torch.Tensor, max_len: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DSpark Algorithm 1 with the early stop, from torch ops: equal to ``torch.ops.dspark.schedule``."""
+    _check(confidence, sps)
+    num_requests, num_draft = confidence.shape
+    if num_requests * num_draft == 0:
+        return torch.zeros(num_requests, dtype=torch.int32, device=confidence.device)
+    sorted_survival, order = _admission_order(survival_probabilities(confidence, max_len))
+    theta, theta_0, admissible = _greedy_path_throughput(sorted_survival, num_requests, sps)
+    previous = torch.cat([theta_0.reshape(1), theta[:-1]])
+    improves = admissible & (theta > previous)
+    num_admitted = improves.long().cumprod(0).sum()  # up to the first failure: the early stop
+    return _lengths_of_first(order, num_admitted, num_requests, num_draft)
+
+
+def schedule_async(
+    confidence: torch.Tensor,
+    lagged_confidence: torch.Tensor,
+    sps: torch.Tensor,
+    max_len: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DSpark's asynchronous scheduler (Sec. 5.2): ``num_draft`` [R] int32.
+
+    The budget is the number of drafts n that maximises Theta over the *whole* greedy path of
+    ``lagged_confidence`` [R', K'] (scores from an earlier step, e.g. two rounds back: the
+    search may look ahead because these scores cannot depend on the current drafts). The
+    current candidates are then admitted in descending current survival (``confidence`` [R, K],
+    same order and ties as ``dspark::schedule``), at most n of them and at most N - R. Lossless:
+    n is fixed before the current drafts exist, and a draft's admission depends only on
+    scores of tokens admitted before it (ranking within a request follows its prefix)."""
+    _check(confidence, sps)
+    _check(lagged_confidence, sps, "lagged_confidence")
+    num_requests, num_draft = confidence.shape
+    lagged_requests = lagged_confidence.shape[0]
+    if num_requests * num_draft == 0:
+        return torch.zeros(num_requests, dtype=torch.int32, device=confidence.device)
+    lagged_sorted, _ = _admission_order(survival_probabilities(lagged_confidence))
+    theta, theta_0, admissible = _greedy_path_throughput(lagged_sorted, lagged_requests, sps)
+    # A NaN Theta (NaN SPS) never counts as better, as in the synchronous comparison; a NaN
+    # Theta_0 wins argmax and gives budget 0, as no Theta compares greater than it.
+    candidates = torch.where(admissible & ~theta.isnan(), theta, float("-inf"))
+    budget = torch.argmax(torch.cat([theta_0.reshape(1), candidates]))  # first maximum: fewest tokens
+    budget = budget.clamp(max=sps.shape[0] - 1 - num_requests)
+
+    sorted_survival, order = _admission_order(survival_probabilities(confidence, max_len))
+    num_candidates = (sorted_survival > 0).sum()
+    return _lengths_of_first(order, torch.minimum(budget, num_candidates), num_requests, num_draft)
