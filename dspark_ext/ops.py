@@ -88,6 +88,8 @@ def markov_draft(
 
 @torch.library.register_fake("dspark::schedule")
 def _schedule_fake(confidence, sps, max_len):
+    torch._check(confidence.dim() == 2, lambda: f"dspark::schedule: confidence must be 2-D, got {confidence.dim()}-D")
+    torch._check(sps.dim() == 1, lambda: f"dspark::schedule: sps must be 1-D, got {sps.dim()}-D")
     return confidence.new_empty((confidence.shape[0],), dtype=torch.int32)
 
 

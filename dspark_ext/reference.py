@@ -379,12 +379,13 @@ def schedule_async_reference(
     sps: torch.Tensor,
     max_len: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The asynchronous scheduler of DSpark Sec. 5.2, plainly: the token budget n is the number
-    of drafts that the global search (no early stop) admits on ``lagged_confidence`` (scores from
-    an earlier step, independent of the current drafts); the current candidates are then admitted
-    in descending current survival up to n drafts (and at most N - R)."""
-    budget = int(schedule_reference(lagged_confidence, sps, early_stop=False).sum())
+    """The asynchronous scheduler of DSpark Sec. 5.2, plainly: the budget is the batch size
+    B* = R' + drafts that the global search (no early stop) picks on ``lagged_confidence`` [R', K']
+    (scores from an earlier step, independent of the current drafts); the current candidates
+    are then admitted in descending current survival, up to B* - R drafts."""
+    lagged_batch = lagged_confidence.shape[0] + int(schedule_reference(lagged_confidence, sps, early_stop=False).sum())
     num_requests = confidence.shape[0]
+    budget = max(lagged_batch - num_requests, 0)
     path, _, _ = _greedy_admission_path(confidence, sps, max_len)
     lengths = [0] * num_requests
     for r, j in path[:budget]:

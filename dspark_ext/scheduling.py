@@ -93,13 +93,15 @@ def schedule_async(
 ) -> torch.Tensor:
     """DSpark's asynchronous scheduler (Sec. 5.2): ``num_draft`` [R] int32.
 
-    The budget is the number of drafts n that maximises Theta over the *whole* greedy path of
-    ``lagged_confidence`` [R', K'] (scores from an earlier step, e.g. two rounds back: the
-    search may look ahead because these scores cannot depend on the current drafts). The
-    current candidates are then admitted in descending current survival (``confidence`` [R, K],
-    same order and ties as ``dspark::schedule``), at most n of them and at most N - R. Lossless:
-    n is fixed before the current drafts exist, and a draft's admission depends only on
-    scores of tokens admitted before it (ranking within a request follows its prefix)."""
+    The budget is the verify batch size B* (tokens, anchors included) that maximises Theta over
+    the *whole* greedy path of ``lagged_confidence`` [R', K'] (scores from an earlier step, e.g.
+    two rounds back: the search may look past a non-improving candidate because these scores
+    cannot depend on the current drafts). Fixing B* ahead is what lets an engine pick the next
+    step's batch size (and CUDA graph) before the current step ends. The current candidates are
+    then admitted in descending current survival (``confidence`` [R, K], same order and ties as
+    ``dspark::schedule``), at most B* - R of them (none if R >= B*). Lossless: B* is fixed before
+    the current drafts exist, and a draft's admission depends only on scores of tokens admitted
+    before it (within a request the ranking follows its prefix)."""
     _check(confidence, sps)
     _check(lagged_confidence, sps, "lagged_confidence")
     num_requests, num_draft = confidence.shape
@@ -111,8 +113,8 @@ def schedule_async(
     # A NaN Theta (NaN SPS) never counts as better, as in the synchronous comparison; a NaN
     # Theta_0 wins argmax and gives budget 0, as no Theta compares greater than it.
     candidates = torch.where(admissible & ~theta.isnan(), theta, float("-inf"))
-    budget = torch.argmax(torch.cat([theta_0.reshape(1), candidates]))  # first maximum: fewest tokens
-    budget = budget.clamp(max=sps.shape[0] - 1 - num_requests)
+    lagged_drafts = torch.argmax(torch.cat([theta_0.reshape(1), candidates]))  # first maximum: fewest tokens
+    budget = (lagged_requests + lagged_drafts - num_requests).clamp(min=0)  # drafts within B*; B* <= N
 
     sorted_survival, order = _admission_order(survival_probabilities(confidence, max_len))
     num_candidates = (sorted_survival > 0).sum()

@@ -401,8 +401,9 @@ def test_torch_compile_fullgraph():
 
 
 def test_async_matches_reference_on_random_inputs():
-    """Budget = the global search's number of drafts on the lagged confidences [R', K'] (R', K'
-    independent of the current R, K); current candidates admitted in descending survival."""
+    """Budget = the batch size B* = R' + drafts of the global search on the lagged confidences
+    [R', K'] (R', K' independent of the current R, K); the current candidates are admitted in
+    descending survival, up to B* - R of them."""
     for seed in range(60):
         g = torch.Generator().manual_seed(600 + seed)
         R, K = int(torch.randint(1, 17, (), generator=g)), int(torch.randint(1, 9, (), generator=g))
@@ -423,14 +424,15 @@ def test_async_budget_semantics():
     g = torch.Generator().manual_seed(61)
     confidence = torch.rand(R, K, generator=g) * 0.5 + 0.5
     flat = torch.ones(R + 6)  # N = R + 5
-    # Lagged all ones with a flat SPS: the global search takes the whole lagged batch, N - R' = 7
-    # drafts, capped at N - R = 5 for the current step.
-    budget_7 = schedule_async(confidence, torch.ones(2, 4), flat)
-    assert int(budget_7.sum()) == 5
-    assert torch.equal(budget_7, schedule_op(confidence, flat, None))  # the same 5 best candidates
-    # A budget below N - R: 3 drafts (lagged 0.9 with SPS stepping down after 3 drafts).
-    stepped = _f32([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5])
-    lagged = torch.full((2, 4), 0.9)
+    # Lagged all ones with a flat SPS: the global search fills the batch, B* = N = 9 tokens
+    # (7 drafts for R' = 2), which leaves the 4 current requests 5 drafts.
+    full_batch = schedule_async(confidence, torch.ones(2, 4), flat)
+    assert int(full_batch.sum()) == 5
+    assert torch.equal(full_batch, schedule_op(confidence, flat, None))  # the same 5 best candidates
+    # A budget below N: B* = 7 tokens, i.e. 3 drafts for R = 4 (lagged 0.9 for 4 requests, SPS
+    # stepping down above 7 tokens: Theta 4, 4.9, 5.8, 6.7, then 3.8 and at most 5.0 up to N = 11).
+    stepped = _f32([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    lagged = torch.full((R, 4), 0.9)
     assert int(schedule_reference(lagged, stepped, early_stop=False).sum()) == 3
     out = schedule_async(confidence, lagged, stepped)
     assert int(out.sum()) == 3
@@ -441,6 +443,13 @@ def test_async_budget_semantics():
         got = schedule_async(current, lagged, stepped)
         assert int(got.sum()) == 3
         assert torch.equal(got, schedule_op(current, torch.ones(R + 4), None))
+    # The budget is a batch size: with 2 lagged requests B* = 2 + 3 drafts = 5 tokens, which
+    # leaves the 4 current requests one draft; 8 lagged requests without drafts give B* = 8,
+    # i.e. 4 drafts for 4 current requests.
+    two_lagged = torch.full((2, 4), 0.9)
+    assert int(schedule_reference(two_lagged, stepped, early_stop=False).sum()) == 5
+    assert int(schedule_async(confidence, two_lagged, stepped).sum()) == 2 + 5 - R
+    assert int(schedule_async(confidence, torch.zeros(8, 4), stepped).sum()) == 8 - R
     # Fewer candidates than the budget: all of them; lagged all zero: budget 0.
     sparse = torch.zeros(R, K)
     sparse[1, :2] = 0.7

@@ -170,6 +170,18 @@ def test_cross_request_admission_depends_on_other_requests_drafts():
         assert torch.unique(lengths[x1[:, 2] == token, 2]).tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("scheduler", LOSSLESS)
+def test_cross_request_first_tokens_are_jointly_independent(scheduler):
+    """Admission couples the requests (each one's lengths depend on the others' drafts), yet the
+    first tokens of requests 0 and 2 must be independent draws from their targets: the joint of
+    (y_1 of request 0, y_1 of request 2) equals the product of the two target laws."""
+    run = toy_run("cross_request", scheduler)
+    anchors = [q.anchor for q in CROSS_REQUESTS]
+    vocab = TOY_TARGET_LOGITS.shape[0]
+    joint = torch.outer(exact_probs(TOY_TARGET_LOGITS[anchors[0]], 1.0), exact_probs(TOY_TARGET_LOGITS[anchors[2]], 1.0))
+    assert_matches_distribution(run.y1[:, 0] * vocab + run.y1[:, 2], joint.flatten(), ALPHA)
+
+
 def test_async_budget_does_not_look_at_the_current_drafts():
     """appendix_a with schedule_async: the budget (2 or 0) comes from an independent earlier
     draft, so the length is independent of the current x_1 (both lengths for each x_1)."""
@@ -215,7 +227,7 @@ def test_global_search_leaks_across_requests():
     2's own x_1; the chi-square rejects request 2's joint law (its TV shift, ~0.009, is under
     the TV bound at 1e5 samples)."""
     checks = _checks("cross_request", "global_search", ALPHA / 3)
-    assert not checks[2].ok and checks[2].chi2_pvalue < 1e-8, str(checks[2])
+    assert not checks[2].ok, str(checks[2])  # p = 7.6e-10 at this seed; 1.6e-6 to 5e-12 over seeds 1-5
     run = toy_run("cross_request", "global_search")
     assert bool((run.num_draft[:, 2] == 2).any())
 

@@ -73,7 +73,7 @@ void check_schedule_values(const core::ScheduleProblem& p) {
     for (int64_t n = first; n <= p.max_batch; ++n) {
       const float s = p.sps[n * p.sps_stride];
       TORCH_CHECK(std::isfinite(s) && s > 0.0f, kOp, ": sps must hold finite steps per second > 0 for batch sizes ",
-                  p.num_requests, "..", p.max_batch, ", got ", s, " at [", n, "]");
+                  first, "..", p.max_batch, ", got ", s, " at [", n, "]");
     }
   }
 }

@@ -32,14 +32,27 @@ struct MinPosition {  // cub::Min is gone in CCCL 3; this works with every CUB
 };
 
 // Writes survival a_{r, 0..K-1} (float32, rounded after every product) of row r as sort keys:
-// 0 for a candidate outside E (a == 0, or j >= the request's cap).
+// 0 for a candidate outside E (a == 0, or j >= the request's cap). The products are a serial
+// chain (left-to-right rounding); the loads are not, and unrolling keeps several in flight.
 __device__ __forceinline__ void write_row_keys(const ScheduleProblem& p, int r, uint32_t* keys) {
   const int num_draft = static_cast<int>(p.num_draft);
   const int cap = p.cap(r);
   float survival = 1.0f;
+#pragma unroll 8
   for (int j = 0; j < num_draft; ++j) {
     survival = survival * p.confidence_at(r, j);
     keys[r * num_draft + j] = j < cap ? core::survival_key(survival) : 0u;
+  }
+}
+
+// The same, in place over a row of sanitized confidences already in shared memory.
+__device__ __forceinline__ void row_keys_in_place(const ScheduleProblem& p, int r, uint32_t* slots) {
+  const int num_draft = static_cast<int>(p.num_draft);
+  const int cap = p.cap(r);
+  float survival = 1.0f;
+  for (int j = 0; j < num_draft; ++j) {
+    survival = survival * __uint_as_float(slots[r * num_draft + j]);
+    slots[r * num_draft + j] = j < cap ? core::survival_key(survival) : 0u;
   }
 }
 
@@ -67,10 +80,17 @@ __global__ void __launch_bounds__(kScheduleBlockThreads, 1) schedule_block_kerne
   __shared__ int num_admitted;
 
   const int num_requests = static_cast<int>(p.num_requests);
-  const int num_candidates = num_requests * static_cast<int>(p.num_draft);
+  const int num_draft = static_cast<int>(p.num_draft);
+  const int num_candidates = num_requests * num_draft;
+  // Coalesced: consecutive threads read consecutive confidences (a row-per-thread loop would not).
+  for (int c = threadIdx.x; c < num_candidates; c += kScheduleBlockThreads) {
+    const int r = c / num_draft;
+    temp.row_keys[c] = __float_as_uint(p.confidence_at(r, c - r * num_draft));
+  }
+  __syncthreads();
   for (int r = threadIdx.x; r < num_requests; r += kScheduleBlockThreads) {
     p.num_draft_out[r] = 0;
-    write_row_keys(p, r, temp.row_keys);
+    row_keys_in_place(p, r, temp.row_keys);
   }
   __syncthreads();
 
@@ -102,7 +122,6 @@ __global__ void __launch_bounds__(kScheduleBlockThreads, 1) schedule_block_kerne
   if (threadIdx.x == 0) num_admitted = stop;
   __syncthreads();
 
-  const int num_draft = static_cast<int>(p.num_draft);
 #pragma unroll
   for (int i = 0; i < kScheduleItemsPerThread; ++i) {
     const int position = threadIdx.x * kScheduleItemsPerThread + i;
