@@ -32,27 +32,19 @@ struct MinPosition {  // cub::Min is gone in CCCL 3; this works with every CUB
 };
 
 // Writes survival a_{r, 0..K-1} (float32, rounded after every product) of row r as sort keys:
-// 0 for a candidate outside E (a == 0, or j >= the request's cap). The products are a serial
-// chain (left-to-right rounding); the loads are not, and unrolling keeps several in flight.
-__device__ __forceinline__ void write_row_keys(const ScheduleProblem& p, int r, uint32_t* keys) {
+// 0 for a candidate outside E (a == 0, or j >= the request's cap). confidence_of(j) reads c_{r,j}
+// (it may read keys[r * K + j] itself: each slot is read before it is written). The products are
+// a serial chain (left-to-right rounding); the loads are not, and unrolling keeps several in flight.
+template <typename ConfidenceOf>
+__device__ __forceinline__ void write_row_keys(const ScheduleProblem& p, int r, ConfidenceOf confidence_of,
+                                               uint32_t* keys) {
   const int num_draft = static_cast<int>(p.num_draft);
   const int cap = p.cap(r);
   float survival = 1.0f;
 #pragma unroll 8
   for (int j = 0; j < num_draft; ++j) {
-    survival = survival * p.confidence_at(r, j);
+    survival = survival * confidence_of(j);
     keys[r * num_draft + j] = j < cap ? core::survival_key(survival) : 0u;
-  }
-}
-
-// The same, in place over a row of sanitized confidences already in shared memory.
-__device__ __forceinline__ void row_keys_in_place(const ScheduleProblem& p, int r, uint32_t* slots) {
-  const int num_draft = static_cast<int>(p.num_draft);
-  const int cap = p.cap(r);
-  float survival = 1.0f;
-  for (int j = 0; j < num_draft; ++j) {
-    survival = survival * __uint_as_float(slots[r * num_draft + j]);
-    slots[r * num_draft + j] = j < cap ? core::survival_key(survival) : 0u;
   }
 }
 
@@ -90,7 +82,8 @@ __global__ void __launch_bounds__(kScheduleBlockThreads, 1) schedule_block_kerne
   __syncthreads();
   for (int r = threadIdx.x; r < num_requests; r += kScheduleBlockThreads) {
     p.num_draft_out[r] = 0;
-    row_keys_in_place(p, r, temp.row_keys);
+    const uint32_t* row = temp.row_keys + r * num_draft;
+    write_row_keys(p, r, [row](int j) { return __uint_as_float(row[j]); }, temp.row_keys);  // in place
   }
   __syncthreads();
 
@@ -152,7 +145,7 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_keys_kernel(Schedul
   if (r == 0) *s.num_admitted = static_cast<int32_t>(p.num_requests) * num_draft;
   if (r >= p.num_requests) return;
   p.num_draft_out[r] = 0;
-  write_row_keys(p, r, s.keys_in);
+  write_row_keys(p, r, [&p, r](int j) { return p.confidence_at(r, j); }, s.keys_in);
   for (int j = 0; j < num_draft; ++j) s.candidates_in[r * num_draft + j] = r * num_draft + j;
 }
 
