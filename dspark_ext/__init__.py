@@ -13,6 +13,9 @@ from dspark_ext.ops import markov_draft, schedule, verify  # noqa: E402
 from dspark_ext.heads import ConfidenceHead, MarkovHead  # noqa: E402
 from dspark_ext.scheduling import schedule_async  # noqa: E402
 from dspark_ext.calibration import calibrate_sts, load_sps, profile_sps, reliability_diagram, save_sps  # noqa: E402
+from dspark_ext.generate import GenerationResult, generate  # noqa: E402
+from dspark_ext.drafters import AutoregressiveDrafter, MarkovDrafter  # noqa: E402
+from dspark_ext.ngram import NgramDrafter  # noqa: E402
 
 __all__ = [
     "verify",
@@ -26,6 +29,11 @@ __all__ = [
     "load_sps",
     "calibrate_sts",
     "reliability_diagram",
+    "generate",
+    "GenerationResult",
+    "AutoregressiveDrafter",
+    "MarkovDrafter",
+    "NgramDrafter",
     "ops",
     "build_info",
 ]

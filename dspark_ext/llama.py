@@ -1,0 +1,271 @@
+"""A small, exact Llama forward (gpt-fast style) with its own per-request KV cache.
+
+It runs B requests at once over a *packed ragged* batch of new tokens (``token_ids`` [T] with
+``cu_seqlens`` [B + 1], the layout of ``dspark_ext.protocols``): the projections, MLP and LM
+head work on the packed rows [T, D]; only attention pads the queries to [B, Tmax]. Request b's
+new tokens sit at positions ``cache.lengths[b] + t``; their K/V are scattered into a
+preallocated cache ``[B, n_kv, capacity, head_dim]`` per layer (capacity doubles when needed),
+and a boolean mask (key index < length + t + 1) hides both the future and any stale entries
+left behind by a rewind, so rewinding is just setting the lengths.
+
+Weights come from a Hugging Face ``LlamaForCausalLM`` (``Llama.from_hf(model)``); the math
+follows transformers' Llama (rotate_half RoPE, RMSNorm in float32, SwiGLU, GQA), so logits
+agree with it to float rounding. Static RoPE variants (default, linear, llama3, yarn) are taken
+over as HF's precomputed ``inv_freq``/``attention_scaling``; position-dependent ones (dynamic,
+longrope) are refused.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    max_position: int = 2048
+
+    @classmethod
+    def from_hf(cls, config) -> "LlamaConfig":
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        heads = config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+            rope_theta=float(theta),
+            rms_norm_eps=config.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_position=getattr(config, "max_position_embeddings", 2048),
+        )
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [D]
+    wq: torch.Tensor  # [H * hd, D]
+    wk: torch.Tensor  # [n_kv * hd, D]
+    wv: torch.Tensor  # [n_kv * hd, D]
+    wo: torch.Tensor  # [D, H * hd]
+    mlp_norm: torch.Tensor  # [D]
+    w_gate: torch.Tensor  # [I, D]
+    w_up: torch.Tensor  # [I, D]
+    w_down: torch.Tensor  # [D, I]
+    bq: Optional[torch.Tensor] = None  # attention_bias=True variants
+    bk: Optional[torch.Tensor] = None
+    bv: Optional[torch.Tensor] = None
+    bo: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LlamaWeights:
+    embed: torch.Tensor  # [V, D]
+    layers: List[LayerWeights]
+    norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D] (the embedding itself when tied)
+
+
+class KVCache:
+    """K/V per layer as [B, n_kv, capacity, head_dim]; ``lengths`` [B] int64 valid entries."""
+
+    def __init__(self, config: LlamaConfig, batch: int, capacity: int, dtype, device):
+        shape = (batch, config.num_kv_heads, max(int(capacity), 1), config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self.lengths = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def reserve(self, needed: int) -> None:
+        """Grow the capacity (doubling) to hold at least ``needed`` positions per request."""
+        cap = self.capacity
+        if needed <= cap:
+            return
+        while cap < needed:
+            cap *= 2
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = old.new_zeros(old.shape[:2] + (cap,) + old.shape[3:])
+                new[:, :, : old.shape[2]] = old
+                cache[i] = new
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalize in float32, cast back, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Llama:
+    """Llama weights + the packed ragged forward. ``hidden_layers`` in ``forward`` follows
+    transformers' ``output_hidden_states`` numbering: 0 = embeddings, i = output of decoder
+    layer i (1-based), ``num_layers`` or -1 = the final norm output."""
+
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights,
+                 inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0):
+        self.config = config
+        self.weights = weights
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        if inv_freq is None:
+            hd = config.head_dim
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))
+        self.inv_freq = inv_freq.float().to(self.device)
+        self.attention_scaling = float(attention_scaling)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_hf(cls, model, dtype: torch.dtype = torch.float32, device=None) -> "Llama":
+        """Build from a transformers ``LlamaForCausalLM`` (its weights are copied/cast)."""
+        hf = model.config
+        config = LlamaConfig.from_hf(hf)
+        rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"Llama.from_hf: rope_type {rope_type!r} (position-dependent) is not supported")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        sd = model.state_dict()
+
+        def get(name, required=True):
+            t = sd.get(name)
+            if t is None:
+                if required:
+                    raise KeyError(f"Llama.from_hf: missing weight {name!r}")
+                return None
+            return t.detach().to(device=device, dtype=dtype).contiguous()
+
+        layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            layers.append(LayerWeights(
+                attn_norm=get(p + "input_layernorm.weight"),
+                wq=get(p + "self_attn.q_proj.weight"), wk=get(p + "self_attn.k_proj.weight"),
+                wv=get(p + "self_attn.v_proj.weight"), wo=get(p + "self_attn.o_proj.weight"),
+                mlp_norm=get(p + "post_attention_layernorm.weight"),
+                w_gate=get(p + "mlp.gate_proj.weight"), w_up=get(p + "mlp.up_proj.weight"),
+                w_down=get(p + "mlp.down_proj.weight"),
+                bq=get(p + "self_attn.q_proj.bias", False), bk=get(p + "self_attn.k_proj.bias", False),
+                bv=get(p + "self_attn.v_proj.bias", False), bo=get(p + "self_attn.o_proj.bias", False),
+            ))
+            if getattr(hf, "mlp_bias", False):
+                raise ValueError("Llama.from_hf: mlp_bias=True is not supported")
+        embed = get("model.embed_tokens.weight")
+        lm_head = get("lm_head.weight", required=False)
+        weights = LlamaWeights(embed=embed, layers=layers, norm=get("model.norm.weight"),
+                               lm_head=embed if lm_head is None else lm_head)
+        rotary = model.model.rotary_emb
+        return cls(config, weights, inv_freq=rotary.inv_freq.detach().to(device),
+                   attention_scaling=getattr(rotary, "attention_scaling", 1.0))
+
+    def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
+        return KVCache(self.config, batch, capacity, self.dtype, self.device)
+
+    # ---------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(self, token_ids: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
+                hidden_layers: Optional[Sequence[int]] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Append request b's tokens ``token_ids[cu_seqlens[b]:cu_seqlens[b+1]]`` to its cache
+        and return (logits [T, V] float32, hidden [T, len(hidden_layers) * D] or None)."""
+        cfg, w = self.config, self.weights
+        dev = self.device
+        token_ids = token_ids.to(dev, torch.int64)
+        cu = cu_seqlens.to(dev, torch.int64)
+        B, T = cache.batch, token_ids.shape[0]
+        H, KVH, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n_new = cu[1:] - cu[:-1]  # [B]
+
+        hidden_idx = None
+        if hidden_layers is not None:
+            hidden_idx = [cfg.num_layers if i == -1 else int(i) for i in hidden_layers]
+            if any(i < 0 or i > cfg.num_layers for i in hidden_idx):
+                raise ValueError(f"hidden_layers must be in [-1, {cfg.num_layers}], got {list(hidden_layers)}")
+        if T == 0:
+            hid = None if hidden_idx is None else torch.empty(0, len(hidden_idx) * cfg.hidden_size, device=dev)
+            return torch.empty(0, cfg.vocab_size, device=dev), hid
+
+        # Row bookkeeping: request, in-request offset and absolute position of each packed row.
+        row_b = torch.repeat_interleave(torch.arange(B, device=dev), n_new, output_size=T)
+        row_t = torch.arange(T, device=dev) - cu[row_b]
+        row_pos = cache.lengths[row_b] + row_t
+        # One host sync per forward for the shapes (Tmax, Kmax).
+        tmax, kmax = (int(v) for v in torch.stack([n_new.max(), (cache.lengths + n_new).max()]).tolist())
+        cache.reserve(kmax)
+
+        # RoPE tables for the packed rows: [T, 1, hd].
+        freqs = row_pos.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None, :]
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None, :]
+
+        # Attention mask [B, 1, Tmax, Kmax]: query t of request b sees keys < length_b + t + 1.
+        # Padding queries (t >= n_new[b]) still see key 0, so their (discarded) output is finite.
+        q_limit = cache.lengths[:, None] + torch.arange(tmax, device=dev)[None, :] + 1  # [B, Tmax]
+        mask = (torch.arange(kmax, device=dev)[None, None, :] < q_limit[:, :, None])[:, None]
+
+        x = F.embedding(token_ids, w.embed)  # [T, D]
+        hiddens = {}
+        if hidden_idx is not None and 0 in hidden_idx:
+            hiddens[0] = x
+        for li, lw in enumerate(w.layers):
+            h = _rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
+            q = F.linear(h, lw.wq, lw.bq).view(T, H, hd)
+            k = F.linear(h, lw.wk, lw.bk).view(T, KVH, hd)
+            v = F.linear(h, lw.wv, lw.bv).view(T, KVH, hd)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            # Scatter the new K/V at (request, position); then attend over the first kmax slots.
+            kc, vc = cache.k[li], cache.v[li]
+            kc[row_b, :, row_pos] = k
+            vc[row_b, :, row_pos] = v
+            keys, vals = kc[:, :, :kmax], vc[:, :, :kmax]
+            if KVH != H:
+                keys = keys.repeat_interleave(H // KVH, dim=1)
+                vals = vals.repeat_interleave(H // KVH, dim=1)
+            qp = q.new_zeros(B, tmax, H, hd)
+            qp[row_b, row_t] = q
+            o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=mask)
+            o = o.transpose(1, 2)[row_b, row_t].reshape(T, H * hd)  # back to packed rows
+            x = x + F.linear(o, lw.wo, lw.bo)
+            h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, lw.w_gate)) * F.linear(h, lw.w_up), lw.w_down)
+            if hidden_idx is not None and (li + 1) in hidden_idx and li + 1 < cfg.num_layers:
+                hiddens[li + 1] = x
+        x = _rms_norm(x, w.norm, cfg.rms_norm_eps)
+        hiddens[cfg.num_layers] = x
+        cache.lengths = cache.lengths + n_new
+        logits = F.linear(x, w.lm_head).float()
+        hid = None
+        if hidden_idx is not None:
+            hid = torch.cat([hiddens[i] for i in hidden_idx], dim=-1)
+        return logits, hid
+
+    __call__ = forward

@@ -1,0 +1,86 @@
+"""The two interfaces the generation loop (dspark_ext/generate.py) knows: a Target (the unchanged
+model being sped up) and a Drafter (what proposes tokens for it to verify). Anything that
+implements them plugs into ``dspark_ext.generate``; the loop never sees model-specific code.
+
+Token layout: a round sends each request b a ragged run of new tokens (its anchor, then its
+scheduled drafts). They travel packed, request after request, as ``token_ids`` [T] with
+``cu_seqlens`` [B + 1] int32 (request b owns ``token_ids[cu_seqlens[b]:cu_seqlens[b + 1]]``,
+possibly empty); the logits come back in the same packed order, which is exactly the
+``target_logits`` layout of ``torch.ops.dspark.verify``.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class TargetOutput:
+    """Logits [T, V] (float) for every packed input token: row t predicts the token after
+    token_ids[t]. ``hidden_states`` [T, D] (optional): features of the chosen layers at the
+    same positions (what a DSpark drafter conditions on), concatenated along the last dim."""
+
+    logits: torch.Tensor
+    hidden_states: Optional[torch.Tensor] = None
+
+
+@runtime_checkable
+class Target(Protocol):
+    """A causal LM with one KV cache (context) per request.
+
+    ``start(prompts)`` drops every request and starts ``len(prompts)`` new ones, each with its
+    prompt (1-D int64 token ids, lengths may differ) as context; it returns the output for the
+    prompt tokens, packed like ``forward`` (the loop uses each request's last row).
+    ``forward(token_ids, cu_seqlens)`` appends request b's new tokens to its context (at
+    positions ``length(b) ..``) and returns their outputs. ``rewind(lengths)`` [B] int64 truncates
+    each request's context to ``lengths[b]`` tokens (<= its current length): the rejected drafts'
+    KV entries are dropped. ``lengths()`` [B] int64 is each request's current context length."""
+
+    vocab_size: int
+    device: torch.device
+
+    def start(self, prompts: Sequence[torch.Tensor]) -> TargetOutput: ...
+
+    def forward(self, token_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> TargetOutput: ...
+
+    def rewind(self, lengths: torch.Tensor) -> None: ...
+
+    def lengths(self) -> torch.Tensor: ...
+
+
+@dataclass
+class Draft:
+    """K proposed tokens per request. ``token_ids`` [B, K] int64. ``logits`` [B, K, V] (the
+    distribution each draft was drawn from, before temperature; None = deterministic drafts,
+    verified as one-hot proposals). ``confidence`` [B, K] float32 (conditional acceptance, for
+    the scheduler; None = verify all K unless the loop caps them)."""
+
+    token_ids: torch.Tensor
+    logits: Optional[torch.Tensor] = None
+    confidence: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DraftContext:
+    """What a drafter may look at when proposing. ``tokens`` [B, L] int64 holds each request's
+    whole sequence so far (prompt + generated, anchor last) in its first ``lengths[b]`` entries;
+    ``anchor_hidden`` [B, D] (or None) are the target's hidden states at each anchor's
+    predecessor row (the row whose logits produced the anchor); ``temperature`` [B] float32,
+    ``seed`` [B] int64 and ``offset`` [B] int64 key the drafter's randomness for this round."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    anchor_hidden: Optional[torch.Tensor]
+    temperature: torch.Tensor
+    seed: torch.Tensor
+    offset: torch.Tensor
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes ``num_draft`` tokens per request each round (0 = plain autoregressive decoding)."""
+
+    num_draft: int
+
+    def propose(self, context: DraftContext) -> Draft: ...
