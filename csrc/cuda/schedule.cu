@@ -25,12 +25,13 @@ at::Tensor schedule_cuda(const at::Tensor& confidence, const at::Tensor& sps, co
     C10_CUDA_CHECK(launch_schedule_block(p, stream));
     return s.num_draft;
   }
+  const int n = static_cast<int>(num_candidates);
   ScheduleScratch scratch{};
-  size_t scratch_bytes = 0;
-  C10_CUDA_CHECK(schedule_scratch_layout(static_cast<int>(num_candidates), scratch, scratch_bytes));
+  C10_CUDA_CHECK(schedule_cub_temp_bytes(n, scratch.cub_temp_bytes));
+  const size_t scratch_bytes = carve_schedule_scratch(nullptr, n, scratch);
   // From the caching allocator on this stream: graph-capturable, no sync.
   at::Tensor buffer = at::empty({static_cast<int64_t>(scratch_bytes)}, confidence.options().dtype(at::kByte));
-  carve_schedule_scratch(static_cast<char*>(buffer.data_ptr()), static_cast<int>(num_candidates), scratch);
+  carve_schedule_scratch(static_cast<char*>(buffer.data_ptr()), n, scratch);
   C10_CUDA_CHECK(launch_schedule_device_wide(p, scratch, stream));
   return s.num_draft;
 }

@@ -175,8 +175,9 @@ __global__ void __launch_bounds__(kScheduleThreads) schedule_lengths_kernel(Sche
   atomicMax(p.num_draft_out + c / num_draft, c % num_draft + 1);
 }
 
-// Scratch bytes of the device-wide path for n candidates (CUB's temp storage included).
-inline cudaError_t schedule_scratch_layout(int num_candidates, ScheduleScratch& s, size_t& total_bytes) {
+// CUB's temp storage for the device-wide path's sort and scan (they run one after the other
+// on one stream, so they share it).
+inline cudaError_t schedule_cub_temp_bytes(int num_candidates, size_t& bytes) {
   size_t sort_bytes = 0, scan_bytes = 0;
   cudaError_t err = cub::DeviceRadixSort::SortPairsDescending(
       nullptr, sort_bytes, static_cast<const uint32_t*>(nullptr), static_cast<uint32_t*>(nullptr),
@@ -184,32 +185,29 @@ inline cudaError_t schedule_scratch_layout(int num_candidates, ScheduleScratch& 
   if (err != cudaSuccess) return err;
   err = cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<int64_t*>(nullptr),
                                       static_cast<int64_t*>(nullptr), num_candidates);
-  if (err != cudaSuccess) return err;
-  s.cub_temp_bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
-  const auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
-  const size_t n = static_cast<size_t>(num_candidates);
-  total_bytes = 4 * aligned(4 * n) + 2 * aligned(8 * n) + aligned(4) + aligned(s.cub_temp_bytes);
-  return cudaSuccess;
+  bytes = sort_bytes > scan_bytes ? sort_bytes : scan_bytes;
+  return err;
 }
 
-inline void carve_schedule_scratch(char* base, int num_candidates, ScheduleScratch& s) {
-  const auto aligned = [](size_t bytes) { return (bytes + 255) / 256 * 256; };
+// Lays the scratch out from `base` (256-byte aligned pieces, s.cub_temp_bytes of CUB storage
+// last) and returns its size; with base == nullptr it only measures.
+inline size_t carve_schedule_scratch(char* base, int num_candidates, ScheduleScratch& s) {
   const size_t n = static_cast<size_t>(num_candidates);
-  s.keys_in = reinterpret_cast<uint32_t*>(base);
-  base += aligned(4 * n);
-  s.keys_sorted = reinterpret_cast<uint32_t*>(base);
-  base += aligned(4 * n);
-  s.candidates_in = reinterpret_cast<int32_t*>(base);
-  base += aligned(4 * n);
-  s.candidates_sorted = reinterpret_cast<int32_t*>(base);
-  base += aligned(4 * n);
-  s.tau_increments = reinterpret_cast<int64_t*>(base);
-  base += aligned(8 * n);
-  s.tau_inclusive = reinterpret_cast<int64_t*>(base);
-  base += aligned(8 * n);
-  s.num_admitted = reinterpret_cast<int32_t*>(base);
-  base += aligned(4);
-  s.cub_temp = base;
+  size_t offset = 0;
+  const auto take = [&](size_t bytes) {
+    char* piece = base == nullptr ? nullptr : base + offset;
+    offset += (bytes + 255) / 256 * 256;
+    return piece;
+  };
+  s.keys_in = reinterpret_cast<uint32_t*>(take(4 * n));
+  s.keys_sorted = reinterpret_cast<uint32_t*>(take(4 * n));
+  s.candidates_in = reinterpret_cast<int32_t*>(take(4 * n));
+  s.candidates_sorted = reinterpret_cast<int32_t*>(take(4 * n));
+  s.tau_increments = reinterpret_cast<int64_t*>(take(8 * n));
+  s.tau_inclusive = reinterpret_cast<int64_t*>(take(8 * n));
+  s.num_admitted = reinterpret_cast<int32_t*>(take(4));
+  s.cub_temp = take(s.cub_temp_bytes);
+  return offset;
 }
 
 inline cudaError_t launch_schedule_device_wide(const ScheduleProblem& p, const ScheduleScratch& s, cudaStream_t stream) {
