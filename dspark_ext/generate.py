@@ -214,6 +214,13 @@ def generate(
     result.request_forwards += B
     last_rows = (torch.cumsum(prompt_lengths, 0) - 1).to(device)
     anchor_hidden = None if prefill.hidden_states is None else prefill.hidden_states[last_rows]
+    # features[b, j] = the target's features of token j of request b (what DSpark drafters read);
+    # features_shown[b] = how many of them the drafter has been given so far.
+    features = None
+    if prefill.hidden_states is not None:
+        features = prefill.hidden_states.new_zeros(B, capacity, prefill.hidden_states.shape[-1])
+        features[prompt_mask.to(device)] = prefill.hidden_states
+    features_shown = torch.zeros(B, dtype=torch.int64, device=device)
     zeros_b = torch.zeros(B, dtype=torch.int32, device=device)
     first, _ = torch.ops.dspark.verify(
         prefill.logits[last_rows], torch.zeros(0, dtype=torch.int64, device=device), None, _cumsum0(zeros_b),
@@ -234,7 +241,10 @@ def generate(
         if K > 0 and bool((caps > 0).any()):
             draft = drafter.propose(DraftContext(
                 tokens=sequence[:, :int(seq_len.max())], lengths=seq_len.clone(), anchor_hidden=anchor_hidden,
-                temperature=temperatures, seed=seeds, offset=generated.clone()))
+                temperature=temperatures, seed=seeds, offset=generated.clone(),
+                hidden_states=None if features is None else features[:, :int(seq_len.max())],
+                new_from=features_shown.clone()))
+            features_shown = seq_len - 1  # the drafter sees every row, finished ones included
             if tuple(draft.token_ids.shape) != (B, K):
                 raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
         result.time_draft += clock() - t0
@@ -289,6 +299,13 @@ def generate(
             if anchor_hidden is None:
                 anchor_hidden = out.hidden_states.new_zeros(B, out.hidden_states.shape[-1])
             anchor_hidden[rows] = out.hidden_states[cu_seqlens[:-1][rows].long() + num_accepted]
+            if features is None:
+                features = out.hidden_states.new_zeros(B, capacity, out.hidden_states.shape[-1])
+            # The anchor and the accepted drafts are now context: their rows keep their features.
+            kept = positions[None] <= num_accepted[:, None]  # [R, K + 1]
+            src = (cu_seqlens[:-1][rows].long()[:, None] + positions[None])[kept]
+            dst = (seq_len[rows][:, None] - 1 + positions[None])[kept]
+            features[rows[:, None].expand(-1, K + 1)[kept], dst] = out.hidden_states[src]
 
         # Rewind: keep the anchor and the accepted drafts.
         new_lengths = target_length_before.clone()

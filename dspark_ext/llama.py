@@ -119,6 +119,16 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * xf.to(x.dtype)
 
 
+def lm_head_logits(x: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """``x @ lm_head.T`` for a few rows x [T, D] against a vocabulary-sized lm_head [V, D]. For
+    T < 16, computing it as ``lm_head @ x.T`` avoids GEMM packing the whole [V, D] matrix on every
+    call (oneDNN/MKL on CPU: 8 rows of SmolLM2's head take ~10 ms instead of ~35 ms)."""
+    if x.dim() == 2 and x.shape[0] < 16 and x.device.type == "cpu":
+        return (lm_head @ x.T).T
+    return F.linear(x, lm_head)
+
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -262,7 +272,7 @@ class Llama:
         x = _rms_norm(x, w.norm, cfg.rms_norm_eps)
         hiddens[cfg.num_layers] = x
         cache.lengths = cache.lengths + n_new
-        logits = F.linear(x, w.lm_head).float()
+        logits = lm_head_logits(x, w.lm_head).float()
         hid = None
         if hidden_idx is not None:
             hid = torch.cat([hiddens[i] for i in hidden_idx], dim=-1)

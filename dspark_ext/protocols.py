@@ -67,7 +67,13 @@ class DraftContext:
     whole sequence so far (prompt + generated, anchor last) in its first ``lengths[b]`` entries;
     ``anchor_hidden`` [B, D] (or None) are the target's hidden states at each anchor's
     predecessor row (the row whose logits produced the anchor); ``temperature`` [B] float32,
-    ``seed`` [B] int64 and ``offset`` [B] int64 key the drafter's randomness for this round."""
+    ``seed`` [B] int64 and ``offset`` [B] int64 key the drafter's randomness for this round.
+
+    ``hidden_states`` [B, L, F] (or None, when the target returns no features) are the target's
+    features of each token of ``tokens``, valid at positions < ``lengths[b] - 1`` (the anchor has
+    not been through the target yet); ``new_from`` [B] int64 is the first position whose features
+    the drafter has not been shown in an earlier round of this generation (0 = a new request), so
+    a drafter can keep an incremental per-request context cache."""
 
     tokens: torch.Tensor
     lengths: torch.Tensor
@@ -75,6 +81,8 @@ class DraftContext:
     temperature: torch.Tensor
     seed: torch.Tensor
     offset: torch.Tensor
+    hidden_states: Optional[torch.Tensor] = None
+    new_from: Optional[torch.Tensor] = None
 
 
 @runtime_checkable

@@ -33,14 +33,29 @@ def test_packaged_eval_prompts(dataset):
 
 def test_parser_defaults_and_errors():
     args = cli.build_parser().parse_args(["generate", "hello"])
-    assert (args.prompt, args.drafter, args.temperature, args.model) == ("hello", "ngram", 0.0, None)
+    assert (args.prompt, args.drafter, args.temperature, args.model) == ("hello", "dspark+sched", 0.0, None)
+    args = cli.build_parser().parse_args(["bench-e2e"])
+    assert args.drafters == "ar,ngram,dspark,dspark+sched"
+    args = cli.build_parser().parse_args(["train", "--out", "x"])
+    assert (args.variants, args.num_prompts, args.context_layers) == ("dspark,parallel,mtp1", 768, "2,11,20,29")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench-e2e", "--dataset", "not-a-dataset"])
 
 
+def test_shipped_drafter_is_packaged():
+    """The default DSpark drafter for SmolLM2 ships with the package, with its calibration."""
+    folder = cli.default_drafter_path()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_draft"] == 7 and config["markov_rank"] == 64 and config["confidence"]
+    assert len(config["sts_temperature"]) == 7 and all(t > 0 for t in config["sts_temperature"])
+    assert config["sps"][0] == 0 and all(v > 0 for v in config["sps"][1:])
+    assert (folder / "model.safetensors").stat().st_size <= 30 * 2**20
+
+
 @needs_default_target
-def test_generate_streams_and_reports(capsys):
-    assert cli.main(["generate", "Count from one to ten.", "--max-new-tokens", "12"]) == 0
+@pytest.mark.parametrize("drafter", ["dspark+sched", "ngram"])
+def test_generate_streams_and_reports(capsys, drafter):
+    assert cli.main(["generate", "Count from one to ten.", "--max-new-tokens", "12", "--drafter", drafter]) == 0
     out, err = capsys.readouterr()
     assert out.strip()  # the streamed text
     assert "tokens/s" in err and "tokens per target forward" in err and "speed-up" in err
@@ -49,11 +64,15 @@ def test_generate_streams_and_reports(capsys):
 @needs_default_target
 def test_bench_e2e_writes_reports(tmp_path, capsys):
     code = cli.main(["bench-e2e", "--dataset", "humaneval", "--num-prompts", "2", "--batch-size", "2",
-                     "--max-new-tokens", "8", "--out", str(tmp_path)])
+                     "--max-new-tokens", "8", "--drafters", "ngram,dspark,dspark+sched", "--out", str(tmp_path)])
     assert code == 0
-    report = json.loads((tmp_path / "humaneval_b2_t0_ngram.json").read_text())
-    ar, ngram = report["results"]["ar"], report["results"]["ngram"]
-    assert ar["tokens"] == ngram["tokens"] == 16  # greedy: the same 2 x 8 tokens (no eos this early)
-    assert ngram["tokens_per_forward"] >= 1.0 and len(ngram["acceptance_by_position"]) == 5
-    assert (tmp_path / "humaneval_b2_t0_ngram.md").read_text().startswith("| drafter |")
-    assert (tmp_path / "humaneval_b2_t0_ngram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((tmp_path / "humaneval_b2_t0.json").read_text())
+    results = report["results"]
+    assert list(results) == ["ar", "ngram", "dspark", "dspark+sched"]
+    # greedy: every drafter emits the same 2 x 8 tokens (no eos this early)
+    assert {r["tokens"] for r in results.values()} == {16}
+    assert results["ngram"]["tau"] >= 1.0 and len(results["ngram"]["acceptance_by_position"]) == 5
+    assert len(results["dspark"]["acceptance_by_position"]) == 7 and results["dspark+sched"]["scheduled"]
+    assert results["ar"]["tau"] == 1.0 and results["ar"]["speedup_vs_ar"] == 1.0
+    assert (tmp_path / "humaneval_b2_t0.md").read_text().startswith("| drafter |")
+    assert (tmp_path / "humaneval_b2_t0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

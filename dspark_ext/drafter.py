@@ -1,0 +1,384 @@
+"""The DSpark drafter (paper Sec. 3): a parallel backbone + Markov head + confidence head.
+
+Backbone (DFlash-style): a small Llama-shaped transformer over the block
+``[anchor, mask x (K - 1)]``. Every block position attends bidirectionally to the whole block and
+to the target's *context features*: hidden states of several target layers at every committed
+position, concatenated, projected to the model width and RMS-normed, then turned into extra
+keys/values by each layer's own K/V projections. It shares the target's frozen token embedding
+and LM head, so one forward gives K base-logit rows ``U_k`` and hidden states ``h_k``.
+
+On top: ``MarkovHead`` (``l_k = U_k + W2 W1[x_{k-1}]``) and ``ConfidenceHead``
+(``c_k = sigmoid(w . [h_k; W1[x_{k-1}]])``) from ``dspark_ext.heads``; inference samples the K
+drafts left to right through ``torch.ops.dspark.markov_draft``. Ablations: ``markov_rank = 0``
+is the parallel-only backbone (DFlash-like; drafted by the same op with a zero Markov head, i.e.
+independently per position), ``num_draft = 1`` an MTP-1 style single-token drafter.
+
+``DSparkDrafter`` implements the ``Drafter`` protocol. It keeps a per-request cache of the
+projected context keys/values, fed incrementally from ``DraftContext.hidden_states``.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark_ext.heads import ConfidenceHead, MarkovHead
+from dspark_ext.llama import lm_head_logits
+from dspark_ext.protocols import Draft, DraftContext
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class DrafterConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_layers: List[int]  # target layers (output_hidden_states numbering) the backbone reads
+    num_layers: int = 1
+    num_draft: int = 7  # K
+    markov_rank: int = 64  # 0 = parallel-only backbone (no Markov head)
+    confidence: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    target: str = ""
+    sps: Optional[List[float]] = None  # measured steps/s of the target at 1..N tokens (scheduler)
+    sts_temperature: Optional[List[float]] = None
+    notes: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_llama(cls, llama_config, context_layers: Sequence[int], **kwargs) -> "DrafterConfig":
+        """Backbone shaped like the target's decoder layers (``dspark_ext.llama.LlamaConfig``)."""
+        c = llama_config
+        return cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                   num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                   context_layers=[int(i) for i in context_layers], rope_theta=c.rope_theta,
+                   rms_norm_eps=c.rms_norm_eps, **kwargs)
+
+
+def fast_lm_head_dtype(device) -> torch.dtype:
+    """bfloat16 where a bfloat16 matmul is native (CUDA; CPUs with AVX512-BF16 or AMX), else
+    float32. Drafting logits are whatever the drafter reports to verification, so their
+    precision changes speed and acceptance, never the output law."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """rotate_half RoPE of ``x`` [..., S, heads, hd] at ``positions`` [..., S]."""
+    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [..., S, 1, hd]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * emb.cos() + rotated * emb.sin()
+
+
+class BackboneLayer(nn.Module):
+    """A Llama decoder layer whose attention also reads the context's keys/values."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        D, H, KVH, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, KVH, hd
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.q = nn.Linear(D, H * hd, bias=False)
+        self.k = nn.Linear(D, KVH * hd, bias=False)
+        self.v = nn.Linear(D, KVH * hd, bias=False)
+        self.o = nn.Linear(H * hd, D, bias=False)
+        self.mlp_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.gate = nn.Linear(D, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(D, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, D, bias=False)
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+        """Keys/values [B, S, KVH, hd] of the (projected, normed) context features [B, S, D]."""
+        B, S, _ = context.shape
+        k = rotary(self.k(context).view(B, S, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        v = self.v(context).view(B, S, self.num_kv_heads, self.head_dim)
+        return k, v
+
+    def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask):
+        """x [B, Q, D] block rows at ``positions`` [B, Q]; ctx_k/ctx_v [B, S, KVH, hd]; mask
+        [B, Q, S + Q] bool (True = may attend) over (context keys, block keys)."""
+        B, Q, _ = x.shape
+        H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        h = self.attn_norm(x)
+        q = rotary(self.q(h).view(B, Q, H, hd), positions, inv_freq)
+        k = rotary(self.k(h).view(B, Q, KVH, hd), positions, inv_freq)
+        v = self.v(h).view(B, Q, KVH, hd)
+        keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
+        vals = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
+        if KVH != H:
+            keys = keys.repeat_interleave(H // KVH, dim=1)
+            vals = vals.repeat_interleave(H // KVH, dim=1)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None])
+        x = x + self.o(o.transpose(1, 2).reshape(B, Q, H * hd))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class DSparkBackbone(nn.Module):
+    """The parallel backbone: context projection, ``num_layers`` layers, final norm. Token
+    embedding and LM head are the target's (frozen buffers, not saved with the drafter)."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.cfg = cfg
+        width = len(cfg.context_layers) * D
+        # Target activations carry a few huge outlier dimensions (|x| ~ 500 against a typical
+        # ~15 in SmolLM2's deep layers) that would swamp the projection: each dimension is
+        # standardized with statistics of the training features (set_feature_statistics).
+        self.register_buffer("feature_shift", torch.zeros(width))
+        self.register_buffer("feature_scale", torch.ones(width))
+        self.context_proj = nn.Linear(width, D, bias=False)
+        self.context_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.mask_embedding = nn.Parameter(torch.zeros(D))
+        self.layers = nn.ModuleList(BackboneLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        hd = cfg.head_dim
+        self.register_buffer("inv_freq", 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2).float() / hd)),
+                             persistent=False)
+
+    @torch.no_grad()
+    def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-dimension mean and standard deviation [L * D] of the target's context features."""
+        self.feature_shift.copy_(mean)
+        self.feature_scale.copy_(1.0 / std.clamp(min=1e-3))
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """Target features [..., L * D] -> normed context rows [..., D]."""
+        x = (features.to(self.feature_scale.dtype) - self.feature_shift) * self.feature_scale
+        # Clamp the rare extreme rows (the attention-sink token reaches ~100 sigma).
+        return self.context_norm(self.context_proj(x.clamp(-8.0, 8.0)))
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor):
+        return [layer.context_kv(context, positions, self.inv_freq) for layer in self.layers]
+
+    def block_inputs(self, embedding: torch.Tensor, anchor_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
+        """[anchor embedding, mask x (K - 1)] for anchors [...] -> [..., K, D]."""
+        anchor = F.embedding(anchor_ids, embedding).to(self.mask_embedding.dtype)
+        masks = self.mask_embedding.expand(*anchor_ids.shape, num_draft - 1, -1)
+        return torch.cat([anchor[..., None, :], masks], dim=-2)
+
+    def forward(self, x, positions, kv, mask) -> torch.Tensor:
+        """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D]."""
+        for layer, (ck, cv) in zip(self.layers, kv):
+            x = layer(x, positions, self.inv_freq, ck, cv, mask)
+        return self.norm(x)
+
+
+class DSparkDrafter(nn.Module):
+    """Backbone + Markov head + confidence head; a ``Drafter`` for ``dspark_ext.generate``.
+
+    ``embedding`` [V, D] and ``lm_head`` [V, D] are the target's (frozen). ``sps`` (the target's
+    measured steps/s at 1..N tokens) travels with the drafter so the generation loop can run the
+    scheduler; ``confidence`` is None without a confidence head."""
+
+    def __init__(self, cfg: DrafterConfig, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] = None):
+        super().__init__()
+        if tuple(embedding.shape) != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"embedding must be [V, D] = {[cfg.vocab_size, cfg.hidden_size]}, got {list(embedding.shape)}")
+        self.cfg = cfg
+        self.num_draft = cfg.num_draft
+        self.backbone = DSparkBackbone(cfg)
+        self.markov = MarkovHead(cfg.vocab_size, cfg.markov_rank) if cfg.markov_rank > 0 else None
+        self.confidence = ConfidenceHead(cfg.hidden_size, cfg.markov_rank) if cfg.confidence else None
+        if self.confidence is not None and cfg.sts_temperature:
+            self.confidence.set_sts_temperature(cfg.sts_temperature)
+        self.register_buffer("embedding", embedding.detach().float(), persistent=False)
+        self.register_buffer("lm_head", (embedding if lm_head is None else lm_head).detach().float(),
+                             persistent=False)
+        self._init_weights()
+        self._cache_k: list = []
+        self._cache_v: list = []
+        self._cache_len = torch.zeros(0, dtype=torch.int64)
+
+    def _init_weights(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and not name.startswith(("markov.", "confidence.")):
+                nn.init.normal_(p, std=0.02)
+        if self.markov is not None:
+            nn.init.normal_(self.markov.w1.weight, std=0.02)
+            nn.init.zeros_(self.markov.w2.weight)  # start as the plain backbone
+        if self.confidence is not None:
+            nn.init.zeros_(self.confidence.linear.weight)
+            nn.init.zeros_(self.confidence.linear.bias)
+
+    @property
+    def sps(self) -> Optional[torch.Tensor]:
+        return None if not self.cfg.sps else torch.tensor(self.cfg.sps, dtype=torch.float32)
+
+    # ---------------------------------------------------------------- training form
+    def block_forward(self, context_features, context_positions, anchor_ids, anchor_positions, context_mask):
+        """Teacher-forced training forward for J blocks per sequence.
+
+        ``context_features`` [B, S, L*D], ``context_positions`` [B, S]; ``anchor_ids`` /
+        ``anchor_positions`` [B, J]; ``context_mask`` [B, J, S] bool (block j may read context
+        row s: rows before its anchor). Returns (base logits U [B, J, K, V] float32, hidden
+        h [B, J, K, D])."""
+        B, J = anchor_ids.shape
+        K = self.num_draft
+        context = self.backbone.project_context(context_features)
+        kv = self.backbone.context_kv(context, context_positions)
+        x = self.backbone.block_inputs(self.embedding, anchor_ids, K).reshape(B, J * K, -1)
+        positions = (anchor_positions[:, :, None] + torch.arange(K, device=anchor_ids.device)).reshape(B, J * K)
+        same_block = torch.eye(J, dtype=torch.bool, device=anchor_ids.device).repeat_interleave(K, 0).repeat_interleave(K, 1)
+        mask = torch.cat([context_mask.repeat_interleave(K, dim=1), same_block[None].expand(B, -1, -1)], dim=2)
+        h = self.backbone(x, positions, kv, mask).view(B, J, K, -1)
+        return self.logits(h, self.training_lm_head_dtype), h
+
+    #: dtype of the LM head matmul in ``block_forward`` (training): bfloat16 runs ~3x faster
+    #: on CPUs with AVX512-BF16 and the loss is computed in float32 from its output.
+    training_lm_head_dtype: Optional[torch.dtype] = None
+
+    #: dtype of the LM head matmul when drafting (``propose``); see ``fast_lm_head_dtype``.
+    inference_lm_head_dtype: Optional[torch.dtype] = None
+
+    def logits(self, hidden: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The target's LM head on ``hidden`` [..., D] -> float32 logits [..., V]."""
+        if dtype is None or dtype == torch.float32:
+            return lm_head_logits(hidden.float().reshape(-1, hidden.shape[-1]), self.lm_head).view(
+                *hidden.shape[:-1], -1)
+        cached = getattr(self, "_lm_head_lowp", None)
+        if cached is None or cached.dtype != dtype or cached.device != self.lm_head.device:
+            cached = self.lm_head.to(dtype)
+            self._lm_head_lowp = cached
+        return F.linear(hidden.to(dtype), cached).float()
+
+    # ---------------------------------------------------------------- Drafter protocol
+    def reset(self, batch_size: int) -> None:
+        """Drops every request's context cache (``propose`` does it per request on new_from == 0)."""
+        self._cache_k, self._cache_v = [], []
+        self._cache_len = torch.zeros(batch_size, dtype=torch.int64)
+
+    def _append_context(self, context: DraftContext) -> None:
+        """Projects the features of positions [new_from[b], lengths[b] - 1) into the cache."""
+        if context.hidden_states is None:
+            raise ValueError("DSparkDrafter needs the target's context features: build the target with "
+                             f"hidden_layers={self.cfg.context_layers}")
+        feats = context.hidden_states
+        B = context.tokens.shape[0]
+        device = feats.device
+        new_from = (context.new_from if context.new_from is not None
+                    else torch.zeros(B, dtype=torch.int64)).to("cpu", torch.int64)
+        ends = (context.lengths.to("cpu", torch.int64) - 1).clamp(min=0)
+        if self._cache_len.shape[0] != B or not self._cache_k:
+            self.reset(B)
+        self._cache_len = torch.where(new_from == 0, torch.zeros_like(self._cache_len), self._cache_len)
+        if bool((self._cache_len != new_from).any()):
+            raise ValueError(f"context features skipped: cached up to {self._cache_len.tolist()}, "
+                             f"new features start at {new_from.tolist()}")
+        capacity = int(ends.max()) if B else 0
+        if not self._cache_k or self._cache_k[0].shape[1] < capacity:
+            grown = max(capacity, 2 * (self._cache_k[0].shape[1] if self._cache_k else 128))
+            shape = (B, grown, self.cfg.num_kv_heads, self.cfg.head_dim)
+            old_k, old_v = self._cache_k, self._cache_v
+            self._cache_k = [torch.zeros(shape, device=device) for _ in self.backbone.layers]
+            self._cache_v = [torch.zeros(shape, device=device) for _ in self.backbone.layers]
+            for i in range(len(old_k)):
+                self._cache_k[i][:, :old_k[i].shape[1]] = old_k[i]
+                self._cache_v[i][:, :old_v[i].shape[1]] = old_v[i]
+        counts = (ends - new_from).clamp(min=0)
+        if int(counts.sum()) == 0:
+            self._cache_len = torch.maximum(self._cache_len, ends)
+            return
+        rows = torch.repeat_interleave(torch.arange(B), counts)
+        pos = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(new_from, ends) if e > s])
+        rows_d, pos_d = rows.to(device), pos.to(device)
+        ctx = self.backbone.project_context(feats[rows_d, pos_d])[None]  # [1, n, D]
+        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None])):
+            self._cache_k[i][rows_d, pos_d] = k[0]
+            self._cache_v[i][rows_d, pos_d] = v[0]
+        self._cache_len = torch.maximum(self._cache_len, ends)
+
+    @torch.no_grad()
+    def propose(self, context: DraftContext) -> Draft:
+        self._append_context(context)
+        B, K = context.tokens.shape[0], self.num_draft
+        device = context.tokens.device
+        last = (context.lengths - 1).to(device)
+        anchors = context.tokens[torch.arange(B, device=device), last]
+        S = int(self._cache_len.max())
+        x = self.backbone.block_inputs(self.embedding, anchors, K)  # [B, K, D]
+        positions = last[:, None] + torch.arange(K, device=device)
+        ctx_mask = torch.arange(S, device=device)[None] < self._cache_len.to(device)[:, None]  # [B, S]
+        mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
+        kv = [(k[:, :S], v[:, :S]) for k, v in zip(self._cache_k, self._cache_v)]
+        h = self.backbone(x, positions, kv, mask)
+        base = self.logits(h, self.inference_lm_head_dtype).contiguous()
+        if self.markov is not None:
+            w1, w2 = self.markov.w1.weight.detach(), self.markov.w2.weight.detach()
+        else:  # parallel-only: a zero Markov head = independent draws per position
+            w1 = w2 = torch.zeros(self.cfg.vocab_size, 1, device=device)
+        conf_args = (None, None, None)
+        if self.confidence is not None:
+            conf_args = self.confidence.op_arguments(h)
+            if self.markov is None:
+                conf_args = (conf_args[0], torch.zeros(1, device=device), conf_args[2])
+        token_ids, logits, confidence = torch.ops.dspark.markov_draft(
+            base, anchors.to(torch.int64), w1, w2, context.temperature.float(), context.seed, context.offset, *conf_args)
+        return Draft(token_ids=token_ids, logits=logits,
+                     confidence=confidence if self.confidence is not None else None)
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, folder, dtype: torch.dtype = torch.float16) -> None:
+        """``folder/config.json`` (config, SPS profile, STS temperatures) and
+        ``folder/model.safetensors`` (the drafter's own weights in ``dtype``; the target's
+        embedding and LM head are not stored)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.confidence is not None and self.confidence.sts_temperature.numel():
+            self.cfg.sts_temperature = [float(t) for t in self.confidence.sts_temperature]
+        state = {k: (v.to(dtype) if v.is_floating_point() and k != "confidence.sts_temperature" else v)
+                 .detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=1))
+
+    @classmethod
+    def load(cls, folder, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] = None,
+             device=None) -> "DSparkDrafter":
+        """A drafter saved by ``save``, on the target's ``embedding`` / ``lm_head`` (float32 compute)."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        cfg = DrafterConfig(**json.loads((folder / CONFIG_FILE).read_text()))
+        drafter = cls(cfg, embedding, lm_head)
+        state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+        drafter.load_state_dict(state)
+        drafter = drafter.to(device or embedding.device).eval()
+        drafter.inference_lm_head_dtype = fast_lm_head_dtype(drafter.embedding.device)
+        return drafter
+
+    @classmethod
+    def for_target(cls, folder, target) -> "DSparkDrafter":
+        """``load`` on a ``LlamaTarget``'s embedding and LM head."""
+        w = target.model.weights
+        return cls.load(folder, w.embed.float(), w.lm_head.float(), device=target.device)
