@@ -76,8 +76,6 @@ def _drafter(spec: "DrafterSpec", args, target):
 
 def _context_layers(specs) -> Optional[List[int]]:
     """The target layers the DSpark drafters read (they must agree)."""
-    import json as _json
-
     layers = None
     for spec in specs:
         if spec.kind != "dspark":
@@ -85,7 +83,7 @@ def _context_layers(specs) -> Optional[List[int]]:
         path = spec.path / "config.json"
         if not path.is_file():
             raise SystemExit(f"no drafter at {spec.path} (train one with `dspark train --install`)")
-        these = _json.loads(path.read_text())["context_layers"]
+        these = json.loads(path.read_text())["context_layers"]
         if layers is not None and these != layers:
             raise SystemExit(f"the drafters read different target layers: {layers} vs {these}")
         layers = these

@@ -16,16 +16,8 @@ from dspark_ext.train import (  # noqa: E402
     FeatureCache, TrainConfig, cache_features, dspark_loss, heldout_rollouts, iter_sharegpt, prepare_prompts,
     regenerate, train_drafter,
 )
-from test_drafter import randomize  # noqa: E402
+from test_drafter import _one_thread, randomize  # noqa: E402,F401  (_one_thread: the module's autouse fixture)
 from test_generate import tiny_llama  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- ShareGPT and prompts
