@@ -176,17 +176,9 @@ def load_eval_prompts(dataset: str, limit: Optional[int]) -> List[str]:
     return prompts
 
 
-def _progress(done: int, total: int, label: str) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-    sys.stderr.flush()
-    if done == total:
-        sys.stderr.write("\n")
-
-
 def cmd_bench_e2e(args) -> int:
     from dspark_ext.targets import load_target
+    from dspark_ext.train import progress_bar
 
     specs = [DrafterSpec(x) for x in args.drafters.split(",") if x]
     if not specs or specs[0].kind != "ar":
@@ -218,7 +210,7 @@ def cmd_bench_e2e(args) -> int:
             reached += result.position_reached[:K].double()
             accepted += result.position_accepted[:K].double()
             verified += result.position_verified[:K].double()
-            _progress(i + 1, len(batches), f"{args.dataset} {spec.label:>12}")
+            progress_bar(i + 1, len(batches), f"{args.dataset} {spec.label:>12}")
         totals[spec.label] = {
             "tokens": int(tokens), "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9),
             # tau: tokens per request per target forward, the bonus/corrected token included

@@ -213,9 +213,9 @@ def generate(
     result.target_forwards += 1
     result.request_forwards += B
     last_rows = (torch.cumsum(prompt_lengths, 0) - 1).to(device)
-    anchor_hidden = None if prefill.hidden_states is None else prefill.hidden_states[last_rows]
-    # features[b, j] = the target's features of token j of request b (what DSpark drafters read);
-    # features_shown[b] = how many of them the drafter has been given so far.
+    # features[b, j] = the target's features of token j of request b (what DSpark drafters read;
+    # the anchor's predecessor row is the context's anchor_hidden); features_shown[b] = how many
+    # of them the drafter has been given so far.
     features = None
     if prefill.hidden_states is not None:
         features = prefill.hidden_states.new_zeros(B, capacity, prefill.hidden_states.shape[-1])
@@ -239,6 +239,7 @@ def generate(
         t0 = clock()
         draft = None
         if K > 0 and bool((caps > 0).any()):
+            anchor_hidden = None if features is None else features[row_index, (seq_len - 2).clamp(min=0)]
             draft = drafter.propose(DraftContext(
                 tokens=sequence[:, :int(seq_len.max())], lengths=seq_len.clone(), anchor_hidden=anchor_hidden,
                 temperature=temperatures, seed=seeds, offset=generated.clone(),
@@ -294,11 +295,7 @@ def generate(
             generated[rows], K)
         num_accepted = num_accepted.long()
 
-        # New anchors' hidden states: request b's row cu_seqlens[b] + num_accepted[b].
         if out.hidden_states is not None:
-            if anchor_hidden is None:
-                anchor_hidden = out.hidden_states.new_zeros(B, out.hidden_states.shape[-1])
-            anchor_hidden[rows] = out.hidden_states[cu_seqlens[:-1][rows].long() + num_accepted]
             if features is None:
                 features = out.hidden_states.new_zeros(B, capacity, out.hidden_states.shape[-1])
             # The anchor and the accepted drafts are now context: their rows keep their features.

