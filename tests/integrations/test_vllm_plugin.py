@@ -84,9 +84,10 @@ def law_params(temperature, **extra):
     return {"temperature": temperature, "max_tokens": LAW_TOKENS, "ignore_eos": True, **extra}
 
 
-def greedy_job(models, name="greedy", fault=None):
+def greedy_job(models, name="greedy", fault=None, **params):
     job = {"name": name, "requests": [{"prompt": p, "params": {"temperature": 0.0, "max_tokens": 24,
-                                                                "ignore_eos": True}} for p in greedy_prompts(models)]}
+                                                                "ignore_eos": True, **params}}
+                                      for p in greedy_prompts(models)]}
     if fault:
         job["fault"] = fault
     return job
@@ -125,6 +126,7 @@ def ngram_plugin(models):
     """Prompt lookup with the plugin, engine and worker in their own processes."""
     prompt = law_prompt(models)
     jobs = [greedy_job(models),
+            greedy_job(models, "greedy_logprobs", logprobs=3),
             repeat_job("law_t08", prompt, law_params(0.8)),
             repeat_job("law_t10", prompt, law_params(1.0)),
             repeat_job("law_topk_topp", prompt, law_params(2.0, top_k=6, top_p=0.95)),
@@ -140,6 +142,7 @@ def ngram_plugin_inprocess(models):
     jobs = [greedy_job(models),
             *seeded_jobs(models, "seeded"),
             greedy_job(models, "greedy_broken", fault="greedy_as_sampled"),
+            greedy_job(models, "greedy_logprobs_dropped", fault="no_logprobs", logprobs=3),
             repeat_job("law_t08_temperature_ignored", prompt, law_params(0.8), fault="temperature_one"),
             repeat_job("law_t10_shared_seed", prompt, law_params(1.0), fault="shared_seed"),
             repeat_job("law_topk_topp_unprocessed", prompt, law_params(2.0, top_k=6, top_p=0.95),
@@ -156,7 +159,8 @@ def ngram_plugin_inprocess(models):
 @pytest.fixture(scope="session")
 def ngram_stock(models):
     prompt = law_prompt(models)
-    jobs = [greedy_job(models), repeat_job("law_t08", prompt, law_params(0.8))]
+    jobs = [greedy_job(models), greedy_job(models, "greedy_logprobs", logprobs=3),
+            repeat_job("law_t08", prompt, law_params(0.8))]
     return run_vllm(models, "ngram_stock", NGRAM, jobs, plugin=False)
 
 
@@ -258,6 +262,30 @@ def test_greedy_output_identical_with_and_without_plugin(request, spec):
     # broken variant: greedy rows sampled at T = 1
     broken = request.getfixturevalue(f"{spec}_plugin" if spec == "draft" else "ngram_plugin_inprocess")
     assert broken["jobs"]["greedy_broken"]["tokens"] != stock["jobs"]["greedy"]["tokens"]
+
+
+def logprobs_match(ours, theirs) -> bool:
+    """Same tokens, ranks and (to 1e-5) logprobs at every position of every request."""
+    if ours["tokens"] != theirs["tokens"]:
+        return False
+    for request_ours, request_theirs in zip(ours["logprobs"], theirs["logprobs"]):
+        if request_ours is None or request_theirs is None or len(request_ours) != len(request_theirs):
+            return False
+        for position_ours, position_theirs in zip(request_ours, request_theirs):
+            if [(r[0], r[2]) for r in position_ours] != [(r[0], r[2]) for r in position_theirs]:
+                return False
+            if not torch.allclose(torch.tensor([r[1] for r in position_ours]),
+                                  torch.tensor([r[1] for r in position_theirs]), atol=1e-5):
+                return False
+    return True
+
+
+def test_logprobs_as_vllm_gives_them(ngram_plugin, ngram_plugin_inprocess, ngram_stock):
+    stock = ngram_stock["jobs"]["greedy_logprobs"]
+    assert stock["logprobs"][0] and len(stock["logprobs"][0]) == 24
+    assert logprobs_match(ngram_plugin["jobs"]["greedy_logprobs"], stock)
+    # broken variant: a plugin that drops the logprobs
+    assert not logprobs_match(ngram_plugin_inprocess["jobs"]["greedy_logprobs_dropped"], stock)
 
 
 def test_greedy_identical_in_process(ngram_plugin_inprocess, ngram_stock):

@@ -25,7 +25,7 @@ def faults():
 
     real = {name: getattr(plugin, name) for name in (
         "request_seeds", "verify_temperature", "processing_reasons", "draft_probs_as_logits",
-        "cu_num_draft_with_leading_zero", "choose_path")}
+        "cu_num_draft_with_leading_zero", "choose_path", "logprobs_tensors")}
     # name -> (attribute, broken function, [attribute, broken function, ...])
     return {
         # every request shares one random stream: samples are no longer independent
@@ -45,6 +45,8 @@ def faults():
         # vLLM's inclusive cumsum passed without its leading 0 (same length, shifted by one request)
         "no_leading_zero": ("cu_num_draft_with_leading_zero", lambda md: torch.cat(
             [md.cu_num_draft_tokens, md.cu_num_draft_tokens[-1:]]).to(torch.int32)),
+        # logprobs dropped
+        "no_logprobs": ("logprobs_tensors", lambda *args: None),
         # not a fault: every call takes vLLM's own forward, under the plugin's CPU expansion fix
         "force_fallback": ("choose_path", lambda *args: (plugin.Path.FALLBACK, "forced by the test")),
     }
@@ -68,6 +70,13 @@ def fault_applied(name):
             setattr(plugin, attribute, function)
 
 
+def logprob_rows(logprobs):
+    """Per position: [[token, logprob, rank], ...] sorted by token, or None without logprobs."""
+    if logprobs is None:
+        return None
+    return [sorted([token, entry.logprob, entry.rank] for token, entry in position.items()) for position in logprobs]
+
+
 def main(plan_path, out_path):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -87,7 +96,8 @@ def main(plan_path, out_path):
         try:
             with fault_applied(job.get("fault")):
                 outputs = llm.generate(prompts, params, use_tqdm=False)
-            results["jobs"][job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+            results["jobs"][job["name"]] = {"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+                                            "logprobs": [logprob_rows(o.outputs[0].logprobs) for o in outputs]}
         except Exception as error:  # noqa: BLE001 - recorded for the test to judge
             results["jobs"][job["name"]] = {"error": f"{type(error).__name__}: {error}"}
     json.dump(results, open(out_path, "w"))
