@@ -10,10 +10,11 @@ replacement takes one of three paths per call:
   (0 for greedy rows) and the draft probabilities as logits that reproduce them under
   softmax(. / T). It samples the bonus token too, so vLLM's separate bonus sampler is skipped.
 - processed: top-k, top-p, penalties, allowed ids, bad words, min_tokens, thinking budget.
-  vLLM's own code processes the rows (the draft rows as its rejection sampler does, the bonus
-  rows as its sampler does, vllm/v1/sample/sampler.py:83), then verify runs at T = 1 on the
-  temperature-scaled, masked rows, so accepted, correction and bonus tokens all follow the
-  processed law.
+  Penalties and the like go through vLLM's own code (the draft rows as its rejection sampler
+  processes them, the bonus rows as its sampler does, vllm/v1/sample/sampler.py:83); top-k /
+  top-p become one keep-threshold per row (`top_k_top_p.py`, no vocabulary sort) and mask the
+  rows with -inf, in place as vLLM's forward allows; verify then runs with vLLM's temperatures,
+  so accepted, correction and bonus tokens all follow the processed law.
 - fallback: vLLM's original forward, for what the mapping cannot prove equal (synthetic
   acceptance, logprobs of processed logits, per-token logprob ids, unknown logits processors,
   draft ids outside the vocabulary on CPU).
@@ -83,6 +84,12 @@ def processing_reasons(sampler, sampling_metadata) -> list:
         reasons.append("top-k")
     if sampling_metadata.top_p is not None:
         reasons.append("top-p")
+    return reasons + vllm_processing_reasons(sampling_metadata)
+
+
+def vllm_processing_reasons(sampling_metadata) -> list:
+    """The parameters whose processing is left to vLLM's own code."""
+    reasons = []
     if not sampling_metadata.no_penalties:
         reasons.append("penalties")
     if sampling_metadata.allowed_token_ids_mask is not None:
@@ -127,8 +134,10 @@ def request_seeds(sampling_metadata, num_requests: int, device) -> torch.Tensor:
 def draft_probs_as_logits(draft_probs: torch.Tensor, row_temperature: torch.Tensor, dtype) -> torch.Tensor:
     """Logits whose softmax(. / T) is the draft distribution: T * log(q) (T = 1 on greedy rows,
     whose drafts verify checks against the argmax only). log(0) = -inf carries no mass."""
-    scale = torch.where(row_temperature > 0, row_temperature, torch.ones_like(row_temperature))
-    return (draft_probs.to(torch.float32).log() * scale[:, None]).to(dtype)
+    log_q = draft_probs.to(torch.float32).log()
+    if bool((row_temperature != 1).any()) if row_temperature.device.type == "cpu" else True:
+        log_q.mul_(torch.where(row_temperature > 0, row_temperature, torch.ones_like(row_temperature))[:, None])
+    return log_q.to(dtype)
 
 
 def rows_per_request(metadata, device) -> torch.Tensor:
@@ -136,33 +145,35 @@ def rows_per_request(metadata, device) -> torch.Tensor:
     return torch.tensor([n + 1 for n in metadata.num_draft_tokens], dtype=torch.long).to(device)
 
 
-def processed_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata) -> torch.Tensor:
-    """[D + B, V] float32: every row processed the way stock vLLM processes it, then divided
-    by its temperature (1 for greedy rows) and top-k / top-p masked.
-
-    Draft rows: RejectionSampler.apply_logits_processors (penalties with the drafts as output,
-    allowed ids, bad words, min_tokens, thinking budget; rejection_sampler.py:304). Bonus rows:
-    Sampler.apply_logits_processors with predict_bonus_token=True (sampler.py:372)."""
-    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
-
+def vllm_processed_rows(sampler, metadata, logits: torch.Tensor, sampling_metadata) -> torch.Tensor:
+    """[D + B, V] float32, a new tensor: every row processed the way stock vLLM processes it,
+    before temperature. Draft rows: RejectionSampler.apply_logits_processors (penalties with the
+    drafts as output, allowed ids, bad words, min_tokens, thinking budget;
+    rejection_sampler.py:304). Bonus rows: Sampler.apply_logits_processors with
+    predict_bonus_token=True (sampler.py:372)."""
     rows = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     target_rows = logits[metadata.target_logits_indices].to(torch.float32)
     rows[metadata.target_logits_indices] = sampler.apply_logits_processors(target_rows, sampling_metadata, metadata)
     bonus_rows = logits[metadata.bonus_logits_indices].to(torch.float32)
     rows[metadata.bonus_logits_indices] = sampler.sampler.apply_logits_processors(
         bonus_rows, sampling_metadata, predict_bonus_token=True)
-    if sampling_metadata.all_greedy:
-        return rows
-    counts = rows_per_request(metadata, logits.device)
+    return rows
+
+
+def mask_top_k_top_p(rows: torch.Tensor, metadata, temperature: torch.Tensor, sampling_metadata) -> None:
+    """vLLM's top-k / top-p (applied after temperature, rejection_sampler.py:536 and sampler.py:
+    296) as -inf in place: the same kept set for every row, the bonus rows included."""
+    from dspark_ext.integrations.vllm.top_k_top_p import keep_thresholds
+
+    counts = rows_per_request(metadata, rows.device)
     num_rows = rows.shape[0]
-    temperature = verify_temperature(sampling_metadata, counts.shape[0], logits.device)
-    scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    rows.div_(torch.repeat_interleave(scale, counts, output_size=num_rows)[:, None])
 
     def per_row(values: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if values is None else torch.repeat_interleave(values, counts, output_size=num_rows)
 
-    return apply_top_k_top_p(rows, per_row(sampling_metadata.top_k), per_row(sampling_metadata.top_p))
+    threshold = keep_thresholds(rows, per_row(temperature), per_row(sampling_metadata.top_k),
+                                per_row(sampling_metadata.top_p))
+    rows.masked_fill_(rows < threshold[:, None], float("-inf"))
 
 
 def logprobs_tensors(sampler, metadata, logits, output_token_ids, sampling_metadata):
@@ -198,12 +209,16 @@ def dspark_forward(sampler, original_forward: Callable, metadata, draft_probs, l
     num_requests = len(metadata.num_draft_tokens)
     device = logits.device
     temperature = verify_temperature(sampling_metadata, num_requests, device)
-    if path is Path.PROCESSED:
-        rows = processed_rows(sampler, metadata, logits, sampling_metadata)
-        temperature = (temperature > 0).to(torch.float32)  # rows are already divided by T
-    else:
-        # q must be exactly the draft's law, so bf16/fp16 logits are read as float32 beside float32 q.
-        rows = logits if draft_probs is None or logits.dtype == torch.float32 else logits.to(torch.float32)
+    if path is Path.PROCESSED and vllm_processing_reasons(sampling_metadata):
+        rows = vllm_processed_rows(sampler, metadata, logits, sampling_metadata)
+    elif draft_probs is None or logits.dtype == torch.float32:
+        rows = logits
+    else:  # q must be exactly the draft's law: bf16/fp16 logits are read as float32 beside float32 q
+        rows = logits.to(torch.float32)
+    if path is Path.PROCESSED and (sampling_metadata.top_k is not None or sampling_metadata.top_p is not None):
+        if rows is logits and sampling_metadata.max_num_logprobs is not None:
+            rows = logits.clone()  # the logprobs are those of the raw logits
+        mask_top_k_top_p(rows, metadata, temperature, sampling_metadata)
     draft_logits = None
     if draft_probs is not None:
         draft_temperature = torch.repeat_interleave(
