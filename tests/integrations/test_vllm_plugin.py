@@ -377,17 +377,24 @@ def test_seeded_request_same_in_any_slot_and_run(ngram_plugin, ngram_plugin_inpr
 # ----------------------------------------------------------------------------- loading, switch
 
 
-def test_plugin_used_in_worker_process_with_multiprocessing(ngram_plugin):
-    replaced = re.findall(r"dspark-ext vLLM plugin \(pid (\d+)\): replaced (.*)", ngram_plugin["log"])
-    assert any("RejectionSampler.forward" in what for _, what in replaced), ngram_plugin["log"][-3000:]
-    used = {int(pid) for pid, _, _ in path_lines(ngram_plugin)}
-    assert used and ngram_plugin["runner_pid"] not in used, "sampling should run in a vLLM child process"
-    assert used <= {int(pid) for pid, _ in replaced}
+def used_in_child_process(result) -> bool:
+    """The plugin patched vLLM in the process that sampled, and that was not the runner."""
+    replaced = re.findall(r"dspark-ext vLLM plugin \(pid (\d+)\): replaced (.*)", result["log"])
+    patched = {int(pid) for pid, what in replaced if "RejectionSampler.forward" in what}
+    used = {int(pid) for pid, _, _ in path_lines(result)}
+    return bool(used) and result["runner_pid"] not in used and used <= patched
 
 
-def test_plugin_used_in_process_without_multiprocessing(ngram_plugin_inprocess):
+def test_plugin_used_in_worker_process_with_multiprocessing(ngram_plugin, ngram_stock):
+    assert used_in_child_process(ngram_plugin), ngram_plugin["log"][-3000:]
+    assert not used_in_child_process(ngram_stock)  # broken variant: a run where the plugin is not loaded
+
+
+def test_plugin_used_in_process_without_multiprocessing(ngram_plugin_inprocess, ngram_plugin):
     used = {int(pid) for pid, _, _ in path_lines(ngram_plugin_inprocess)}
     assert used == {ngram_plugin_inprocess["runner_pid"]}
+    # broken variant: the multiprocessing run sampled elsewhere, so the same check rejects it
+    assert {int(pid) for pid, _, _ in path_lines(ngram_plugin)} != {ngram_plugin["runner_pid"]}
 
 
 def test_switch_variable_turns_plugin_off(ngram_stock, draft_stock):

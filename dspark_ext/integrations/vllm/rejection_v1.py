@@ -135,7 +135,8 @@ def draft_probs_as_logits(draft_probs: torch.Tensor, row_temperature: torch.Tens
     """Logits whose softmax(. / T) is the draft distribution: T * log(q) (T = 1 on greedy rows,
     whose drafts verify checks against the argmax only). log(0) = -inf carries no mass."""
     log_q = draft_probs.to(torch.float32).log()
-    if bool((row_temperature != 1).any()) if row_temperature.device.type == "cpu" else True:
+    on_cpu = row_temperature.device.type == "cpu"  # elsewhere, skipping the scale would cost a sync
+    if not on_cpu or bool((row_temperature != 1).any()):
         log_q.mul_(torch.where(row_temperature > 0, row_temperature, torch.ones_like(row_temperature))[:, None])
     return log_q.to(dtype)
 

@@ -9,7 +9,8 @@ of the descending order, so one threshold value per row describes it. Here `topk
 of the largest values finds that threshold; only rows whose nucleus (or a tie at the k-th value)
 reaches past the window are redone over the whole row. The one difference from vLLM's sort:
 tokens whose logit exactly ties the threshold are all kept, where vLLM's unstable sort keeps an
-arbitrary subset of them.
+arbitrary subset of them. Sizing the window reads k on the host (a sync on CUDA, as vLLM's own
+top-k-only path has; V1's sampler runs outside CUDA graphs).
 """
 
 from typing import Optional, Tuple
