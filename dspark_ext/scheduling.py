@@ -119,3 +119,29 @@ def schedule_async(
     sorted_survival, order = _admission_order(survival_probabilities(confidence, max_len))
     num_candidates = (sorted_survival > 0).sum()
     return _lengths_of_first(order, torch.minimum(budget, num_candidates), num_requests, num_draft)
+
+
+# --------------------------------------------------------------------------- draft-cost-aware planning
+
+
+def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: torch.Tensor,
+                    draft_seconds: float) -> float:
+    """The best expected tokens per second of one round in which R requests draft with
+    forecast ``survival`` [R, K] (P(first j + 1 drafts accepted)), at most ``caps`` [R] drafts
+    each, the drafting costs ``draft_seconds`` and verifying n tokens costs ``step_seconds[n]``
+    (a 1-D CPU float64 table): the maximum over Algorithm 1's admission order of
+    tau(n) / (draft_seconds + step_seconds[n]), tau(n) = R + the admitted survivals. The whole
+    order is searched: forecasts are fixed before the round, as in ``schedule_async``."""
+    num_requests, num_draft = survival.shape
+    positions = torch.arange(num_draft)
+    admissible = torch.where(positions[None] < caps.cpu()[:, None], survival.cpu().double().nan_to_num(0.0), 0.0)
+    ordered = torch.sort(admissible.reshape(-1), descending=True).values
+    ordered = ordered[ordered > 0][: max(step_seconds.shape[0] - 1 - num_requests, 0)]
+    tau = num_requests + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ordered, 0)])
+    tokens = num_requests + torch.arange(tau.shape[0])
+    return float((tau / (draft_seconds + step_seconds[tokens])).max())
+
+
+def plain_decoding_throughput(num_requests: int, step_seconds: torch.Tensor) -> float:
+    """Tokens per second of a round that drafts nothing: R tokens in one step of R tokens."""
+    return num_requests / float(step_seconds[num_requests])

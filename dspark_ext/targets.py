@@ -13,6 +13,7 @@ request.
 import copy
 import importlib.util
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -63,13 +64,16 @@ def _check_rewind(lengths: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 class LlamaTarget:
     """``Target`` over ``dspark_ext.llama.Llama``. ``hidden_layers``: indices in transformers'
     ``output_hidden_states`` numbering (0 = embeddings, i = after decoder layer i, -1 = final
-    norm output); their features are concatenated into ``TargetOutput.hidden_states``."""
+    norm output); their features are concatenated into ``TargetOutput.hidden_states``.
+    ``max_context``: the most tokens (prompt + generated) a request may hold, from the
+    checkpoint's ``max_position_embeddings``."""
 
     def __init__(self, model: Llama, hidden_layers: Optional[Sequence[int]] = None,
                  initial_capacity: int = 256):
         self.model = model
         self.hidden_layers = None if hidden_layers is None else [int(i) for i in hidden_layers]
         self.vocab_size = model.config.vocab_size
+        self.max_context: Optional[int] = int(model.config.max_position)
         self.device = torch.device(model.device)
         self.initial_capacity = int(initial_capacity)
         self.cache = model.new_cache(0, 1)
@@ -97,6 +101,12 @@ class LlamaTarget:
         return self.cache.lengths.clone()
 
 
+def _max_position_embeddings(config) -> Optional[int]:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text_config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def _crop(cache, current: int, new_length: int) -> None:
     """Truncate a transformers cache to ``new_length`` tokens across API versions: 5.x's
     ``crop(tokens_to_remove)`` takes a negative count; older ones took the new absolute length."""
@@ -112,7 +122,8 @@ def _crop(cache, current: int, new_length: int) -> None:
 class HFTarget:
     """``Target`` over any transformers causal LM: one ``DynamicCache`` per request and one
     batch-1 forward per request with new tokens. ``hidden_layers`` index the model's
-    ``output_hidden_states`` tuple (-1 = last)."""
+    ``output_hidden_states`` tuple (-1 = last). ``max_context``: the config's
+    ``max_position_embeddings`` (None when it has none)."""
 
     def __init__(self, model, hidden_layers: Optional[Sequence[int]] = None):
         from transformers import DynamicCache
@@ -124,6 +135,7 @@ class HFTarget:
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(
             model.config.get_text_config().vocab_size)
         self.device = next(model.parameters()).device
+        self.max_context = _max_position_embeddings(model.config)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._caches: list = []
@@ -286,11 +298,28 @@ def load_default_target(device="cpu", dtype: torch.dtype = torch.float32, cache_
     return _make_target(model, device, dtype, hidden_layers), tokenizer
 
 
+def drafter_context_layers(drafter_path) -> List[int]:
+    """The target layers (``output_hidden_states`` numbering) whose features a saved DSpark
+    drafter reads: ``context_layers`` of its ``config.json``."""
+    config = Path(drafter_path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"no drafter at {drafter_path} (no config.json)")
+    return [int(i) for i in json.loads(config.read_text())["context_layers"]]
+
+
 def load_target(model: Optional[str] = None, device="cpu", dtype: torch.dtype = torch.float32,
-                cache_dir=None, hidden_layers: Optional[Sequence[int]] = None) -> Tuple[object, object]:
+                cache_dir=None, hidden_layers: Optional[Sequence[int]] = None,
+                drafter_path=None) -> Tuple[object, object]:
     """(target, tokenizer). ``model``: None = the default SmolLM2-135M-Instruct; a local folder,
     a ``.gguf`` file or a Hugging Face id (``from_pretrained``). Llama checkpoints get a
-    ``LlamaTarget``; anything else an ``HFTarget``."""
+    ``LlamaTarget``; anything else an ``HFTarget``. ``drafter_path``: a saved DSpark drafter
+    folder; the target then returns the features of the layers it reads (``hidden_layers``
+    taken from its config)."""
+    if drafter_path is not None:
+        layers = drafter_context_layers(drafter_path)
+        if hidden_layers is not None and [int(i) for i in hidden_layers] != layers:
+            raise ValueError(f"hidden_layers {list(hidden_layers)} differ from the drafter's context layers {layers}")
+        hidden_layers = layers
     if model is None or model == DEFAULT_MODEL_ID:
         return load_default_target(device=device, dtype=dtype, cache_dir=cache_dir, hidden_layers=hidden_layers)
     _require_transformers(gguf=str(model).endswith(".gguf"))

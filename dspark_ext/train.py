@@ -487,7 +487,7 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print) -> dict:
     held-out rollouts (DSpark) -> SPS profile -> ``out_dir/<variant>/drafter`` saved. Returns a
     summary (also written to ``out_dir/summary.json``)."""
     from dspark_ext.calibration import calibrate_sts, reliability_diagram
-    from dspark_ext.drafter import DrafterConfig, DSparkDrafter
+    from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,9 @@ def test_packaged_eval_prompts(dataset):
 
 def test_parser_defaults_and_errors():
     args = cli.build_parser().parse_args(["generate", "hello"])
-    assert (args.prompt, args.drafter, args.temperature, args.model) == ("hello", "dspark+sched", 0.0, None)
+    assert (args.prompt, args.drafter, args.temperature, args.model) == ("hello", "hybrid", 0.0, None)
     args = cli.build_parser().parse_args(["bench-e2e"])
-    assert args.drafters == "ar,ngram,dspark,dspark+sched"
+    assert args.drafters == "ar,ngram,dspark,dspark+sched,hybrid"
     args = cli.build_parser().parse_args(["train", "--out", "x"])
     assert (args.variants, args.num_prompts, args.context_layers) == ("dspark,parallel,mtp1", 768, "2,11,20,29")
     with pytest.raises(SystemExit):
@@ -52,9 +52,23 @@ def test_shipped_drafter_is_packaged():
     assert (folder / "model.safetensors").stat().st_size <= 30 * 2**20
 
 
+def test_shipped_lookup_calibration_is_packaged():
+    """The hybrid's prompt-lookup calibration ships with the package, fitted on held-out data."""
+    from dspark_ext.drafters.hybrid import shipped_lookup_calibration_path
+    from dspark_ext.drafters.lookup import NUM_RECORDS, LookupCalibration
+
+    calibration = LookupCalibration.load(shipped_lookup_calibration_path())
+    assert tuple(calibration.table.shape) == (2, calibration.max_ngram + 1, NUM_RECORDS, 7)
+    assert bool((calibration.table[:, 0] == 0).all())  # no match: no confidence
+    assert bool(((calibration.table >= 0) & (calibration.table <= 1)).all())
+    notes = calibration.notes
+    assert notes["source"] == "ShareGPT first turns" and notes["skip_prompts"] == 768 and notes["samples"] > 1000
+
+
 @needs_default_target
-@pytest.mark.parametrize("drafter", ["dspark+sched", "ngram"])
-def test_generate_streams_and_reports(capsys, drafter):
+@pytest.mark.parametrize("drafter", ["hybrid", "ngram"])
+def test_generate_streams_and_reports(capsys, monkeypatch, drafter):
+    monkeypatch.setenv("DSPARK_NO_PROFILE", "1")  # the shipped fallback table: no 20 s profile in a test
     assert cli.main(["generate", "Count from one to ten.", "--max-new-tokens", "12", "--drafter", drafter]) == 0
     out, err = capsys.readouterr()
     assert out.strip()  # the streamed text
@@ -62,13 +76,14 @@ def test_generate_streams_and_reports(capsys, drafter):
 
 
 @needs_default_target
-def test_bench_e2e_writes_reports(tmp_path, capsys):
+def test_bench_e2e_writes_reports(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DSPARK_NO_PROFILE", "1")
     code = cli.main(["bench-e2e", "--dataset", "humaneval", "--num-prompts", "2", "--batch-size", "2",
-                     "--max-new-tokens", "8", "--drafters", "ngram,dspark,dspark+sched", "--out", str(tmp_path)])
+                     "--max-new-tokens", "8", "--drafters", "ngram,dspark,dspark+sched,hybrid", "--out", str(tmp_path)])
     assert code == 0
     report = json.loads((tmp_path / "humaneval_b2_t0.json").read_text())
     results = report["results"]
-    assert list(results) == ["ar", "ngram", "dspark", "dspark+sched"]
+    assert list(results) == ["ar", "ngram", "dspark", "dspark+sched", "hybrid"]
     # greedy: every drafter emits the same 2 x 8 tokens (no eos this early)
     assert {r["tokens"] for r in results.values()} == {16}
     assert results["ngram"]["tau"] >= 1.0 and len(results["ngram"]["acceptance_by_position"]) == 5

@@ -1,4 +1,4 @@
-"""The DSpark drafter (dspark_ext/drafter.py) and its drafter specs (dspark_ext/cli.py).
+"""The DSpark drafter (dspark_ext/drafters/dspark.py) and its drafter specs (dspark_ext/cli.py).
 
 * train/inference parity: ``propose`` (incremental context cache + ``dspark::markov_draft``)
   gives the teacher-forced ``block_forward`` + Markov head logits and the confidence head's
@@ -26,7 +26,7 @@ from helpers import assert_matches_distribution, check_distribution
 
 pytest.importorskip("transformers")
 
-from dspark_ext.drafter import DrafterConfig, DSparkDrafter  # noqa: E402
+from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter  # noqa: E402
 from test_generate import LLAMA_MAX_NEW, LLAMA_PROMPTS, falling_sps, llama_references, tiny_llama  # noqa: E402
 
 
@@ -305,7 +305,7 @@ def test_save_load_round_trip(tmp_path, variant):
                            else original[name]), name
     assert any(not torch.equal(v, v.half().float()) for v in original.values())  # the rounding is real
 
-    from dspark_ext.drafter import fast_lm_head_dtype
+    from dspark_ext.drafters.dspark import fast_lm_head_dtype
 
     assert loaded.inference_lm_head_dtype == fast_lm_head_dtype("cpu")  # load picks the fast LM head
     rounded = fp16_rounded(drafter)
@@ -531,7 +531,7 @@ def test_sampling_check_rejects_misreported_logits(law_setup, broken_class):
 
 
 def test_drafter_spec_parsing():
-    from dspark_ext.cli import DrafterSpec, default_drafter_path
+    from dspark_ext.cli import CliError, DrafterSpec, default_drafter_path
 
     ar = DrafterSpec("ar")
     assert (ar.label, ar.kind, ar.path, ar.scheduled) == ("ar", "ar", None, False)
@@ -542,39 +542,46 @@ def test_drafter_spec_parsing():
     sched = DrafterSpec("dspark+sched")
     assert (sched.label, sched.kind, sched.path, sched.scheduled) == ("dspark+sched", "dspark",
                                                                       default_drafter_path(), True)
+    hybrid = DrafterSpec("hybrid")
+    assert (hybrid.label, hybrid.kind, hybrid.path, hybrid.scheduled) == ("hybrid", "hybrid", default_drafter_path(), True)
     custom = DrafterSpec("mtp1=runs/smollm2/mtp1/drafter")
     assert (custom.label, custom.kind, custom.path, custom.scheduled) == (
         "mtp1", "dspark", Path("runs/smollm2/mtp1/drafter"), False)
     custom_sched = DrafterSpec("mine=/tmp/x/drafter+sched")
     assert (custom_sched.label, custom_sched.kind, custom_sched.path, custom_sched.scheduled) == (
         "mine+sched", "dspark", Path("/tmp/x/drafter"), True)
-    for bad in ("foo", "", "ngram+sched", "ar+sched", "dspark+sched+sched", "Ar"):
-        with pytest.raises(SystemExit):
+    for bad in ("foo", "", "ngram+sched", "ar+sched", "dspark+sched+sched", "Ar", "hybrid+sched"):
+        with pytest.raises(CliError):
             DrafterSpec(bad)
 
 
-def test_cli_loads_saved_drafter(tmp_path):
-    """``LABEL=PATH[+sched]`` loads a saved drafter on the target; +sched needs its SPS profile."""
+def test_cli_loads_saved_drafter(tmp_path, monkeypatch):
+    """``LABEL=PATH[+sched]`` loads a saved drafter on the target; +sched schedules it with this
+    machine's cost profile (the drafter's shipped SPS table only as the fallback) and needs a
+    confidence head."""
     from argparse import Namespace
 
-    from dspark_ext import cli
+    from dspark_ext import cli, cost_profile
 
+    monkeypatch.setenv("DSPARK_NO_PROFILE", "1")  # use the fallback: no timing in tests
     target = llama_target_with_features()
     cfg = DrafterConfig.for_llama(target.model.config, GEN_LAYERS, num_draft=3, markov_rank=4)
     w = target.model.weights
     drafter = randomize(DSparkDrafter(cfg, w.embed, w.lm_head), 15)
-    drafter.save(tmp_path / "nosps")
     drafter.cfg.sps = [0.0, 10.0, 9.0]
     drafter.save(tmp_path / "withsps")
+    cfg_noconf = DrafterConfig.for_llama(target.model.config, GEN_LAYERS, num_draft=3, markov_rank=4, confidence=False)
+    DSparkDrafter(cfg_noconf, w.embed, w.lm_head).save(tmp_path / "noconf")
     args = Namespace(num_draft=3, max_ngram=3, min_ngram=1)
-    loaded, sps = cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'withsps'}+sched"), args, target)
-    assert isinstance(loaded, DSparkDrafter) and torch.equal(sps, torch.tensor([0.0, 10.0, 9.0]))
-    assert cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'withsps'}"), args, target)[1] is None
-    with pytest.raises(SystemExit):
-        cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'nosps'}+sched"), args, target)
-    with pytest.raises(SystemExit):
+    loaded, scheduling = cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'withsps'}+sched"), args, target)
+    assert isinstance(loaded, DSparkDrafter) and isinstance(scheduling["cost"], cost_profile.CostProfile)
+    assert scheduling["cost"].source.startswith("shipped")
+    assert cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'withsps'}"), args, target)[1] == {}
+    with pytest.raises(cli.CliError):
+        cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'noconf'}+sched"), args, target)
+    with pytest.raises(cli.CliError):
         cli._drafter(cli.DrafterSpec(f"a={tmp_path / 'missing'}"), args, target)
-    assert cli._context_layers([cli.DrafterSpec("ar"), cli.DrafterSpec(f"a={tmp_path / 'nosps'}")]) == GEN_LAYERS
+    assert cli._context_layers([cli.DrafterSpec("ar"), cli.DrafterSpec(f"a={tmp_path / 'noconf'}")]) == GEN_LAYERS
 
 
 def test_lm_head_logits_matches_linear():
@@ -588,7 +595,7 @@ def test_lm_head_logits_matches_linear():
 
 
 def test_fast_lm_head_dtype():
-    from dspark_ext.drafter import fast_lm_head_dtype
+    from dspark_ext.drafters.dspark import fast_lm_head_dtype
 
     assert fast_lm_head_dtype("cpu") in (torch.float32, torch.bfloat16)
     if torch.cuda.is_available():
@@ -598,7 +605,7 @@ def test_fast_lm_head_dtype():
 def test_feature_standardization():
     """project_context standardizes each feature dimension (so outlier dimensions cannot swamp
     the projection) and clamps extreme rows; the statistics are saved with the drafter."""
-    from dspark_ext.drafter import DrafterConfig, DSparkBackbone
+    from dspark_ext.drafters.dspark import DrafterConfig, DSparkBackbone
 
     cfg = DrafterConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_heads=2, num_kv_heads=1,
                         head_dim=4, context_layers=[1, 2])

@@ -16,7 +16,7 @@ import torch
 
 from dspark_ext.drafters import AutoregressiveDrafter, MarkovDrafter
 from dspark_ext.generate import GenerationResult, generate
-from dspark_ext.ngram import NgramDrafter
+from dspark_ext.drafters import NgramDrafter
 from dspark_ext.protocols import Drafter, DraftContext, Target
 from helpers import assert_matches_distribution, check_distribution
 from toy_targets import MisreportingDrafter, TrigramTarget
@@ -473,6 +473,25 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="at least one token"):
         generate(target, AutoregressiveDrafter(), [torch.tensor([], dtype=torch.int64)], 3)
     assert generate(target, AutoregressiveDrafter(), [], 3).tokens == []
+    with pytest.raises(ValueError, match="temperature"):
+        generate(target, AutoregressiveDrafter(), PROMPTS, 3, temperature=-1.0)
+    target.max_context = 12  # PROMPTS[0] has 10 tokens
+    with pytest.raises(ValueError, match="request 0: prompt \\(10 tokens\\) \\+ max_new_tokens \\(3\\) exceeds"):
+        generate(target, AutoregressiveDrafter(), PROMPTS, 3)
+    assert generate(target, AutoregressiveDrafter(), PROMPTS, 2).num_generated == 6
+
+
+def test_sps_as_a_list_like_a_saved_drafter_config():
+    """``sps`` may be the list a saved drafter's config holds; it schedules exactly like the tensor."""
+    target = toy_target(positional=False)
+    drafter = MarkovDrafter.random(V, K, seed=1, confidence=True)
+    table = falling_sps(64)
+    as_tensor = generate(target, drafter, PROMPTS, MAX_NEW, sps=table)
+    as_list = generate(target, drafter, PROMPTS, MAX_NEW, sps=table.tolist())
+    assert all(torch.equal(a, b) for a, b in zip(as_tensor.tokens, as_list.tokens))
+    assert torch.equal(as_tensor.position_verified, as_list.position_verified)
+    with pytest.raises(ValueError, match="sps must be a 1-D table"):
+        generate(target, drafter, PROMPTS, MAX_NEW, sps=[[1.0, 2.0]])
 
 
 # --------------------------------------------------------------------------- law on a tiny Llama

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 
 from dspark_ext import train  # noqa: E402
-from dspark_ext.drafter import DrafterConfig, DSparkDrafter  # noqa: E402
+from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter  # noqa: E402
 from dspark_ext.train import (  # noqa: E402
     FeatureCache, TrainConfig, cache_features, dspark_loss, heldout_rollouts, iter_sharegpt, prepare_prompts,
     regenerate, train_drafter,

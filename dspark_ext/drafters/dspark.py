@@ -64,6 +64,13 @@ class DrafterConfig:
                    rms_norm_eps=c.rms_norm_eps, **kwargs)
 
 
+def shipped_drafter_path() -> Path:
+    """The DSpark drafter shipped for SmolLM2-135M-Instruct (package data)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dspark_ext") / "data" / "drafters" / "SmolLM2-135M-Instruct"))
+
+
 def fast_lm_head_dtype(device) -> torch.dtype:
     """bfloat16 where a bfloat16 matmul is native (CUDA; CPUs with AVX512-BF16 or AMX), else
     float32. Drafting logits are whatever the drafter reports to verification, so their
@@ -199,6 +206,8 @@ class DSparkDrafter(nn.Module):
     ``embedding`` [V, D] and ``lm_head`` [V, D] are the target's (frozen). ``sps`` (the target's
     measured steps/s at 1..N tokens) travels with the drafter so the generation loop can run the
     scheduler; ``confidence`` is None without a confidence head."""
+
+    cost_name = "dspark"  # what the cost profile calls its drafting cost
 
     def __init__(self, cfg: DrafterConfig, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] = None):
         super().__init__()

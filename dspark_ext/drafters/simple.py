@@ -1,6 +1,6 @@
 """Simple drafters for ``dspark_ext.generate``: plain autoregressive decoding (no drafts) and a
 Markov drafter over fixed (or computed) backbone logits, drawing through ``dspark::markov_draft``.
-``dspark_ext.ngram.NgramDrafter`` is the training-free prompt-lookup drafter."""
+``dspark_ext.drafters.lookup.NgramDrafter`` is the training-free prompt-lookup drafter."""
 
 from typing import Callable, Optional, Union
 

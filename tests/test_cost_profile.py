@@ -1,0 +1,132 @@
+"""The per-machine cost profile (dspark_ext/cost_profile.py): what it measures, how the loop
+reads it, the cache, the busy-machine guard and the shipped fallback. Timings run on a fake
+clock that the fake target and drafter advance by known amounts, so every number is exact."""
+
+import random
+
+import pytest
+import torch
+
+from dspark_ext import cost_profile
+from dspark_ext.cost_profile import BUSY_SPREAD, CostProfile, load_or_measure, measure
+from dspark_ext.drafters import NgramDrafter
+from dspark_ext.protocols import Draft
+from toy_targets import TrigramTarget
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedTarget(TrigramTarget):
+    """A forward of n tokens takes 10 ms + 2 ms * n on the fake clock (+ jitter, if any)."""
+
+    def __init__(self, clock, jitter=0.0):
+        super().__init__(8, seed=0)
+        self.clock, self.jitter, self.rng = clock, jitter, random.Random(0)
+
+    def forward(self, token_ids, cu_seqlens):
+        self.clock.now += 0.010 + 0.002 * token_ids.shape[0] + self.jitter * self.rng.random()
+        return super().forward(token_ids, cu_seqlens)
+
+
+class TimedDrafter:
+    """Proposes K tokens; a round costs 1 ms per request on the fake clock."""
+
+    num_draft = 3
+
+    def __init__(self, clock):
+        self.clock, self.calls = clock, 0
+
+    def propose(self, context):
+        self.calls += 1
+        B = context.tokens.shape[0]
+        assert context.hidden_states is not None and context.new_from is not None
+        self.clock.now += 0.001 * B
+        return Draft(token_ids=torch.zeros(B, self.num_draft, dtype=torch.int64))
+
+
+def measured(jitter=0.0, requests=(1, 2)):
+    clock = Clock()
+    target = TimedTarget(clock, jitter)
+    return measure(target, {"toy": TimedDrafter(clock)}, list(requests), 3, context=8, repeats=5, progress=False,
+                   time_fn=clock), target
+
+
+def test_measures_step_and_drafting_times_exactly():
+    profile, _ = measured()
+    assert profile.step_seconds[1] == pytest.approx([0.0] + [0.010 + 0.002 * n for n in range(1, 5)])
+    # R = 2 measures n = 2, 3, 4, 6, 8 (others interpolated, below R: the step of R tokens)
+    assert profile.step_seconds[2] == pytest.approx([0.0, 0.014] + [0.010 + 0.002 * n for n in range(2, 9)])
+    assert profile.draft_seconds["toy"] == pytest.approx({1: 0.001, 2: 0.002})
+    assert profile.spread < 1e-9 and profile.source == "measured"
+
+
+def test_sps_counts_the_drafting_cost():
+    profile, _ = measured()
+    sps = profile.sps(1, draft_seconds=0.005, max_tokens=6)
+    assert sps.dtype == torch.float32 and sps.shape == (7,) and float(sps[0]) == 0.0
+    expected = [1.0 / (0.005 + 0.010 + 0.002 * n) for n in range(1, 7)]  # n = 5, 6 extrapolated linearly
+    assert sps[1:].tolist() == pytest.approx(expected, rel=1e-6)
+    # a batch size that was not measured reads the nearest one at the same tokens per request
+    assert profile.target_seconds(4, 8) == pytest.approx(profile.target_seconds(2, 4))
+    assert profile.drafter_seconds("toy", 4) == pytest.approx(0.004)
+    assert profile.drafter_seconds("unknown", 1) == 0.0
+
+
+def test_cache_hit_remeasure_and_key(tmp_path):
+    clock = Clock()
+    target = TimedTarget(clock)
+    drafters = {"toy": TimedDrafter(clock)}
+    kwargs = dict(target_name="toy", cache_dir=tmp_path, log=lambda m: None, context=8, repeats=3,
+                  progress=False, time_fn=clock)
+    first = load_or_measure(target, drafters, [1], 3, **kwargs)
+    calls = target.forward_calls
+    assert "saved" in first.source and calls > 0
+    second = load_or_measure(target, drafters, [1], 3, **kwargs)
+    assert target.forward_calls == calls and "cached" in second.source
+    assert second.step_seconds == first.step_seconds and second.draft_seconds == first.draft_seconds
+    load_or_measure(target, drafters, [1], 3, remeasure=True, **kwargs)
+    assert target.forward_calls > calls
+    key = first.key
+    assert key["threads"] == torch.get_num_threads() and key["torch"] == torch.__version__
+    assert key["drafters"] == {"toy": "TimedDrafter"} and key["requests"] == [1] and "machine" in key
+
+
+def test_busy_machine_profile_is_used_but_not_saved(tmp_path):
+    clock = Clock()
+    target = TimedTarget(clock, jitter=0.5)  # jitter far above the 10-18 ms steps
+    lines = []
+    profile = load_or_measure(target, {}, [1], 3, target_name="toy", cache_dir=tmp_path, log=lines.append,
+                              context=8, repeats=5, progress=False, time_fn=clock)
+    assert profile.spread > BUSY_SPREAD and "not saved" in profile.source
+    assert any("busy" in line for line in lines)
+    assert not list((tmp_path / "profiles").glob("*.json"))
+
+
+def test_shipped_table_is_only_a_fallback(tmp_path, monkeypatch):
+    shipped = CostProfile.from_sps([0.0, 50.0, 40.0], source="shipped (test)")
+    assert shipped.sps(1, max_tokens=2).tolist() == pytest.approx([0.0, 50.0, 40.0])
+    clock = Clock()
+    target = TimedTarget(clock)
+    lines = []
+    kwargs = dict(target_name="toy", cache_dir=tmp_path, log=lines.append, context=8, repeats=3, progress=False,
+                  time_fn=clock)
+    assert load_or_measure(target, {}, [1], 3, fallback=shipped, **kwargs).source.startswith("measured")
+    monkeypatch.setenv("DSPARK_NO_PROFILE", "1")
+    used = load_or_measure(target, {}, [1], 3, fallback=shipped, **kwargs)
+    assert used is shipped and "shipped (test)" in lines[-1]
+
+
+def test_real_clock_with_a_real_drafter():
+    target = TrigramTarget(8, seed=0)
+    profile = measure(target, {"lookup": NgramDrafter(num_draft=3, min_ngram=1)}, [2], 3, context=16, repeats=3,
+                      progress=False)
+    assert len(profile.step_seconds[2]) == 2 * 4 + 1 and all(t > 0 for t in profile.step_seconds[2][1:])
+    assert profile.draft_seconds["lookup"][2] > 0
+    assert CostProfile.from_json(profile.to_json()).step_seconds == profile.step_seconds
+    assert "R = 2" in profile.describe() and cost_profile.machine_description("cpu")

@@ -1,0 +1,207 @@
+"""Draft-cost-aware planning and the hybrid (prompt lookup + DSpark) drafter.
+
+Lossless: on the trigram toy target (tests/toy_targets.py), the first three tokens of 20000
+requests follow the target's exact joint law at T = 1 and T = 0.7 when the loop plans rounds
+from forecasts (drafting nothing, lookup only, or lookup + DSpark per request) and a cost
+profile; a hybrid that chooses from DSpark's *sampled* drafts (it peeks) fails the same test.
+Greedy: token for token equal to plain decoding. Plus the planning arithmetic itself."""
+
+import itertools
+
+import pytest
+import torch
+
+from dspark_ext.drafters import MarkovDrafter, NgramDrafter
+from dspark_ext.drafters.hybrid import HybridDrafter
+from dspark_ext.drafters.lookup import NUM_RECORDS, LookupCalibration
+from dspark_ext.generate import generate
+from dspark_ext.protocols import Draft, DraftContext
+from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
+from helpers import assert_matches_distribution, check_distribution
+from toy_targets import TrigramTarget
+
+V = 8
+K = 3
+LAW_PROMPT = torch.tensor([1, 2, 1, 2, 1])
+LAW_SAMPLES = 20000
+LAW_TOKENS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ToyCost:
+    """A cost profile (the two methods the loop reads): verifying n tokens of R requests costs
+    ``base + per_token * n / R`` seconds, drafting costs ``draft[name]`` seconds."""
+
+    def __init__(self, base=1.0, per_token=0.12, draft=None):
+        self.base, self.per_token, self.draft = base, per_token, dict(draft or {})
+
+    def drafter_seconds(self, name, requests):
+        return self.draft.get(name, 0.0)
+
+    def sps(self, requests, draft_seconds=0.0, max_tokens=None):
+        n = torch.arange(max(max_tokens or 0, requests) + 1, dtype=torch.float64)
+        table = 1.0 / (draft_seconds + self.base + self.per_token * n / requests)
+        table[0] = 0.0
+        return table.float()
+
+
+def toy_calibration(value=0.7, max_ngram=3):
+    table = torch.full((2, max_ngram + 1, NUM_RECORDS, K), value)
+    table[:, :, 0] *= 0.5  # record 0 (the last proposal missed at once): less trust
+    table[:, 0] = 0.0
+    return LookupCalibration(table=table, notes={"toy": True})
+
+
+def toy_markov(seed=2, scale=1.0):
+    drafter = MarkovDrafter.random(V, K, seed=seed, scale=scale, confidence=True)
+    drafter.conf_w_prev = drafter.conf_w_prev * 6.0  # c_2, c_3 depend strongly on the drafted tokens
+    drafter.cost_name = "dspark"
+    return drafter
+
+
+def hybrid(cls=HybridDrafter, **kwargs):
+    return cls(toy_markov(**kwargs), NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1, calibration=toy_calibration()))
+
+
+class PeekingHybrid(HybridDrafter):
+    """Broken: drafts with DSpark every round and looks at the tokens it chooses between, taking
+    DSpark's proposal where its sampled first draft differs from the lookup's (why verify the
+    same token twice?): the choice depends on a drafted token, so verify's q is no longer the
+    law of what it is shown."""
+
+    def propose(self, context: DraftContext) -> Draft:
+        lookup = self.lookup.propose(context)
+        self._state_for(context)
+        drafted = self.dspark.propose(self._dspark_context(context))
+        self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
+        pick = drafted.token_ids[:, :1] != lookup.token_ids[:, :1]
+        one_hot = torch.full_like(drafted.logits, float("-inf")).scatter_(2, lookup.token_ids[:, :, None], 0.0)
+        return Draft(token_ids=torch.where(pick, drafted.token_ids, lookup.token_ids),
+                     logits=torch.where(pick[:, :, None], drafted.logits, one_hot),
+                     confidence=torch.where(pick, drafted.confidence, lookup.confidence))
+
+
+def law_target():
+    return TrigramTarget(V, seed=5, scale=1.0, period=5)
+
+
+def sampled_codes(target, drafter, temperature, cost):
+    result = generate(target, drafter, [LAW_PROMPT] * LAW_SAMPLES, LAW_TOKENS + 1, temperature=temperature,
+                      seed=1000, cost=cost)
+    tokens = torch.stack([t[:LAW_TOKENS] for t in result.tokens])
+    codes = torch.zeros(LAW_SAMPLES, dtype=torch.int64)
+    for i in range(LAW_TOKENS):
+        codes = codes * V + tokens[:, i]
+    return codes, result
+
+
+COSTS = {
+    # drafting is cheap: lookup and hybrid rounds both win somewhere
+    "cheap": ToyCost(per_token=0.05, draft={"lookup": 0.01, "dspark": 0.1}),
+    # DSpark is dear: mostly lookup or nothing, DSpark only when probed
+    "dear": ToyCost(per_token=0.3, draft={"lookup": 0.01, "dspark": 0.6}),
+}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("cost", list(COSTS))
+def test_planned_hybrid_follows_target_law(cost, temperature):
+    target = law_target()
+    drafter = hybrid()
+    codes, result = sampled_codes(target, drafter, temperature, COSTS[cost])
+    assert int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.summary()
+    assert drafter.rounds.get("hybrid", 0) > 0, result.plan_rounds  # DSpark drafted in some rounds
+    assert drafter.chose_dspark > 0 and drafter.chose_lookup > 0, (drafter.chose_dspark, drafter.chose_lookup)
+    assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, temperature))
+
+
+def test_lagged_plan_of_a_plain_drafter_follows_target_law():
+    """A drafter without plans: the loop forecasts from its last confidences, skips rounds."""
+    target = law_target()
+    drafter = toy_markov()
+    codes, result = sampled_codes(target, drafter, 1.0, ToyCost(per_token=0.2, draft={"dspark": 0.3}))
+    assert result.plan_rounds.get("lagged", 0) > 0 and result.plan_rounds.get("none", 0) > 0, result.plan_rounds
+    assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, 1.0))
+
+
+def test_peeking_chooser_fails_the_law():
+    target = law_target()
+    codes, result = sampled_codes(target, hybrid(PeekingHybrid), 1.0, COSTS["cheap"])
+    check = check_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, 1.0))
+    assert not check.ok, check
+
+
+def greedy_reference(target, prompt, max_new):
+    return target.greedy_reference(prompt, max_new)
+
+
+@pytest.mark.parametrize("cost", [None, "cheap", "dear"])
+def test_greedy_equals_plain_decoding(cost):
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    prompts = [torch.tensor([1, 2, 3, 1, 2, 3, 1, 2, 3, 1]), torch.tensor([4, 5]), torch.tensor([0, 6, 7, 0, 6, 7, 2])]
+    max_new = [30, 9, 21]
+    result = generate(target, hybrid(), prompts, max_new, cost=None if cost is None else COSTS[cost])
+    for b, prompt in enumerate(prompts):
+        assert torch.equal(result.tokens[b], target.greedy_reference(prompt, max_new[b])), b
+    assert int(result.position_accepted.sum()) > 0
+
+
+def test_best_throughput_is_the_best_prefix_of_the_admission_order():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        R = int(torch.randint(1, 4, (1,), generator=g))
+        survival = torch.rand(R, K, generator=g).cumprod(1)
+        caps = torch.randint(0, K + 1, (R,), generator=g)
+        step = torch.cat([torch.zeros(1), 1.0 + 0.1 * torch.rand(R * (K + 1), generator=g).cumsum(0)]).double()
+        draft = float(torch.rand(1, generator=g))
+        got = best_throughput(survival, caps, step, draft)
+        # brute force over every set of admitted drafts that is a prefix per request
+        best = R / (draft + float(step[R]))
+        for lengths in itertools.product(*[range(int(c) + 1) for c in caps]):
+            n = R + sum(lengths)
+            tau = R + sum(float(survival[r, :l].sum()) for r, l in enumerate(lengths))
+            best = max(best, tau / (draft + float(step[n])))
+        assert got == pytest.approx(best, rel=1e-6)  # float32 survivals summed in float64 or float32
+    assert plain_decoding_throughput(2, torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)) == 0.5
+
+
+def test_lookup_calibration_fit_and_round_trip(tmp_path):
+    # 3 records: greedy n=2 record=NO_RECORD: 3 verified / 1 accepted, twice; once 3 / 3.
+    greedy = torch.tensor([1, 1, 1])
+    calib = LookupCalibration.fit(greedy, torch.tensor([2, 2, 2]), torch.tensor([3, 3, 3]), torch.tensor([3, 3, 3]),
+                                  torch.tensor([1, 1, 3]), max_ngram=3, num_draft=3, prior_weight=0.0)
+    assert calib.table[1, 2, 3].tolist() == pytest.approx([1.0, 1 / 3, 1.0])
+    assert bool((calib.table[:, 0] == 0).all())
+    calib.save(tmp_path / "c.json")
+    assert torch.equal(LookupCalibration.load(tmp_path / "c.json").table, calib.table)
+
+
+def test_lookup_confidence_adapts_to_the_request():
+    """Agreement of the sequence with earlier proposals moves the calibrated confidence: up for
+    text that keeps repeating, down for text that never follows the lookup."""
+    from dspark_ext.protocols import DraftContext
+
+    def confidences(continuation):
+        drafter = NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1, calibration=toy_calibration(0.5))
+        sequence = [1, 2, 3, 1, 2]
+        out = []
+        for step, token in enumerate(continuation):
+            ctx = DraftContext(tokens=torch.tensor([sequence]), lengths=torch.tensor([len(sequence)]), anchor_hidden=None,
+                               temperature=torch.zeros(1), seed=torch.zeros(1, dtype=torch.int64),
+                               offset=torch.tensor([step]), new_from=torch.tensor([0 if step == 0 else len(sequence) - 1]))
+            (plan,) = drafter.plans(ctx)
+            out.append(float(drafter.propose(ctx).confidence[0, 0]))
+            sequence.append(token)
+        return out
+
+    repeating = confidences([3, 1, 2, 3, 1, 2, 3, 1, 2, 3])  # follows the lookup's proposal every time
+    breaking = confidences([7, 3, 6, 5, 4, 2, 6, 0, 5, 4])  # never follows it
+    assert repeating == sorted(repeating) and repeating[-1] > 0.7, repeating  # table 0.5, then (8 * 0.5 + a) / (8 + a)
+    assert max(breaking[1:]) < 0.5 and min(c for c in breaking if c > 0) < 0.4, breaking  # 0 where nothing matches
