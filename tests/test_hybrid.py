@@ -205,3 +205,33 @@ def test_lookup_confidence_adapts_to_the_request():
     breaking = confidences([7, 3, 6, 5, 4, 2, 6, 0, 5, 4])  # never follows it
     assert repeating == sorted(repeating) and repeating[-1] > 0.7, repeating  # table 0.5, then (8 * 0.5 + a) / (8 + a)
     assert max(breaking[1:]) < 0.5 and min(c for c in breaking if c > 0) < 0.4, breaking  # 0 where nothing matches
+
+
+def test_incremental_ngram_index_equals_the_full_search():
+    """The per-request n-gram indexes that the lookup keeps as sequences grow give the same
+    (period, match length) as the whole-sequence search, round after round, and start over
+    when a new request takes a row."""
+    from dspark_ext.protocols import DraftContext
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        B = int(torch.randint(1, 5, (1,), generator=g))
+        vocab = int(torch.randint(2, 6, (1,), generator=g))
+        min_ngram = int(torch.randint(1, 3, (1,), generator=g))
+        drafter = NgramDrafter(num_draft=3, max_ngram=min_ngram + int(torch.randint(0, 3, (1,), generator=g)),
+                               min_ngram=min_ngram)
+        tokens = torch.randint(0, vocab, (B, 40), generator=g)
+        lengths = torch.randint(1, 4, (B,), generator=g)
+        for step in range(8):
+            ctx = DraftContext(tokens=tokens.clone(), lengths=lengths.clone(), anchor_hidden=None,
+                               temperature=torch.zeros(B), seed=torch.zeros(B, dtype=torch.int64),
+                               offset=torch.zeros(B, dtype=torch.int64), new_from=torch.zeros(B, dtype=torch.int64))
+            expected = drafter.periods(tokens, lengths)
+            continuing = drafter._continuing(ctx)
+            got = drafter._indexed_periods(ctx, continuing)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (trial, step)
+            drafter._previous_tokens, drafter._previous_lengths = tokens.clone(), lengths.clone()
+            restart = torch.rand(B, generator=g) < 0.15  # a new request takes the row
+            tokens[restart] = torch.randint(0, vocab, (int(restart.sum()), 40), generator=g)
+            lengths = torch.where(restart, torch.randint(1, 4, (B,), generator=g),
+                                  (lengths + torch.randint(0, 5, (B,), generator=g)).clamp(max=40))

@@ -23,7 +23,7 @@ O(B L n) per n-gram size.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,6 +63,9 @@ class NgramDrafter:
         self._agreed = torch.zeros(0, 0)  # ... and that agreed themselves
         self.last_record = torch.zeros(0, dtype=torch.int64)
         self._cached: Optional[Tuple[int, tuple]] = None  # (id of the context, proposal) between plans and propose
+        self._indexes: list = []  # one _SuffixIndex per request
+        self._previous_tokens = torch.zeros(0, 0, dtype=torch.int64)  # the last call's sequences
+        self._previous_lengths = torch.zeros(0, dtype=torch.int64)
 
     def periods(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """([B] int64 period d, [B] int64 match length n) of each request: d = (L - n) - i for the
@@ -97,7 +100,42 @@ class NgramDrafter:
                 match_length = torch.where(hit, n, match_length)
         return period, match_length
 
-    def _observe(self, context: DraftContext) -> torch.Tensor:
+    def _continuing(self, context: DraftContext) -> torch.Tensor:
+        """[B] bool: the request's sequence extends the one of the previous call (its n-gram
+        index and agreement counts carry over); False for a new request in the row."""
+        tokens, lengths = context.tokens, context.lengths.to(torch.int64)
+        previous, previous_lengths = self._previous_tokens, self._previous_lengths
+        if previous.shape[0] != tokens.shape[0]:
+            return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        width = min(previous.shape[1], tokens.shape[1])
+        known = torch.arange(width, device=tokens.device)[None] < previous_lengths.to(tokens.device)[:, None]
+        same = ((tokens[:, :width] == previous[:, :width].to(tokens.device)) | ~known).all(1)
+        return same & (lengths >= previous_lengths.to(tokens.device)) & (previous_lengths.to(tokens.device) > 0)
+
+    def _indexed_periods(self, context: DraftContext, continuing: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``periods`` from per-request n-gram indexes that grow with the sequences (a few dict
+        operations per new token instead of a pass over the whole sequence every round)."""
+        tokens, lengths = context.tokens, context.lengths.to(torch.int64)
+        B = tokens.shape[0]
+        if len(self._indexes) != B:
+            self._indexes = [_SuffixIndex(self.max_ngram) for _ in range(B)]
+        lengths_list, continuing_list = lengths.tolist(), continuing.tolist()
+        known = [len(index.tokens) if continuing_list[b] else 0 for b, index in enumerate(self._indexes)]
+        start = min(known, default=0)
+        new_tokens = tokens[:, start:max(lengths_list, default=0)].tolist()
+        periods, matches = [], []
+        for b, index in enumerate(self._indexes):
+            if known[b] == 0:
+                index.reset()
+            index.extend(new_tokens[b][known[b] - start:lengths_list[b] - start])
+            period, n = index.match(self.min_ngram)
+            periods.append(period)
+            matches.append(n)
+        device = tokens.device
+        return (torch.tensor(periods, dtype=torch.int64, device=device),
+                torch.tensor(matches, dtype=torch.int64, device=device))
+
+    def _observe(self, context: DraftContext, continuing: torch.Tensor) -> torch.Tensor:
         """Reads how the sequence went on after the previous proposal: returns each request's
         record [B] int64 (see the module docstring) and adds to its agreement counts: at any
         temperature, the chance that the sequence continues with a deterministic draft is the
@@ -110,7 +148,7 @@ class NgramDrafter:
             self._reached = torch.zeros(B, K, device=device)
             self._agreed = torch.zeros(B, K, device=device)
             return torch.full((B,), NO_RECORD, dtype=torch.int64, device=device)
-        fresh = context.new_from == 0 if context.new_from is not None else torch.ones(B, dtype=torch.bool, device=device)
+        fresh = ~continuing
         last_ids, last_length = self._last_ids.to(device), self._last_length.to(device)
         k = torch.arange(K, device=device)[None]
         columns = last_length[:, None] + k
@@ -132,11 +170,13 @@ class NgramDrafter:
         tokens, lengths = context.tokens, context.lengths.to(torch.int64)
         B, K = tokens.shape[0], self.num_draft
         device = tokens.device
-        d, match_length = self.periods(tokens, lengths)
+        continuing = self._continuing(context)
+        d, match_length = self._indexed_periods(context, continuing)
         j = torch.arange(K, device=device)[None]
         cols = lengths[:, None] - d[:, None] + j % d[:, None]
         draft = tokens.gather(1, cols).to(torch.int64)
-        self.last_record = self._observe(context)
+        self.last_record = self._observe(context, continuing)
+        self._previous_tokens, self._previous_lengths = tokens.clone(), lengths.clone()
         if self.calibration is None:
             # 1 where a match was found, 0 for the filler: the loop sends no filler drafts.
             confidence = (match_length > 0)[:, None].float().expand(B, K).contiguous()
@@ -168,6 +208,38 @@ class NgramDrafter:
         draft, match_length, confidence = self._lookup(context)
         self._cached = None
         return Draft(token_ids=draft, confidence=confidence)
+
+
+class _SuffixIndex:
+    """One request's n-grams (n = 1..max_ngram), each mapped to the end position of its most
+    recent occurrence that a later token follows: the sequence's suffix of n tokens then finds
+    its latest earlier copy in one lookup, as ``NgramDrafter.periods`` defines it."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens: List[int] = []
+        self.last_end: List[dict] = [{} for _ in range(self.max_ngram)]
+
+    def extend(self, new_tokens: List[int]) -> None:
+        """Appends tokens; indexes the n-grams ending at every position that now has a successor."""
+        tokens = self.tokens
+        first = len(tokens) - 1  # the old last position gains its successor
+        tokens.extend(new_tokens)
+        for end in range(max(first, 0), len(tokens) - 1):
+            for n in range(1, min(self.max_ngram, end + 1) + 1):
+                self.last_end[n - 1][tuple(tokens[end - n + 1:end + 1])] = end
+
+    def match(self, min_ngram: int) -> Tuple[int, int]:
+        """(period d, match length n) of the longest suffix with an earlier copy; (1, 0) without."""
+        tokens, length = self.tokens, len(self.tokens)
+        for n in range(min(self.max_ngram, length - 1), min_ngram - 1, -1):
+            end = self.last_end[n - 1].get(tuple(tokens[length - n:]))
+            if end is not None:
+                return length - 1 - end, n
+        return 1, 0
 
 
 @dataclass
