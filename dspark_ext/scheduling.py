@@ -133,13 +133,17 @@ def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: to
     tau(n) / (draft_seconds + step_seconds[n]), tau(n) = R + the admitted survivals. The whole
     order is searched: forecasts are fixed before the round, as in ``schedule_async``."""
     num_requests, num_draft = survival.shape
-    positions = torch.arange(num_draft)
-    admissible = torch.where(positions[None] < caps.cpu()[:, None], survival.cpu().double().nan_to_num(0.0), 0.0)
-    ordered = torch.sort(admissible.reshape(-1), descending=True).values
-    ordered = ordered[ordered > 0][: max(step_seconds.shape[0] - 1 - num_requests, 0)]
-    tau = num_requests + torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(ordered, 0)])
-    tokens = num_requests + torch.arange(tau.shape[0])
-    return float((tau / (draft_seconds + step_seconds[tokens])).max())
+    # Plain Python: a round plans over a few dozen candidates, where tensor ops cost more in
+    # dispatch than in work (the loop calls this every round).
+    caps_list, step = caps.tolist(), step_seconds.tolist()
+    ordered = sorted((value for row, cap in zip(survival.tolist(), caps_list) for value in row[:max(cap, 0)]
+                      if value > 0), reverse=True)[: max(len(step) - 1 - num_requests, 0)]  # NaN > 0 is False
+    best = tau = float(num_requests)
+    best /= draft_seconds + step[num_requests]
+    for admitted, value in enumerate(ordered, start=1):
+        tau += value
+        best = max(best, tau / (draft_seconds + step[num_requests + admitted]))
+    return best
 
 
 def plain_decoding_throughput(num_requests: int, step_seconds: torch.Tensor) -> float:

@@ -226,11 +226,11 @@ def test_incremental_ngram_index_equals_the_full_search():
             ctx = DraftContext(tokens=tokens.clone(), lengths=lengths.clone(), anchor_hidden=None,
                                temperature=torch.zeros(B), seed=torch.zeros(B, dtype=torch.int64),
                                offset=torch.zeros(B, dtype=torch.int64), new_from=torch.zeros(B, dtype=torch.int64))
-            expected = drafter.periods(tokens, lengths)
-            continuing = drafter._continuing(ctx)
-            got = drafter._indexed_periods(ctx, continuing)
-            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (trial, step)
-            drafter._previous_tokens, drafter._previous_lengths = tokens.clone(), lengths.clone()
+            period, match_length = drafter.periods(tokens, lengths)
+            columns = lengths[:, None] - period[:, None] + torch.arange(3)[None] % period[:, None]
+            draft, got_match_length, _ = drafter._lookup(ctx)
+            assert torch.equal(got_match_length, match_length), (trial, step)
+            assert torch.equal(draft, tokens.gather(1, columns)), (trial, step)
             restart = torch.rand(B, generator=g) < 0.15  # a new request takes the row
             tokens[restart] = torch.randint(0, vocab, (int(restart.sum()), 40), generator=g)
             lengths = torch.where(restart, torch.randint(1, 4, (B,), generator=g),

@@ -55,17 +55,9 @@ class NgramDrafter:
         self.max_ngram = int(max_ngram)
         self.min_ngram = int(min_ngram)
         self.calibration = calibration
-        # The previous call's proposal per request (for the record), and whether it had a match.
-        self._last_ids = torch.zeros(0, 0, dtype=torch.int64)
-        self._last_length = torch.zeros(0, dtype=torch.int64)
-        self._last_matched = torch.zeros(0, dtype=torch.bool)
-        self._reached = torch.zeros(0, 0)  # per request and position: drafts whose predecessors agreed
-        self._agreed = torch.zeros(0, 0)  # ... and that agreed themselves
-        self.last_record = torch.zeros(0, dtype=torch.int64)
+        self.last_record = torch.zeros(0, dtype=torch.int64)  # of the last call, per request
         self._cached: Optional[Tuple[int, tuple]] = None  # (id of the context, proposal) between plans and propose
-        self._indexes: list = []  # one _SuffixIndex per request
-        self._previous_tokens = torch.zeros(0, 0, dtype=torch.int64)  # the last call's sequences
-        self._previous_lengths = torch.zeros(0, dtype=torch.int64)
+        self._requests: list = []  # one _RequestLookup per row
 
     def periods(self, tokens: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """([B] int64 period d, [B] int64 match length n) of each request: d = (L - n) - i for the
@@ -100,96 +92,51 @@ class NgramDrafter:
                 match_length = torch.where(hit, n, match_length)
         return period, match_length
 
-    def _continuing(self, context: DraftContext) -> torch.Tensor:
-        """[B] bool: the request's sequence extends the one of the previous call (its n-gram
-        index and agreement counts carry over); False for a new request in the row."""
-        tokens, lengths = context.tokens, context.lengths.to(torch.int64)
-        previous, previous_lengths = self._previous_tokens, self._previous_lengths
-        if previous.shape[0] != tokens.shape[0]:
-            return torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        width = min(previous.shape[1], tokens.shape[1])
-        known = torch.arange(width, device=tokens.device)[None] < previous_lengths.to(tokens.device)[:, None]
-        same = ((tokens[:, :width] == previous[:, :width].to(tokens.device)) | ~known).all(1)
-        return same & (lengths >= previous_lengths.to(tokens.device)) & (previous_lengths.to(tokens.device) > 0)
-
-    def _indexed_periods(self, context: DraftContext, continuing: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``periods`` from per-request n-gram indexes that grow with the sequences (a few dict
-        operations per new token instead of a pass over the whole sequence every round)."""
-        tokens, lengths = context.tokens, context.lengths.to(torch.int64)
-        B = tokens.shape[0]
-        if len(self._indexes) != B:
-            self._indexes = [_SuffixIndex(self.max_ngram) for _ in range(B)]
-        lengths_list, continuing_list = lengths.tolist(), continuing.tolist()
-        known = [len(index.tokens) if continuing_list[b] else 0 for b, index in enumerate(self._indexes)]
-        start = min(known, default=0)
-        new_tokens = tokens[:, start:max(lengths_list, default=0)].tolist()
-        periods, matches = [], []
-        for b, index in enumerate(self._indexes):
-            if known[b] == 0:
-                index.reset()
-            index.extend(new_tokens[b][known[b] - start:lengths_list[b] - start])
-            period, n = index.match(self.min_ngram)
-            periods.append(period)
-            matches.append(n)
-        device = tokens.device
-        return (torch.tensor(periods, dtype=torch.int64, device=device),
-                torch.tensor(matches, dtype=torch.int64, device=device))
-
-    def _observe(self, context: DraftContext, continuing: torch.Tensor) -> torch.Tensor:
-        """Reads how the sequence went on after the previous proposal: returns each request's
-        record [B] int64 (see the module docstring) and adds to its agreement counts: at any
-        temperature, the chance that the sequence continues with a deterministic draft is the
-        chance that verify accepts it (p(x) both ways), so leading agreement counts acceptance
-        whether or not the drafts were verified."""
-        tokens, lengths = context.tokens, context.lengths.to(torch.int64)
-        B, K = tokens.shape[0], self.num_draft
-        device = tokens.device
-        if self._last_ids.shape != (B, K):
-            self._reached = torch.zeros(B, K, device=device)
-            self._agreed = torch.zeros(B, K, device=device)
-            return torch.full((B,), NO_RECORD, dtype=torch.int64, device=device)
-        fresh = ~continuing
-        last_ids, last_length = self._last_ids.to(device), self._last_length.to(device)
-        k = torch.arange(K, device=device)[None]
-        columns = last_length[:, None] + k
-        emitted = columns < lengths[:, None]
-        followed = tokens.gather(1, columns.clamp(max=tokens.shape[1] - 1)) == last_ids
-        leading = (followed & emitted).long().cumprod(1).sum(1)
-        observed = ~fresh & self._last_matched.to(device) & (last_length < lengths)
-        self._reached = torch.where(fresh[:, None], 0.0, self._reached.to(device))
-        self._agreed = torch.where(fresh[:, None], 0.0, self._agreed.to(device))
-        self._reached += (observed[:, None] & (k <= leading[:, None]) & emitted).float()
-        self._agreed += (observed[:, None] & (k < leading[:, None])).float()
-        return torch.where(observed, leading.clamp(max=2), NO_RECORD)
-
     def _lookup(self, context: DraftContext):
         """(draft ids [B, K], match length [B], confidence [B, K]) for this context, computed once
-        per context (``plans`` then ``propose`` reuse it)."""
+        per context (``plans`` then ``propose`` reuse it). Per request in plain Python: a few
+        list and dict operations per new token, where tensor ops would cost more in dispatch
+        than in work at the batch sizes a round has."""
         if self._cached is not None and self._cached[0] is context:
             return self._cached[1]
         tokens, lengths = context.tokens, context.lengths.to(torch.int64)
         B, K = tokens.shape[0], self.num_draft
         device = tokens.device
-        continuing = self._continuing(context)
-        d, match_length = self._indexed_periods(context, continuing)
-        j = torch.arange(K, device=device)[None]
-        cols = lengths[:, None] - d[:, None] + j % d[:, None]
-        draft = tokens.gather(1, cols).to(torch.int64)
-        self.last_record = self._observe(context, continuing)
-        self._previous_tokens, self._previous_lengths = tokens.clone(), lengths.clone()
-        if self.calibration is None:
-            # 1 where a match was found, 0 for the filler: the loop sends no filler drafts.
-            confidence = (match_length > 0)[:, None].float().expand(B, K).contiguous()
-        else:
-            prior = self.calibration.confidence(match_length, self.last_record, context.temperature, K)
-            # The table, updated with the request's own agreement counts (a Beta posterior with
-            # ADAPT_WEIGHT pseudo-observations at the table's value): text that repeats itself
-            # more or less than the held-out data moves it.
-            adapted = (ADAPT_WEIGHT * prior + self._agreed) / (ADAPT_WEIGHT + self._reached)
-            confidence = torch.where(match_length[:, None] > 0, adapted, 0.0)
-        self._last_ids, self._last_length, self._last_matched = draft.clone(), lengths.clone(), match_length > 0
-        self._cached = (context, (draft, match_length, confidence))
-        return draft, match_length, confidence
+        if len(self._requests) != B:
+            self._requests = [_RequestLookup(self.max_ngram, K) for _ in range(B)]
+        lengths_list = lengths.tolist()
+        rows = tokens[:, :max(lengths_list, default=0)].tolist()
+        greedy = (context.temperature == 0).tolist()
+        table = None if self.calibration is None else self.calibration.table_list()
+        drafts, matches, confidences, records = [], [], [], []
+        for b, request in enumerate(self._requests):
+            sequence = rows[b][:lengths_list[b]]
+            record = request.observe(sequence)
+            request.extend(sequence)
+            period, n = request.match(self.min_ngram)
+            draft = [sequence[len(sequence) - period + j % period] for j in range(K)]
+            if n == 0:
+                confidence = [0.0] * K  # the filler: the loop sends no such drafts
+            elif table is None:
+                confidence = [1.0] * K
+            else:
+                prior = table[int(greedy[b])][min(n, self.max_ngram)][record]
+                # The table, updated with the request's own agreement counts (a Beta posterior
+                # with ADAPT_WEIGHT pseudo-observations at the table's value): text that
+                # repeats itself more or less than the held-out data moves it.
+                confidence = [(ADAPT_WEIGHT * prior[min(k, len(prior) - 1)] + request.agreed[k])
+                              / (ADAPT_WEIGHT + request.reached[k]) for k in range(K)]
+            request.propose(draft, len(sequence), n > 0)
+            drafts.append(draft)
+            matches.append(n)
+            confidences.append(confidence)
+            records.append(record)
+        result = (torch.tensor(drafts, dtype=torch.int64, device=device).view(B, K),
+                  torch.tensor(matches, dtype=torch.int64, device=device),
+                  torch.tensor(confidences, dtype=torch.float32, device=device).view(B, K))
+        self.last_record = torch.tensor(records, dtype=torch.int64)
+        self._cached = (context, result)
+        return result
 
     def plans(self, context: DraftContext) -> Sequence[DraftPlan]:
         """With a calibration: one plan, this round's calibrated survival (a function of the
@@ -210,24 +157,53 @@ class NgramDrafter:
         return Draft(token_ids=draft, confidence=confidence)
 
 
-class _SuffixIndex:
-    """One request's n-grams (n = 1..max_ngram), each mapped to the end position of its most
-    recent occurrence that a later token follows: the sequence's suffix of n tokens then finds
-    its latest earlier copy in one lookup, as ``NgramDrafter.periods`` defines it."""
+class _RequestLookup:
+    """One request's lookup state: its sequence so far; its n-grams (n = 1..max_ngram), each
+    mapped to the end position of its most recent occurrence that a later token follows (the
+    suffix of n tokens then finds its latest earlier copy in one dict lookup, as
+    ``NgramDrafter.periods`` defines it); its last proposal, and how often the text agreed with
+    its proposals at each draft position."""
 
-    def __init__(self, max_ngram: int):
-        self.max_ngram = max_ngram
+    def __init__(self, max_ngram: int, num_draft: int):
+        self.max_ngram, self.num_draft = max_ngram, num_draft
         self.reset()
 
     def reset(self) -> None:
         self.tokens: List[int] = []
         self.last_end: List[dict] = [{} for _ in range(self.max_ngram)]
+        self.last_ids: List[int] = []
+        self.last_length, self.last_matched = 0, False
+        self.reached = [0] * self.num_draft  # proposals whose earlier drafts the text followed
+        self.agreed = [0] * self.num_draft  # ... and that it followed at this position too
 
-    def extend(self, new_tokens: List[int]) -> None:
-        """Appends tokens; indexes the n-grams ending at every position that now has a successor."""
+    def observe(self, sequence: List[int]) -> int:
+        """Starts over when ``sequence`` does not extend the one seen last (a new request in the
+        row); else counts how the text went on after the last proposal and returns the record
+        (see the module docstring). At any temperature, the chance that the text continues with
+        a deterministic draft is the chance that verify accepts it (p(x) both ways), so leading
+        agreement counts acceptance whether or not the drafts were verified."""
+        known = len(self.tokens)
+        if known == 0 or len(sequence) < known or sequence[:known] != self.tokens:
+            self.reset()
+            return NO_RECORD
+        emitted = len(sequence) - self.last_length
+        if not self.last_matched or emitted <= 0:
+            return NO_RECORD
+        leading = 0
+        while leading < min(emitted, self.num_draft) and sequence[self.last_length + leading] == self.last_ids[leading]:
+            leading += 1
+        for k in range(min(leading + 1, emitted, self.num_draft)):
+            self.reached[k] += 1
+        for k in range(leading):
+            self.agreed[k] += 1
+        return min(leading, 2)
+
+    def extend(self, sequence: List[int]) -> None:
+        """Takes the new tokens of ``sequence``; indexes the n-grams ending at every position
+        that now has a successor."""
         tokens = self.tokens
         first = len(tokens) - 1  # the old last position gains its successor
-        tokens.extend(new_tokens)
+        tokens.extend(sequence[len(tokens):])
         for end in range(max(first, 0), len(tokens) - 1):
             for n in range(1, min(self.max_ngram, end + 1) + 1):
                 self.last_end[n - 1][tuple(tokens[end - n + 1:end + 1])] = end
@@ -240,6 +216,9 @@ class _SuffixIndex:
             if end is not None:
                 return length - 1 - end, n
         return 1, 0
+
+    def propose(self, draft: List[int], length: int, matched: bool) -> None:
+        self.last_ids, self.last_length, self.last_matched = draft, length, matched
 
 
 @dataclass
@@ -255,6 +234,12 @@ class LookupCalibration:
     @property
     def max_ngram(self) -> int:
         return self.table.shape[1] - 1
+
+    def table_list(self) -> list:
+        """The table as nested lists (float32 values), built once."""
+        if getattr(self, "_table_list", None) is None:
+            self._table_list = self.table.tolist()
+        return self._table_list
 
     def confidence(self, match_length: torch.Tensor, record: torch.Tensor, temperature: torch.Tensor,
                    num_draft: int) -> torch.Tensor:
