@@ -166,6 +166,9 @@ def check_args(args) -> None:
             args.model = str(local)
         elif _looks_like_local_path(args.model):
             raise CliError(f"--model {args.model}: no such file or folder")
+    batch_sizes = getattr(args, "batch_sizes", None)
+    if batch_sizes is not None and not all(item.strip().isdigit() and int(item) >= 1 for item in batch_sizes.split(",")):
+        raise CliError(f"--batch-sizes must be comma-separated numbers >= 1, got {batch_sizes!r}")
     if getattr(args, "context_layers", None) is not None and not all(
             item.strip().lstrip("-").isdigit() for item in args.context_layers.split(",")):
         raise CliError(f"--context-layers must be comma-separated layer numbers, got {args.context_layers!r}")
@@ -404,22 +407,26 @@ def cmd_train(args) -> int:
 def cmd_profile(args) -> int:
     """Re-measures this machine's cost profile for the drafter spec at the given batch sizes."""
     from dspark_ext.cost_profile import load_or_measure
+    from dspark_ext.drafters.dspark import DSparkDrafter
+    from dspark_ext.drafters.hybrid import default_hybrid_drafter
 
     spec = DrafterSpec(args.drafter)
     if spec.kind not in ("dspark", "hybrid"):
         raise CliError(f"--drafter {args.drafter}: only DSpark and hybrid drafters are scheduled with a cost profile")
+    if not (spec.path / "config.json").is_file():
+        raise CliError(f"no drafter at {spec.path} (train one with `dspark train --install`)")
     layers = _context_layers([spec])
     target, _ = _load_target(args)
     _with_features(target, spec, layers)
     requests = [int(b) for b in args.batch_sizes.split(",")]
-    args.batch_size = requests[0]
-    drafter, _ = _drafter(DrafterSpec(spec.spec.replace("+sched", "")), args, target)
-    parts = ({drafter.lookup.cost_name: drafter.lookup, drafter.dspark_cost_name: drafter.dspark}
-             if spec.kind == "hybrid" else {drafter.cost_name: drafter})
-    profile = load_or_measure(target, parts, requests, drafter.num_draft,
-                              target_name=json.loads((spec.path / "config.json").read_text()).get("target") or "target",
-                              remeasure=True, log=_log)
-    print(profile.describe() if hasattr(profile, "describe") else profile)
+    if spec.kind == "hybrid":
+        profile = default_hybrid_drafter(target, dspark_folder=spec.path).cost_profile(
+            target, requests, remeasure=True, log=_log)
+    else:
+        drafter = DSparkDrafter.for_target(spec.path, target)
+        profile = load_or_measure(target, {drafter.cost_name: drafter}, requests, drafter.num_draft,
+                                  target_name=drafter.cfg.target or "target", remeasure=True, log=_log)
+    print(profile.describe())
     return 0
 
 

@@ -11,7 +11,8 @@ non-decreasing in n (isotonic) and interpolated between measured sizes.
 
 ``load_or_measure`` caches the profile as JSON under the user cache dir, keyed by the target,
 the drafters, the device (CPU model and ISA, or GPU), the thread count and the torch version,
-and re-measures on ``remeasure`` (``dspark profile``). A profile whose timings spread by more
+and re-measures on ``remeasure`` (``dspark profile``), one file per batch size. A profile
+whose timings spread by more
 than ``BUSY_SPREAD`` (the machine was busy) is used for the run but never saved. A shipped
 table (``CostProfile.from_sps``) is only a fallback, used when ``DSPARK_NO_PROFILE=1``, and the
 log says so.
@@ -278,38 +279,64 @@ def _time_drafter(drafter, prompts, prefill, R, context, repeats, device, sync, 
     return statistics.median(samples)
 
 
+def _cached(path: Path, key: dict) -> Optional[CostProfile]:
+    if not path.is_file():
+        return None
+    try:
+        profile = CostProfile.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError):
+        return None  # unreadable: measure again
+    return profile if profile.key == key else None
+
+
 def load_or_measure(target, drafters: Dict[str, object], requests: Sequence[int], max_draft: int, *,
                     target_name: str, cache_dir=None, remeasure: bool = False,
                     fallback: Optional[CostProfile] = None, log: Callable[[str], None] = print,
                     **measure_kwargs) -> CostProfile:
-    """The cached profile for this (target, drafters, machine, threads, torch), measured (about
-    20 s) on first use or with ``remeasure``; ``fallback`` (e.g. a shipped table) only with
-    ``DSPARK_NO_PROFILE=1``."""
+    """The profile for this (target, drafters, machine, threads, torch) at each batch size in
+    ``requests``: each batch size is cached in its own file, so a profile measured for some
+    batch sizes (``dspark profile --batch-sizes 1,4``) serves any run that needs a subset;
+    the missing ones (all, with ``remeasure``) are measured. ``fallback`` (e.g. a shipped
+    table) only with ``DSPARK_NO_PROFILE=1``."""
     if os.environ.get("DSPARK_NO_PROFILE") == "1" and fallback is not None:
         log(f"cost profile: DSPARK_NO_PROFILE=1, using the {fallback.source} table")
         return fallback
-    key = profile_key(target_name, drafters, requests, max_draft, target.device)
-    path = profile_path(key, cache_dir)
-    if path.is_file() and not remeasure:
-        try:
-            profile = CostProfile.from_json(path.read_text())
-            if profile.key == key:
-                profile.source = f"measured on this machine, cached in {path}"
-                return profile
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable: measure again
-    log(f"cost profile: measuring this machine (once per target, drafter, device, threads and torch; "
-        f"`dspark profile` re-measures)")
-    profile = measure(target, drafters, requests, max_draft, target_name=target_name, **measure_kwargs)
-    if profile.spread > BUSY_SPREAD:
-        profile.source = f"measured (not saved: the machine was busy, spread {profile.spread:.0%})"
-        log(f"cost profile: timings spread by {profile.spread:.0%} (> {BUSY_SPREAD:.0%}): the machine is busy; "
-            "this run uses them, but they are not saved")
-        return profile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(profile.to_json())
-    temporary.replace(path)
-    profile.source = f"measured on this machine, saved to {path}"
-    log(f"cost profile: saved to {path}")
-    return profile
+    requests = sorted({int(r) for r in requests})
+    paths = {R: profile_path(profile_key(target_name, drafters, [R], max_draft, target.device), cache_dir)
+             for R in requests}
+    parts = {} if remeasure else {
+        R: _cached(paths[R], profile_key(target_name, drafters, [R], max_draft, target.device)) for R in requests}
+    missing = [R for R in requests if parts.get(R) is None]
+    folder = paths[requests[0]].parent if requests else Path(".")
+    source = f"measured on this machine, cached in {folder}"
+    spread = max((p.spread for p in parts.values() if p is not None), default=0.0)
+    if missing:
+        log(f"cost profile: measuring this machine (once per target, drafter, device, threads, torch and batch "
+            f"size; `dspark profile` re-measures)")
+        measured = measure(target, drafters, missing, max_draft, target_name=target_name, **measure_kwargs)
+        busy = measured.spread > BUSY_SPREAD
+        spread = max(spread, measured.spread)
+        for R in missing:
+            parts[R] = CostProfile(key=profile_key(target_name, drafters, [R], max_draft, target.device),
+                                   step_seconds={R: measured.step_seconds[R]},
+                                   draft_seconds={name: {R: costs[R]} for name, costs in measured.draft_seconds.items()},
+                                   spread=measured.spread)
+            if not busy:
+                paths[R].parent.mkdir(parents=True, exist_ok=True)
+                temporary = paths[R].with_suffix(".tmp")
+                temporary.write_text(parts[R].to_json())
+                temporary.replace(paths[R])
+        if busy:
+            source = f"measured (not saved: the machine was busy, spread {measured.spread:.0%})"
+            log(f"cost profile: timings spread by {measured.spread:.0%} (> {BUSY_SPREAD:.0%}): the machine is busy; "
+                "this run uses them, but they are not saved")
+        else:
+            source = f"measured on this machine, saved to {folder}"
+            log(f"cost profile: saved to {folder}")
+    draft_seconds: Dict[str, Dict[int, float]] = {}
+    for part in parts.values():
+        for name, costs in part.draft_seconds.items():
+            draft_seconds.setdefault(name, {}).update(costs)
+    return CostProfile(key=profile_key(target_name, drafters, requests, max_draft, target.device),
+                       step_seconds={R: parts[R].step_seconds[R] for R in requests}, draft_seconds=draft_seconds,
+                       source=source, spread=spread)

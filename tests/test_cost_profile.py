@@ -78,12 +78,16 @@ def test_sps_counts_the_drafting_cost():
     assert profile.drafter_seconds("unknown", 1) == 0.0
 
 
-def test_cache_hit_remeasure_and_key(tmp_path):
+def cached_setup(tmp_path):
+    """A timed target and drafter on one fake clock, and load_or_measure's arguments around them."""
     clock = Clock()
-    target = TimedTarget(clock)
-    drafters = {"toy": TimedDrafter(clock)}
     kwargs = dict(target_name="toy", cache_dir=tmp_path, log=lambda m: None, context=8, repeats=3,
                   progress=False, time_fn=clock)
+    return TimedTarget(clock), {"toy": TimedDrafter(clock)}, kwargs
+
+
+def test_cache_hit_remeasure_and_key(tmp_path):
+    target, drafters, kwargs = cached_setup(tmp_path)
     first = load_or_measure(target, drafters, [1], 3, **kwargs)
     calls = target.forward_calls
     assert "saved" in first.source and calls > 0
@@ -130,3 +134,18 @@ def test_real_clock_with_a_real_drafter():
     assert profile.draft_seconds["lookup"][2] > 0
     assert CostProfile.from_json(profile.to_json()).step_seconds == profile.step_seconds
     assert "R = 2" in profile.describe() and cost_profile.machine_description("cpu")
+
+
+def test_each_batch_size_is_cached_on_its_own(tmp_path):
+    """`dspark profile --batch-sizes 1,2` serves a later run at batch 1; a run at 2 and 3 measures only 3."""
+    target, drafters, kwargs = cached_setup(tmp_path)
+    both = load_or_measure(target, drafters, [1, 2], 3, **kwargs)
+    calls = target.forward_calls
+    one = load_or_measure(target, drafters, [1], 3, **kwargs)
+    assert target.forward_calls == calls and "cached" in one.source
+    assert one.step_seconds == {1: both.step_seconds[1]} and one.draft_seconds == {"toy": {1: both.draft_seconds["toy"][1]}}
+    more = load_or_measure(target, drafters, [2, 3], 3, **kwargs)
+    measured_sizes = target.forward_calls - calls
+    assert set(more.step_seconds) == {2, 3} and more.step_seconds[2] == both.step_seconds[2]
+    assert measured_sizes == 2 + len(cost_profile._measured_sizes(3, 3)) * 3  # batch 3 only: warm-up + timed
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 3

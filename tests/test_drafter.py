@@ -22,7 +22,7 @@ from dspark_ext.drafters import AutoregressiveDrafter
 from dspark_ext.generate import generate
 from dspark_ext.heads import previous_tokens
 from dspark_ext.protocols import Draft, DraftContext, Drafter
-from helpers import assert_matches_distribution, check_distribution
+from helpers import assert_matches_distribution, check_distribution, sequence_codes
 
 pytest.importorskip("transformers")
 
@@ -498,11 +498,7 @@ def sample_codes(target, drafter, sps=None):
     # max_new = LAW_TOKENS + 1: y_1 from the prefill, y_2 and y_3 from a round verifying 2 drafts.
     result = generate(target, drafter, [LAW_PROMPT] * LAW_SAMPLES, LAW_TOKENS + 1, temperature=LAW_TEMPERATURE,
                       seed=7, sps=sps)
-    tokens = torch.stack([t[:LAW_TOKENS] for t in result.tokens])
-    codes = torch.zeros(LAW_SAMPLES, dtype=torch.int64)
-    for i in range(LAW_TOKENS):
-        codes = codes * LAW_V + tokens[:, i]
-    return codes, result
+    return sequence_codes(torch.stack([t[:LAW_TOKENS] for t in result.tokens]), LAW_V), result
 
 
 @pytest.mark.parametrize("scheduled", [False, True], ids=["all-drafts", "scheduler"])

@@ -18,7 +18,7 @@ from dspark_ext.drafters import AutoregressiveDrafter, MarkovDrafter
 from dspark_ext.generate import GenerationResult, generate
 from dspark_ext.drafters import NgramDrafter
 from dspark_ext.protocols import Drafter, DraftContext, Target
-from helpers import assert_matches_distribution, check_distribution
+from helpers import assert_matches_distribution, check_distribution, sequence_codes
 from toy_targets import MisreportingDrafter, TrigramTarget
 
 V = 8
@@ -204,11 +204,7 @@ def law_target() -> TrigramTarget:
 def sampled_codes(target, drafter, temperature: float, *, sps=None, seed: int = 1000) -> torch.Tensor:
     result = generate(target, drafter, [LAW_PROMPT] * LAW_SAMPLES, LAW_TOKENS + 1, temperature=temperature,
                       seed=seed, sps=sps)
-    tokens = torch.stack([t[:LAW_TOKENS] for t in result.tokens])
-    codes = torch.zeros(LAW_SAMPLES, dtype=torch.int64)
-    for i in range(LAW_TOKENS):
-        codes = codes * LAW_V + tokens[:, i]
-    return codes, result
+    return sequence_codes(torch.stack([t[:LAW_TOKENS] for t in result.tokens]), LAW_V), result
 
 
 LAW_CASES = {
@@ -528,6 +524,5 @@ def test_sampling_follows_tiny_llama_law():
     for name, drafter in drafters.items():
         # 3 tokens: y2 comes from a round that verifies one draft (the cap is max_new - 1 - generated).
         result = generate(target, drafter, [LLAMA_LAW_PROMPT] * samples, 3, temperature=temperature, seed=77)
-        tokens = torch.stack([t[:2] for t in result.tokens])
-        assert_matches_distribution(tokens[:, 0] * LLAMA_LAW_V + tokens[:, 1], law)
+        assert_matches_distribution(sequence_codes(torch.stack([t[:2] for t in result.tokens]), LLAMA_LAW_V), law)
         assert int(result.position_verified.sum()) > 0, name  # drafts were really verified

@@ -17,7 +17,7 @@ from dspark_ext.drafters.lookup import NUM_RECORDS, LookupCalibration
 from dspark_ext.generate import generate
 from dspark_ext.protocols import Draft, DraftContext
 from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
-from helpers import assert_matches_distribution, check_distribution
+from helpers import assert_matches_distribution, check_distribution, sequence_codes
 from toy_targets import TrigramTarget
 
 V = 8
@@ -95,11 +95,7 @@ def law_target():
 def sampled_codes(target, drafter, temperature, cost):
     result = generate(target, drafter, [LAW_PROMPT] * LAW_SAMPLES, LAW_TOKENS + 1, temperature=temperature,
                       seed=1000, cost=cost)
-    tokens = torch.stack([t[:LAW_TOKENS] for t in result.tokens])
-    codes = torch.zeros(LAW_SAMPLES, dtype=torch.int64)
-    for i in range(LAW_TOKENS):
-        codes = codes * V + tokens[:, i]
-    return codes, result
+    return sequence_codes(torch.stack([t[:LAW_TOKENS] for t in result.tokens]), V), result
 
 
 COSTS = {

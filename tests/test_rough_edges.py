@@ -80,6 +80,9 @@ BAD_ARGUMENTS = [
     (["train", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["train", "--minutes", "dspark=half"], "--minutes must be VARIANT=MINUTES,..., got 'dspark=half'"),
     (["train", "--context-layers", "2,eleven"], "--context-layers must be comma-separated layer numbers"),
+    (["profile", "--batch-sizes", "1,four"], "--batch-sizes must be comma-separated numbers >= 1, got '1,four'"),
+    (["profile", "--batch-sizes", "0"], "--batch-sizes must be comma-separated numbers >= 1, got '0'"),
+    (["profile", "--drafter", "ngram"], "--drafter ngram: only DSpark and hybrid drafters are scheduled"),
 ]
 
 

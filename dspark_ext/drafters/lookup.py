@@ -305,9 +305,9 @@ class _RecordingLookup(NgramDrafter):
             keep = (p["match_length"] > 0) & (emitted > 0) & (p["verified"] > 0)
             accepted = torch.minimum(emitted - 1, p["verified"])
             self.rows.append(torch.stack([p["greedy"], p["match_length"], p["record"], p["verified"], accepted])[:, keep])
+        _, match_length, _ = self._lookup(context)  # propose reuses it
         draft = super().propose(context)
         record = self.last_record.cpu()
-        _, match_length = self.periods(context.tokens, context.lengths.to(torch.int64))
         # the loop's cap: max_new - generated - 1, read off the offsets by the caller's max_new
         left = (self.max_new.to(lengths.device) - context.offset.cpu() - 1).clamp(0, self.num_draft)
         self._pending = {"lengths": lengths, "match_length": match_length.cpu(), "record": record,
