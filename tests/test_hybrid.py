@@ -231,3 +231,13 @@ def test_incremental_ngram_index_equals_the_full_search():
             tokens[restart] = torch.randint(0, vocab, (int(restart.sum()), 40), generator=g)
             lengths = torch.where(restart, torch.randint(1, 4, (B,), generator=g),
                                   (lengths + torch.randint(0, 5, (B,), generator=g)).clamp(max=40))
+
+
+def test_hybrid_needs_dspark_confidences():
+    """A DSpark side without a confidence head gets a clear error, not a crash in the middle."""
+    target = law_target()
+    no_confidence = MarkovDrafter.random(V, K, seed=2)
+    drafter = HybridDrafter(no_confidence, NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1,
+                                                        calibration=toy_calibration()))
+    with pytest.raises(ValueError, match="must report its drafting logits and confidences"):
+        generate(target, drafter, [LAW_PROMPT], 4)

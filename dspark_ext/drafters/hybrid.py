@@ -96,6 +96,9 @@ class HybridDrafter:
             self.chose_lookup += int(context.tokens.shape[0])
             return lookup
         drafted = self.dspark.propose(self._dspark_context(context))
+        if drafted.confidence is None or drafted.logits is None:
+            raise ValueError("the hybrid's DSpark drafter must report its drafting logits and confidences "
+                             "(a DSparkDrafter with a confidence head)")
         self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
         self._dspark_survival = drafted.confidence.float().cumprod(1).cpu()
         mean = self._dspark_survival.mean(0, keepdim=True)
