@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dspark_ext.cli import main as dspark
+from dspark_ext.defaults import default_drafter_path
 
 
 def run_grid(args) -> list:
@@ -22,7 +23,13 @@ def run_grid(args) -> list:
     for label in ("mtp1", "parallel"):
         if runs is not None and (runs / label / "drafter" / "config.json").is_file():
             drafters.append(f"{label}={runs / label / 'drafter'}")
-    drafters += ["dspark", "dspark+sched"]
+    if args.dspark_drafter:  # a drafter not (yet) installed, in the dspark columns
+        drafters += [f"dspark={args.dspark_drafter}", f"dspark={args.dspark_drafter}+sched"]
+        if args.also_shipped:
+            drafters += ["shipped=" + str(default_drafter_path()), "shipped=" + str(default_drafter_path()) + "+sched"]
+    else:
+        drafters += ["dspark", "dspark+sched"]
+    drafters += [d for d in args.extra_drafters.split(",") if d]
     reports = []
     for dataset in args.datasets.split(","):
         for temperature in args.temperatures.split(","):
@@ -86,6 +93,11 @@ def main() -> None:
     p.add_argument("--prompts-per-batch", type=int, default=0, help="if set: num-prompts = this x batch size")
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--resume", action="store_true", help="keep cells already measured")
+    p.add_argument("--dspark-drafter", default=None,
+                   help="a DSpark drafter folder for the dspark and dspark+sched columns (default: the shipped one)")
+    p.add_argument("--also-shipped", action="store_true",
+                   help="with --dspark-drafter: also run the shipped drafter (columns shipped, shipped+sched)")
+    p.add_argument("--extra-drafters", default="", help="comma-separated extra drafter specs (e.g. hybrid)")
     args = p.parse_args()
     reports = run_grid(args)
     print(summarize(reports, Path(args.out)))

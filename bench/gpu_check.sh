@@ -10,7 +10,9 @@
 #   8. end to end on the default target with the shipped DSpark drafter, if it can be loaded offline
 #   9. the vLLM plugin, where vLLM 0.32 is installed: bench/vllm_gpu_check.py (V2 replacements on
 #      CUDA with host syncs forbidden, CUDA-graph capture, vLLM's V2 runner with and without the
-#      plugin: greedy identity, tokens/s); skipped without vLLM
+#      plugin: greedy identity, tokens/s; speculating with vLLM's own DSpark path on the shipped
+#      drafter exported by `dspark export --format vllm` when it is in the vLLM layout and step 8
+#      left its target folder, else with prompt lookup); skipped without vLLM
 #
 # Logs go to ${OUT:-/tmp/dspark_gpu_check}/<step>.log. Every step runs under `timeout`, the
 # whole script stays under 8 minutes (a global deadline shrinks later steps' timeouts), a
@@ -155,8 +157,19 @@ fi
 # ------------------------------------------------------------------ 9. the vLLM plugin
 if [[ $(step_status import) == PASS ]] && "$PYTHON" -c "import vllm" 2>/dev/null; then
   VLLM_LIMIT=$(limit 240 0)
+  # Serve the shipped DSpark drafter through vLLM's DSpark path when it is in the vLLM layout and
+  # its target is available as a Hugging Face folder (step 8 writes it); else prompt lookup.
+  DSPARK_ARGS=$("$PYTHON" -c "
+from dspark_ext.drafters.dspark import DrafterConfig, shipped_drafter_path
+from dspark_ext.targets import default_cache_dir
+import json
+cfg = DrafterConfig(**json.loads((shipped_drafter_path() / 'config.json').read_text()))
+target = default_cache_dir() / 'SmolLM2-135M-Instruct'
+if cfg.vllm_compatible and (target / 'config.json').is_file():
+    print(f'--dspark-drafter {shipped_drafter_path()} --model {target} --max-tokens 96')
+" 2>/dev/null || true)
   if ((VLLM_LIMIT >= 150)); then
-    run_step vllm "$VLLM_LIMIT" tee "$PYTHON" bench/vllm_gpu_check.py --timeout $((VLLM_LIMIT / 2 - 10))
+    run_step vllm "$VLLM_LIMIT" tee "$PYTHON" bench/vllm_gpu_check.py --timeout $((VLLM_LIMIT / 2 - 10)) $DSPARK_ARGS
   else  # two vLLM start-ups do not fit: the op-level checks alone
     run_step vllm "$VLLM_LIMIT" tee "$PYTHON" bench/vllm_gpu_check.py --skip-end-to-end
   fi

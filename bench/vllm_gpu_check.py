@@ -15,6 +15,13 @@
    sampled, seeded smoke run with the plugin). The model is --model (a local folder) or, without
    one, a tiny random Llama with a 64-token vocabulary built here (tests/integrations/tiny_models.py):
    it checks identity, not speed.
+3. with --dspark-drafter DRAFTER --model TARGET: the same two runs, but speculating with vLLM's own
+   DSpark path on DRAFTER exported by `dspark export --format vllm`
+   (speculative_config={"method": "dspark", "model": EXPORT, "num_speculative_tokens": K}): greedy
+   output identical with and without the plugin (which then also drafts through
+   dspark::markov_draft), plus a plain run without speculation with --with-plain (bfloat16
+   speculative and plain decoding can differ where batch shapes change a reduction; the count of
+   identical prompts is reported).
 
 Exits 0 with a SKIP line when vLLM or CUDA is missing; non-zero when a check fails.
 """
@@ -280,9 +287,10 @@ def child(plan_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    speculative = plan.get("speculative_config", dict(NGRAM, num_speculative_tokens=plan["num_spec_tokens"]))
     llm = LLM(model=plan["model"], dtype="bfloat16", max_model_len=plan["max_model_len"], seed=0,
               enforce_eager=not plan["cuda_graphs"], gpu_memory_utilization=0.4, max_num_seqs=64,
-              speculative_config=dict(NGRAM, num_speculative_tokens=plan["num_spec_tokens"]))
+              **({"speculative_config": speculative} if speculative else {}))
     prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in plan["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=plan["max_tokens"], ignore_eos=True)
     llm.generate(prompts[:2], greedy, use_tqdm=False)  # warm-up
@@ -315,16 +323,16 @@ def child(plan_path: str, out_path: str) -> None:
     os._exit(0)  # skip the engine's slow teardown
 
 
-def run_vllm(plan: dict, plugin: bool, timeout: float, folder: Path):
+def run_vllm(plan: dict, plugin: bool, timeout: float, folder: Path, label: str = ""):
     env = dict(os.environ, VLLM_USE_V2_MODEL_RUNNER="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                VLLM_ALLOW_INSECURE_SERIALIZATION="1", DSPARK_VLLM_PLUGIN="1" if plugin else "0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    plan_path, out_path = folder / "plan.json", folder / f"out_{int(plugin)}.json"
+    plan_path, out_path = folder / f"plan{label}.json", folder / f"out{label}_{int(plugin)}.json"
     plan_path.write_text(json.dumps(plan))
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--child", str(plan_path), str(out_path)], env=env,
                           capture_output=True, text=True, timeout=timeout)
-    label = "plugin" if plugin else "stock"
+    label = label or ("plugin" if plugin else "stock")
     if proc.returncode != 0 or not out_path.exists():
         print(f"  FAIL {label} run (exit {proc.returncode}, {time.perf_counter() - start:.0f}s):")
         print("\n".join("    " + line for line in (proc.stdout + proc.stderr).splitlines()[-30:]))
@@ -380,6 +388,54 @@ def run_end_to_end(args) -> bool:
     return ok
 
 
+def run_dspark_end_to_end(args) -> bool:
+    """vLLM's DSpark path serving ``args.dspark_drafter`` exported for vLLM, plugin off and on."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from dspark_ext.drafters.dspark import DSparkDrafter
+    from dspark_ext.drafters.export import export_vllm
+
+    folder = Path(tempfile.mkdtemp(prefix="dspark_vllm_dspark_"))
+    config = json.loads((Path(args.dspark_drafter) / "config.json").read_text())
+    placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
+    drafter = DSparkDrafter.load(args.dspark_drafter, placeholder)
+    export = export_vllm(drafter, folder / "export")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                             tokenize=True) for text in TEXT_PROMPTS]
+    prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
+    prompts = (prompts * ((args.num_prompts + len(prompts) - 1) // len(prompts)))[:args.num_prompts]
+    plan = {"model": args.model, "prompts": prompts, "max_tokens": args.max_tokens, "cuda_graphs": args.cuda_graphs,
+            "max_model_len": 2048, "num_spec_tokens": drafter.num_draft,
+            "speculative_config": {"method": "dspark", "model": str(export),
+                                   "num_speculative_tokens": drafter.num_draft}}
+    print(f"  DSpark drafter {args.dspark_drafter} exported to {export} (K = {drafter.num_draft})")
+    stock = run_vllm(plan, False, args.timeout, folder, "dspark-stock")
+    patched = run_vllm(plan, True, args.timeout, folder, "dspark-plugin")
+    if stock is None or patched is None:
+        return False
+    ok = stock["tokens"] == patched["tokens"]
+    if not ok:
+        differing = [i for i, (a, b) in enumerate(zip(stock["tokens"], patched["tokens"])) if a != b]
+        print(f"  FAIL DSpark greedy outputs differ with and without the plugin for prompts {differing}")
+    if patched["counts"].get("markov", {}).get("markov_draft", 0) == 0:
+        print(f"  FAIL the plugin run never drafted through torch.ops.dspark.markov_draft: {patched['counts']}")
+        ok = False
+    if args.with_plain:
+        plain = run_vllm(dict(plan, speculative_config=None), False, args.timeout, folder, "plain")
+        if plain is None:
+            return False
+        same = sum(a == b for a, b in zip(plain["tokens"], patched["tokens"]))
+        print(f"  DSpark vs plain decoding: {same}/{len(prompts)} prompts identical (bfloat16), "
+              f"throughput {patched['num_tokens'] / patched['seconds']:.1f} vs "
+              f"{plain['num_tokens'] / plain['seconds']:.1f} tok/s")
+    print(f"dspark end to end: {'PASS' if ok else 'FAIL'}")
+    return ok
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3])
@@ -392,7 +448,12 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="let vLLM capture CUDA graphs (slower start-up)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per vLLM run")
     parser.add_argument("--skip-end-to-end", action="store_true")
+    parser.add_argument("--dspark-drafter", help="a DSpark drafter folder to serve through vLLM's DSpark path "
+                        "(exported with dspark export --format vllm); needs --model, its target")
+    parser.add_argument("--with-plain", action="store_true", help="also run the target without speculation")
     args = parser.parse_args()
+    if args.dspark_drafter and not args.model:
+        parser.error("--dspark-drafter needs --model (the drafter's target, a local Hugging Face folder)")
     try:
         import torch
     except ImportError:
@@ -405,7 +466,11 @@ def main() -> None:
         skip(f"vLLM is not importable ({type(error).__name__}: {error})")
     print(f"vLLM {vllm.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
     ok = run_op_checks()
-    if not args.skip_end_to_end:
+    if args.skip_end_to_end:
+        pass
+    elif args.dspark_drafter:
+        ok = run_dspark_end_to_end(args) and ok
+    else:
         ok = run_end_to_end(args) and ok
     print(f"RESULT: {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)

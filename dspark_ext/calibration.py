@@ -253,6 +253,18 @@ class STSCalibration:
     brier_before: torch.Tensor
     brier_after: torch.Tensor
     num_bins: int = 20
+    #: bool [K]: an end of the search range [0.02, 50] is as good as T_k (the ECE is flat or
+    #: still falling there, typically at a position with almost no accepted prefixes), so T_k
+    #: is not a real optimum.
+    at_grid_edge: Optional[torch.Tensor] = None
+    #: int [K]: held-out rollouts whose first k drafts were all accepted (the positives of P_k).
+    positives: Optional[torch.Tensor] = None
+
+    @property
+    def edge_positions(self) -> list:
+        """1-based positions whose temperature sits at an end of the search range."""
+        return [] if self.at_grid_edge is None else [k + 1 for k in range(self.at_grid_edge.numel())
+                                                     if bool(self.at_grid_edge[k])]
 
     @property
     def mean_ece_before(self) -> float:
@@ -266,20 +278,22 @@ class STSCalibration:
         """A Markdown table of the per-position temperatures and metrics."""
         lines = [
             f"| position | T | ECE ({self.num_bins} bins) before → after "
-            "| AUROC before / after | Brier before / after |",
-            "|---:|---:|---:|---:|---:|",
+            "| AUROC before / after | Brier before / after | accepted prefixes |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         for k in range(self.temperatures.numel()):
+            edge = " (grid edge)" if k + 1 in self.edge_positions else ""
+            count = "" if self.positives is None else str(int(self.positives[k]))
             lines.append(
-                f"| {k + 1} | {self.temperatures[k].item():.3f} "
+                f"| {k + 1} | {self.temperatures[k].item():.3f}{edge} "
                 f"| {self.ece_before[k].item():.4f} → {self.ece_after[k].item():.4f} "
                 f"| {self.auroc_before[k].item():.4f} / {self.auroc_after[k].item():.4f} "
-                f"| {self.brier_before[k].item():.4f} / {self.brier_after[k].item():.4f} |"
+                f"| {self.brier_before[k].item():.4f} / {self.brier_after[k].item():.4f} | {count} |"
             )
         lines.append(
             f"| mean | | {self.mean_ece_before:.4f} → {self.mean_ece_after:.4f} "
             f"| {self.auroc_before.nanmean().item():.4f} / {self.auroc_after.nanmean().item():.4f} "
-            f"| {self.brier_before.mean().item():.4f} / {self.brier_after.mean().item():.4f} |"
+            f"| {self.brier_before.mean().item():.4f} / {self.brier_after.mean().item():.4f} | |"
         )
         return "\n".join(lines)
 
@@ -335,6 +349,7 @@ def calibrate_sts(
     coarse = torch.linspace(math.log(STS_MIN_T), math.log(STS_MAX_T), grid_size, dtype=torch.float64).exp()
     coarse = torch.cat([coarse, torch.ones(1, dtype=torch.float64)]).unique()  # sorted
     temperatures = torch.ones(num_draft, dtype=torch.float32)  # what the head applies: later positions see it
+    at_edge = torch.zeros(num_draft, dtype=torch.bool)
     prev = torch.ones(num_rollouts, dtype=torch.float64)  # P_{k-1} with the temperatures found so far
     for k in range(num_draft):
         coarse_ece = _ece_over_temperatures(prev, z[:, k], y[:, k], coarse, num_bins)
@@ -343,11 +358,15 @@ def calibrate_sts(
         lo, hi = coarse[max(i - 1, 0)].log(), coarse[min(i + 1, coarse.numel() - 1)].log()
         fine = torch.linspace(lo.item(), hi.item(), STS_REFINE_SIZE, dtype=torch.float64).exp()
         fine_ece = _ece_over_temperatures(prev, z[:, k], y[:, k], fine, num_bins)
-        temperatures[k] = _pick(torch.cat([coarse, fine]), torch.cat([coarse_ece, fine_ece]))
+        chosen = _pick(torch.cat([coarse, fine]), torch.cat([coarse_ece, fine_ece]))
+        temperatures[k] = chosen
+        # An end of the range that is as good as the choice: the ECE is flat or still falling there.
+        at_edge[k] = bool(torch.minimum(coarse_ece[0], coarse_ece[-1]) <= torch.cat([coarse_ece, fine_ece]).min() + _ECE_TIE)
         prev = prev * torch.sigmoid(z[:, k] / temperatures[k].double())
 
     before, after = _position_metrics(z, y, None, num_bins), _position_metrics(z, y, temperatures, num_bins)
-    return STSCalibration(temperatures, before[0], after[0], before[1], after[1], before[2], after[2], num_bins)
+    return STSCalibration(temperatures, before[0], after[0], before[1], after[1], before[2], after[2], num_bins,
+                          at_edge, y.sum(dim=0).to(torch.int64))
 
 
 def _ece_over_temperatures(

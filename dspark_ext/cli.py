@@ -132,7 +132,8 @@ def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
 # Lower bounds of the integer flags, where a flag has them (checked before the model loads).
 _MINIMUM_VALUES = {"max_new_tokens": 1, "num_draft": 1, "min_ngram": 1, "max_ngram": 1, "batch_size": 1,
                    "num_prompts": 1, "generation_batch_size": 1, "steps": 1, "layers": 1,
-                   "sequences_per_step": 1, "anchors_per_sequence": 1}
+                   "sequences_per_step": 1, "anchors_per_sequence": 1, "sharegpt_answer_tokens": 0,
+                   "threads": 0, "sweep_minutes": 0.1, "noise_token_id": 0}
 
 
 def _flag(name: str) -> str:
@@ -172,6 +173,17 @@ def check_args(args) -> None:
     if getattr(args, "context_layers", None) is not None and not all(
             item.strip().lstrip("-").isdigit() for item in args.context_layers.split(",")):
         raise CliError(f"--context-layers must be comma-separated layer numbers, got {args.context_layers!r}")
+    for flag in ("sweep_lrs",):
+        for item in filter(None, getattr(args, flag, "").split(",")):
+            try:
+                ok = float(item) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise CliError(f"{_flag(flag)} must be comma-separated positive numbers, got {getattr(args, flag)!r}")
+    for item in filter(None, getattr(args, "sweep_inits", "").split(",")):
+        if item not in ("random", "target"):
+            raise CliError(f"--sweep-inits takes random and/or target, got {args.sweep_inits!r}")
     for item in filter(None, getattr(args, "minutes", "").split(",")):
         name, _, minutes = item.partition("=")
         try:
@@ -378,6 +390,8 @@ def cmd_train(args) -> int:
 
     from dspark_ext.train import RecipeConfig, TrainConfig, run_recipe
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args)
     budgets = {}
     for item in filter(None, args.minutes.split(",")):
@@ -389,9 +403,17 @@ def cmd_train(args) -> int:
         context_layers=[int(i) for i in args.context_layers.split(",")],
         variants=[v for v in args.variants.split(",") if v],
         train=TrainConfig(steps=args.steps, lr=args.lr, sequences_per_step=args.sequences_per_step,
-                          anchors_per_sequence=args.anchors_per_sequence, seed=args.seed),
-        time_budget_s=budgets, seed=args.seed)
-    summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr))
+                          anchors_per_sequence=args.anchors_per_sequence, seed=args.seed,
+                          compile=not args.no_compile),
+        time_budget_s=budgets, seed=args.seed, sharegpt_answer_tokens=args.sharegpt_answer_tokens,
+        layout=args.layout, noise_token_id=args.noise_token_id, init_from_target=args.init_from_target,
+        sweep_lrs=[float(x) for x in args.sweep_lrs.split(",") if x],
+        sweep_inits=[{"random": False, "target": True}[x] for x in args.sweep_inits.split(",") if x],
+        sweep_minutes=args.sweep_minutes)
+    data_target = None
+    if args.data_dtype != "float32":
+        data_target, _ = _load_target(args, dtype=getattr(torch, args.data_dtype))
+    summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr), data_target=data_target)
     if args.install:
         if "dspark" not in summary["variants"]:
             raise CliError("--install needs the dspark variant")
@@ -456,6 +478,29 @@ def cmd_calibrate_lookup(args) -> int:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out, dest)
         _log(f"installed it as the default lookup calibration: {dest}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Writes a trained DSpark drafter in another engine's checkpoint format."""
+    from dspark_ext.drafters.dspark import CONFIG_FILE, DSparkDrafter
+    from dspark_ext.drafters.export import export_vllm
+
+    folder = Path(args.drafter)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CliError(f"no drafter at {folder} (a folder with config.json and model.safetensors, "
+                       "as `dspark train` writes)")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    # The target's embedding and LM head are not part of the drafter or of the export.
+    placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
+    drafter = DSparkDrafter.load(folder, placeholder)
+    try:
+        out = export_vllm(drafter, args.out, dtype=getattr(torch, args.dtype))
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    size = sum(f.stat().st_size for f in Path(out).iterdir()) / 1e6
+    _log(f"wrote {out} ({size:.1f} MB): vllm serve TARGET --speculative-config "
+         f"'{{\"method\": \"dspark\", \"model\": \"{out}\", \"num_speculative_tokens\": {drafter.num_draft}}}'")
     return 0
 
 
@@ -533,6 +578,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sequences-per-step", type=int, default=4, help="answers per training step")
     t.add_argument("--anchors-per-sequence", type=int, default=32, help="draft blocks trained per answer")
     t.add_argument("--seed", type=int, default=0, help="random seed: prompt choice, sampled answers, data order, initialisation")
+    t.add_argument("--sharegpt-answer-tokens", type=int, default=1_000_000,
+                   help="prefill-only data: this many tokens of ShareGPT's own answers (the target's "
+                        "distribution is read at every position; 0 = regenerated answers only)")
+    t.add_argument("--layout", choices=["vllm", "v1"], default="vllm",
+                   help="drafter layout: vllm (what `dspark export --format vllm` writes exactly) or v1 "
+                        "(the first shipped drafter's)")
+    t.add_argument("--noise-token-id", type=int, default=None,
+                   help="query token of draft positions 2..K in the vllm layout "
+                        "(default: the tokenizer's highest special token id that is not bos/eos/pad)")
+    t.add_argument("--init-from-target", action="store_true",
+                   help="start the backbone layer as a copy of the target's last layer (the sweep can decide instead)")
+    t.add_argument("--sweep-lrs", default="",
+                   help="comma-separated learning rates to try first, --sweep-minutes each; the best on "
+                        "held-out data replaces --lr (and --init-from-target, with --sweep-inits)")
+    t.add_argument("--sweep-inits", default="random",
+                   help="comma-separated initialisations the sweep tries: random, target")
+    t.add_argument("--sweep-minutes", type=float, default=5.0, help="training time of each sweep arm")
+    t.add_argument("--data-dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="dtype of the target while it answers prompts and computes features (bfloat16 is "
+                        "~3x faster on CPUs with AMX; features are stored in float16 either way)")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    t.add_argument("--no-compile", action="store_true", help="train without torch.compile of the loss terms")
     t.add_argument("--install", action="store_true", help="make the trained DSpark drafter the package default")
     t.set_defaults(func=cmd_train)
 
@@ -562,6 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="prompt shuffle (as `dspark train`) and sampling seed")
     c.add_argument("--install", action="store_true", help="make it the calibration the hybrid drafter ships with")
     c.set_defaults(func=cmd_calibrate_lookup)
+    e = command("export", "write a trained DSpark drafter as a checkpoint another engine serves "
+                "(vLLM 0.32: Qwen3DSparkModel, config.json + model.safetensors)")
+    e.add_argument("drafter", help="drafter folder (config.json + model.safetensors, as `dspark train` writes)")
+    e.add_argument("out", help="folder to write")
+    e.add_argument("--format", choices=["vllm"], default="vllm", help="checkpoint format")
+    e.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="weight dtype of the export")
+    e.set_defaults(func=cmd_export)
     return parser
 
 

@@ -200,10 +200,11 @@ class Llama:
     # ---------------------------------------------------------------- forward
     @torch.no_grad()
     def forward(self, token_ids: torch.Tensor, cu_seqlens: torch.Tensor, cache: KVCache,
-                hidden_layers: Optional[Sequence[int]] = None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                hidden_layers: Optional[Sequence[int]] = None, return_logits: bool = True
+                ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Append request b's tokens ``token_ids[cu_seqlens[b]:cu_seqlens[b+1]]`` to its cache
-        and return (logits [T, V] float32, hidden [T, len(hidden_layers) * D] or None)."""
+        and return (logits [T, V] float32, or None without ``return_logits``; hidden
+        [T, len(hidden_layers) * D] or None)."""
         cfg, w = self.config, self.weights
         dev = self.device
         token_ids = token_ids.to(dev, torch.int64)
@@ -271,7 +272,7 @@ class Llama:
         x = _rms_norm(x, w.norm, cfg.rms_norm_eps)
         hiddens[cfg.num_layers] = x
         cache.lengths = cache.lengths + n_new
-        logits = lm_head_logits(x, w.lm_head).float()
+        logits = lm_head_logits(x, w.lm_head).float() if return_logits else None
         hid = None
         if hidden_idx is not None:
             hid = torch.cat([hiddens[i] for i in hidden_idx], dim=-1)

@@ -94,6 +94,53 @@ def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: i
     return prompts
 
 
+#: ``prepare_sharegpt_answers`` starts this far into the seed-0 shuffle of ShareGPT, past the
+#: prompts that ``prepare_prompts`` regenerates (the first 768 by default) and the 48 prompts
+#: after them that calibrate prompt lookup (``dspark calibrate-lookup``).
+SHAREGPT_ANSWERS_START = 1024
+
+
+def prepare_sharegpt_answers(tokenizer, answer_tokens: int, out: Path, max_prompt_tokens: int = 192,
+                             max_answer_tokens: int = 512, min_answer_tokens: int = 16, seed: int = 0,
+                             start: int = SHAREGPT_ANSWERS_START) -> List[dict]:
+    """ShareGPT's own first answers as training text for prefill-only features: records
+    {prompt, answer, temperature: None} of chat-templated (first user turn, first assistant
+    turn) pairs, the answer cut to ``max_answer_tokens``, from conversation ``start`` of the
+    ``seed`` shuffle on, until ``answer_tokens`` answer tokens. The text is ChatGPT's; what the
+    drafter learns from it is the target's distribution at every position (``dspark_loss``
+    reads the target's logits, never these tokens, for such records). Cached in ``out``."""
+    if out.is_file():
+        return json.loads(out.read_text())
+    conversations = list(iter_sharegpt())
+    random.Random(seed).shuffle(conversations)
+    records: List[dict] = []
+    total = 0
+    for conv in conversations[start:]:
+        turns = conv.get("conversations") or []
+        if len(turns) < 2 or turns[0].get("from") != "human" or turns[1].get("from") != "gpt":
+            continue
+        question, answer = turns[0].get("value") or "", turns[1].get("value") or ""
+        if not question.strip() or not answer.strip():
+            continue
+        messages = [{"role": "user", "content": question}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}])
+        prompt = prompt if isinstance(prompt, list) else prompt["input_ids"]
+        full = full if isinstance(full, list) else full["input_ids"]
+        if len(prompt) > max_prompt_tokens or full[:len(prompt)] != prompt:
+            continue
+        reply = [int(t) for t in full[len(prompt):len(prompt) + max_answer_tokens]]
+        if len(reply) < min_answer_tokens:
+            continue
+        records.append({"prompt": [int(t) for t in prompt], "answer": reply, "temperature": None})
+        total += len(reply)
+        if total >= answer_tokens:
+            break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(records))
+    return records
+
+
 def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_tokens: int,
                batch_size: int, eos_token_id, temperatures: Sequence[float] = (0.0, 1.0),
                seed: int = 0) -> List[dict]:
@@ -129,24 +176,40 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
 FEATURE_FILE = "features_{:05d}.pt"
 
 
-def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: int = 8) -> List[Path]:
+def _prefill_features(target, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The target's ``hidden_layers`` features [N, width] of the packed ``seqs``: one prefill,
+    without the LM head when the target is a ``LlamaTarget`` (the logits are not stored)."""
+    from dspark_ext.llama import Llama
+
+    model = getattr(target, "model", None)
+    if isinstance(model, Llama):
+        cache = model.new_cache(len(seqs), max(s.numel() for s in seqs))
+        counts = torch.tensor([0] + [s.numel() for s in seqs], dtype=torch.int64)
+        _, hidden = model.forward(torch.cat(seqs).to(model.device), counts.cumsum(0).to(model.device), cache,
+                                  target.hidden_layers, return_logits=False)
+        return hidden
+    return target.start(seqs).hidden_states
+
+
+def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: int = 8,
+                   from_the_end: bool = False) -> List[Path]:
     """One prefill per batch of (prompt + answer) sequences through ``target`` (built with
     ``hidden_layers = context layers + [-1]``); shard i holds ``tokens`` [N] int32, ``cu_seqlens``
-    [S + 1], ``prompt_lengths`` [S], ``context`` [N, L * D] float16 and ``final`` [N, D] float16."""
+    [S + 1], ``prompt_lengths`` [S], ``context`` [N, L * D] float16, ``final`` [N, D] float16 and
+    ``target_written`` [S] bool (the answer is the target's own, not ShareGPT's text). Shards are
+    written atomically, so a second process can fill the same folder ``from_the_end``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
     num_batches = math.ceil(len(records) / batch_size)
-    for i in range(num_batches):
-        path = out_dir / FEATURE_FILE.format(i)
-        paths.append(path)
+    paths = [out_dir / FEATURE_FILE.format(i) for i in range(num_batches)]
+    for i in (reversed(range(num_batches)) if from_the_end else range(num_batches)):
+        path = paths[i]
         if path.is_file():
             progress_bar(i + 1, num_batches, "features")
             continue
         batch = records[i * batch_size:(i + 1) * batch_size]
         seqs = [torch.tensor(r["prompt"] + r["answer"], dtype=torch.int64) for r in batch]
         with torch.no_grad():
-            out = target.start(seqs)
-        hidden = out.hidden_states
+            hidden = _prefill_features(target, seqs)
         width = hidden.shape[1]
         final_width = width // len(target.hidden_layers)
         lengths = torch.tensor([s.numel() for s in seqs])
@@ -154,10 +217,11 @@ def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: i
             "tokens": torch.cat(seqs).to(torch.int32),
             "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]),
             "prompt_lengths": torch.tensor([len(r["prompt"]) for r in batch]),
+            "target_written": torch.tensor([r.get("temperature") is not None for r in batch]),
             "context": hidden[:, :width - final_width].to(torch.float16).contiguous(),
             "final": hidden[:, width - final_width:].to(torch.float16).contiguous(),
         }
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
         torch.save(shard, tmp)
         os.replace(tmp, path)
         progress_bar(i + 1, num_batches, "features")
@@ -172,19 +236,27 @@ class FeatureCache:
     (STS calibration and validation); the rest are training data."""
 
     def __init__(self, paths: Sequence[Path], heldout_every: int = 20):
-        shards = [torch.load(p) for p in paths]
+        # Memory-mapped: the features stay in the page cache, shared by every process that
+        # trains on them (a million tokens are ~7 GB).
+        shards = [torch.load(p, mmap=True) for p in paths]
         self.tokens = torch.cat([s["tokens"] for s in shards]).long()
-        self.context = torch.cat([s["context"] for s in shards])
-        self.final = torch.cat([s["final"] for s in shards])
-        starts, lengths, prompts = [], [], []
+        self._context = [s["context"] for s in shards]
+        self._final = [s["final"] for s in shards]
+        starts, lengths, prompts, shard_of, local_starts = [], [], [], [], []
         offset = 0
-        for s in shards:
+        for i, s in enumerate(shards):
             cu = s["cu_seqlens"]
             starts.append(cu[:-1] + offset)
+            local_starts.append(cu[:-1])
+            shard_of.append(torch.full((cu.numel() - 1,), i, dtype=torch.int64))
             lengths.append(cu[1:] - cu[:-1])
             prompts.append(s["prompt_lengths"])
             offset += int(cu[-1])
         self.starts, self.lengths, self.prompt_lengths = torch.cat(starts), torch.cat(lengths), torch.cat(prompts)
+        self._shard_of, self._local_starts = torch.cat(shard_of).tolist(), torch.cat(local_starts).tolist()
+        # Shards from before the field held regenerated answers only.
+        self.target_written = torch.cat([s.get("target_written", torch.ones(s["prompt_lengths"].numel(), dtype=torch.bool))
+                                         for s in shards])
         usable = self.lengths - self.prompt_lengths >= 2  # at least one anchor with a target
         index = torch.arange(self.lengths.numel())
         held = (index % heldout_every) == heldout_every - 1
@@ -199,11 +271,22 @@ class FeatureCache:
         """Per-dimension mean and std [L * D] (float32) of the context features of sequences
         ``ids`` (default: the training sequences), from at most ``max_rows`` random rows."""
         ids = self.train_ids if ids is None else ids
-        rows = torch.cat([torch.arange(int(self.starts[i]), int(self.starts[i] + self.lengths[i])) for i in ids])
-        if rows.numel() > max_rows:
-            rows = rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed))[:max_rows]]
-        x = self.context[rows].double()
+        seq = torch.cat([torch.full((int(self.lengths[i]),), i) for i in ids])
+        offset = torch.cat([torch.arange(int(self.lengths[i])) for i in ids])
+        if seq.numel() > max_rows:
+            pick = torch.randperm(seq.numel(), generator=torch.Generator().manual_seed(seed))[:max_rows]
+            seq, offset = seq[pick], offset[pick]
+        x = torch.stack([self.context_rows(int(i), int(o), int(o) + 1)[0] for i, o in zip(seq, offset)]).double()
         return x.mean(0).float(), x.std(0).float()
+
+    def context_rows(self, seq_id: int, begin: int, end: int) -> torch.Tensor:
+        """Context features [end - begin, L * D] float16 of positions [begin, end) of a sequence."""
+        start = self._local_starts[seq_id]
+        return self._context[self._shard_of[seq_id]][start + begin:start + end]
+
+    def final_rows(self, seq_id: int, positions: torch.Tensor) -> torch.Tensor:
+        """The target's final hidden states [..., D] float16 at ``positions`` of a sequence."""
+        return self._final[self._shard_of[seq_id]][self._local_starts[seq_id] + positions]
 
     def answer_tokens(self, ids: Sequence[int]) -> int:
         return int((self.lengths[ids] - self.prompt_lengths[ids]).sum())
@@ -212,31 +295,34 @@ class FeatureCache:
         """Padded training tensors for sequences ``seq_ids`` with anchor positions ``anchors[i]`` [J]."""
         B, J, K = len(seq_ids), anchors[0].numel(), num_draft
         S = max(int(a.max()) for a in anchors)  # block j reads context rows < its anchor
-        L = self.context.shape[1]
-        D = self.final.shape[1]
+        L = self._context[0].shape[1]
+        D = self._final[0].shape[1]
         context = torch.zeros(B, max(S, 1), L)
         anchor_ids = torch.zeros(B, J, dtype=torch.int64)
         targets = torch.zeros(B, J, K, dtype=torch.int64)
         prev = torch.zeros(B, J, K, dtype=torch.int64)
         valid = torch.zeros(B, J, K, dtype=torch.bool)
         final = torch.zeros(B, J, K, D)
+        data_labels = torch.zeros(B, dtype=torch.bool)
         k = torch.arange(K)
         for i, (sid, a) in enumerate(zip(seq_ids, anchors)):
             start, length = int(self.starts[sid]), int(self.lengths[sid])
             tok = self.tokens[start:start + length]
-            context[i, :int(a.max())] = self.context[start:start + int(a.max())].float()
+            context[i, :int(a.max())] = self.context_rows(sid, 0, int(a.max())).float()
             anchor_ids[i] = tok[a]
             pos = a[:, None] + k[None]  # row a + k - 1 (0-based k) predicts token a + k
             ok = pos + 1 < length
             valid[i] = ok
             targets[i] = tok[(pos + 1).clamp(max=length - 1)]
             prev[i] = tok[pos.clamp(max=length - 1)]
-            final[i] = self.final[start + pos.clamp(max=length - 1)].float()
+            final[i] = self.final_rows(sid, pos.clamp(max=length - 1)).float()
+            data_labels[i] = bool(self.target_written[sid])
         return {
             "context": context, "context_positions": torch.arange(max(S, 1))[None].expand(B, -1),
             "anchor_ids": anchor_ids, "anchor_positions": torch.stack(list(anchors)),
             "context_mask": torch.arange(max(S, 1))[None, None] < torch.stack(list(anchors))[:, :, None],
             "targets": targets, "prev": prev, "valid": valid, "final": final,
+            "data_labels": data_labels,  # [B]: targets are the target's own tokens (else its argmax is the label)
         }
 
     def sample(self, generator: torch.Generator, num_sequences: int, num_anchors: int, num_draft: int,
@@ -275,31 +361,65 @@ def teacher_forced(drafter, batch: Dict[str, torch.Tensor]):
     return logits, drafter.confidence(h.flatten(0, 1), prev_emb.flatten(0, 1)).view(logits.shape[:-1])
 
 
-def dspark_loss(drafter, batch: Dict[str, torch.Tensor], weights: LossWeights = LossWeights()):
+def head_terms(hidden, prev_embedding, w2, lm_head, final, targets, data_labels):
+    """Per-position TV(p_d, p_t), cross-entropy and greedy agreement [N] of N block rows.
+
+    ``hidden`` [N, D] drafter hidden states; ``prev_embedding`` [N, r] = W1[x_{k-1}] (or None:
+    no Markov head) and ``w2`` [V, r]; ``lm_head`` [V, D] (its dtype is the matmul's);
+    ``final`` [N, D] the target's final hidden states (p_t = softmax of its LM head);
+    ``targets`` [N] the data tokens, the CE label where ``data_labels`` [N] (the target wrote
+    them), else the target's argmax. Plain tensor code, so ``torch.compile`` can fuse its
+    vocabulary-wide passes (``TrainConfig.compile``)."""
+    logits = torch.nn.functional.linear(hidden.to(lm_head.dtype), lm_head).float()
+    if prev_embedding is not None:
+        logits = logits + torch.nn.functional.linear(prev_embedding.float(), w2.float())
+    log_pd = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        target_logits = torch.nn.functional.linear(final.to(lm_head.dtype), lm_head).float()
+        p_t = torch.softmax(target_logits, dim=-1)
+        target_argmax = target_logits.argmax(-1)
+        labels = torch.where(data_labels, targets, target_argmax)
+        greedy_hit = logits.detach().argmax(-1) == target_argmax
+    tv = 0.5 * (log_pd.exp() - p_t).abs().sum(-1)
+    ce = -log_pd.gather(-1, labels[:, None])[:, 0]
+    return tv, ce, greedy_hit
+
+
+def dspark_loss(drafter, batch: Dict[str, torch.Tensor], weights: LossWeights = LossWeights(), terms=head_terms):
     """DSpark's training loss (paper Eq. 8): per position k, ``ce * CE + tv * TV(p_d, p_t) +
     confidence * BCE(c_k, 1 - TV)`` weighted by ``exp(-(k-1)/K)``, over valid positions. The
     Markov head is teacher-forced (x_{k-1} = the data token); p_t is recomputed from the cached
-    final hidden states through the target's LM head. Returns (loss, metrics)."""
+    final hidden states through the target's LM head; the CE label is the data token where the
+    target wrote the sequence, else the target's argmax (``head_terms``, or ``terms``: its
+    compiled form). W1 enters the confidence detached, keeping the confidence loss out of the
+    Markov head. Returns (loss, metrics)."""
     K = drafter.num_draft
-    logits, z = teacher_forced(drafter, batch)
-    log_pd = torch.log_softmax(logits, dim=-1)
-    with torch.no_grad():
-        p_t = torch.softmax(drafter.logits(batch["final"], drafter.training_lm_head_dtype), dim=-1)
-    tv = 0.5 * (log_pd.exp() - p_t).abs().sum(-1)  # [B, J, K]
-    ce = -log_pd.gather(-1, batch["targets"][..., None])[..., 0]
+    h = drafter.block_hidden(batch["context"], batch["context_positions"], batch["anchor_ids"],
+                             batch["anchor_positions"], batch["context_mask"])
+    B, J = h.shape[:2]
+    prev = batch["prev"]
+    prev_emb = drafter.markov.w1(prev) if drafter.markov is not None else None
+    w2 = drafter.markov.w2.weight if drafter.markov is not None else None
+    lm_head = drafter.lm_head_as(drafter.training_lm_head_dtype or torch.float32)
+    data_labels = batch.get("data_labels", torch.ones(B, dtype=torch.bool))
+    flat_prev = None if prev_emb is None else prev_emb.reshape(B * J * K, -1)
+    tv, ce, greedy_hit = terms(h.reshape(B * J * K, -1), flat_prev, w2, lm_head, batch["final"].reshape(B * J * K, -1),
+                               batch["targets"].reshape(-1), data_labels[:, None].expand(B, J * K).reshape(-1))
+    tv, ce, greedy_hit = tv.view(B, J, K), ce.view(B, J, K), greedy_hit.view(B, J, K).float()
     valid = batch["valid"].float()
     pos_w = torch.exp(-torch.arange(K, dtype=torch.float32) / K)
     w = valid * pos_w
     per = weights.ce * ce + weights.tv * tv
     metrics = {}
-    if z is not None:
+    if drafter.confidence is not None:
+        conf_prev = prev_emb.detach() if prev_emb is not None else h.new_zeros(B, J, K, 0)
+        z = drafter.confidence(h.flatten(0, 1), conf_prev.flatten(0, 1)).view(B, J, K)
         target_c = (1 - tv).detach().clamp(0, 1)
         bce = torch.nn.functional.binary_cross_entropy_with_logits(z, target_c, reduction="none")
         per = per + weights.confidence * bce
         metrics["bce"] = float((bce.detach() * valid).sum() / valid.sum().clamp(min=1))
     loss = (per * w).sum() / w.sum().clamp(min=1e-9)
     with torch.no_grad():
-        greedy_hit = (logits.argmax(-1) == p_t.argmax(-1)).float()
         count = valid.sum((0, 1)).clamp(min=1)
         metrics["tv"] = float((tv * valid).sum() / valid.sum().clamp(min=1))
         metrics["ce"] = float((ce * valid).sum() / valid.sum().clamp(min=1))
@@ -324,6 +444,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     time_budget_s: Optional[float] = None  # stop early (and say so) after this much training time
+    compile: bool = False  # torch.compile the vocabulary-wide loss terms (head_terms): ~2x on CPU
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -357,6 +478,7 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
                     "step": step, "elapsed": elapsed, "history": history, "planned_steps": cfg.steps}, tmp)
         os.replace(tmp, checkpoint)
 
+    terms = torch.compile(head_terms) if cfg.compile else head_terms
     drafter.train()
     stopped_early = False
     window: List[dict] = []
@@ -371,7 +493,7 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
         batch = data.sample(gen, cfg.sequences_per_step, cfg.anchors_per_sequence, drafter.num_draft)
-        loss, metrics = dspark_loss(drafter, batch, weights)
+        loss, metrics = dspark_loss(drafter, batch, weights, terms)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -413,7 +535,8 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         raise ValueError("this drafter has no confidence head")
     gen = torch.Generator().manual_seed(seed)
     zs, accs = [], []
-    for sid in data.heldout_ids:
+    # Only answers the target wrote: acceptance is defined along the target's own path.
+    for sid in (i for i in data.heldout_ids if bool(data.target_written[i])):
         lo, hi = int(data.prompt_lengths[sid]), int(data.lengths[sid]) - 2
         if anchors_per_sequence is None:  # every answer position that starts a whole block
             a = torch.arange(lo, max(lo, hi - drafter.num_draft + 1) + 1)
@@ -432,6 +555,24 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         zs.append(z[0][ok])
         accs.append((acc & batch["valid"])[0][ok].float())
     return torch.cat(zs), torch.cat(accs)
+
+
+@torch.no_grad()
+def heldout_acceptance(drafter, data: FeatureCache, num_batches: int = 16, seed: int = 123) -> dict:
+    """Teacher-forced 1 - TV and greedy agreement by position on ``num_batches`` fixed batches of
+    held-out sequences (the learning-rate sweep's yardstick: the same batches for every arm)."""
+    gen = torch.Generator().manual_seed(seed)
+    was_training = drafter.training
+    drafter.eval()
+    acc, greedy = [], []
+    for _ in range(num_batches):
+        batch = data.sample(gen, 4, 16, drafter.num_draft, ids=data.heldout_ids)
+        _, m = dspark_loss(drafter, batch)
+        acc.append(m["accept_t1"])
+        greedy.append(m["greedy_match"])
+    drafter.train(was_training)
+    mean = lambda rows: [sum(r[k] for r in rows) / len(rows) for k in range(len(rows[0]))]  # noqa: E731
+    return {"accept_t1": mean(acc), "greedy_match": mean(greedy)}
 
 
 # ---------------------------------------------------------------------- the whole recipe
@@ -460,6 +601,17 @@ class RecipeConfig:
     time_budget_s: Dict[str, float] = field(default_factory=dict)  # per variant
     sps_max_tokens: int = 64
     seed: int = 0
+    # Prefill-only data: ShareGPT's own answers, the target's distribution read at every position.
+    sharegpt_answer_tokens: int = 0
+    # "vllm": the layout `dspark export --format vllm` writes exactly; "v1": the first shipped one.
+    layout: str = "vllm"
+    noise_token_id: Optional[int] = None  # None: the tokenizer's highest special token id (not bos/eos/pad)
+    init_from_target: bool = False  # the backbone layer starts as a copy of the target's last layer
+    # Learning-rate sweep before the real runs: each (lr, init_from_target) arm trains DSpark for
+    # sweep_minutes; the best held-out teacher-forced acceptance picks lr and init for every variant.
+    sweep_lrs: Sequence[float] = ()
+    sweep_inits: Sequence[bool] = (False,)
+    sweep_minutes: float = 5.0
 
 
 def profile_target_sps(target, max_tokens: int, context_tokens: int = 128, seed: int = 0) -> torch.Tensor:
@@ -482,52 +634,138 @@ def profile_target_sps(target, max_tokens: int, context_tokens: int = 128, seed:
                        device=target.device)
 
 
-def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print) -> dict:
-    """Prompts -> target answers -> feature cache -> each variant trained (resumable) -> STS on
-    held-out rollouts (DSpark) -> SPS profile -> ``out_dir/<variant>/drafter`` saved. Returns a
-    summary (also written to ``out_dir/summary.json``)."""
-    from dspark_ext.calibration import calibrate_sts, reliability_diagram
+def default_noise_token_id(tokenizer) -> int:
+    """The query token of draft positions 2..K in the vLLM layout: the highest special token id
+    that is not bos/eos/pad/unk (SmolLM2: 16, ``<empty_output>``), else eos."""
+    reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    candidates = [int(i) for i in getattr(tokenizer, "all_special_ids", []) if i not in reserved]
+    return max(candidates) if candidates else int(tokenizer.eos_token_id)
+
+
+def new_drafter(cfg: RecipeConfig, target, variant: str, feature_stats, noise_token_id: int,
+                init_from_target: bool = False):
+    """A freshly initialised drafter of ``variant`` for ``target`` (a ``LlamaTarget``), seeded
+    with ``cfg.seed``, ready to train."""
     from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter
+
+    layout = dict(qk_norm=True, noise_token_id=noise_token_id, feature_norm="scale") if cfg.layout == "vllm" else {}
+    dcfg = DrafterConfig.for_llama(target.model.config, cfg.context_layers, num_layers=cfg.num_layers,
+                                   target=getattr(target, "name", "SmolLM2-135M-Instruct"), **VARIANTS[variant], **layout)
+    weights = target.model.weights
+    torch.manual_seed(cfg.seed)
+    drafter = DSparkDrafter(dcfg, weights.embed, weights.lm_head)
+    with torch.no_grad():  # start the output scale where the target's LM head expects it
+        drafter.backbone.norm.weight.copy_(weights.norm.float())
+        if init_from_target:
+            last = weights.layers[-1]
+            for layer in drafter.backbone.layers:
+                for mine, theirs in ((layer.attn_norm.weight, last.attn_norm), (layer.q.weight, last.wq),
+                                     (layer.k.weight, last.wk), (layer.v.weight, last.wv), (layer.o.weight, last.wo),
+                                     (layer.mlp_norm.weight, last.mlp_norm), (layer.gate.weight, last.w_gate),
+                                     (layer.up.weight, last.w_up), (layer.down.weight, last.w_down)):
+                    mine.copy_(theirs.float())
+    drafter.backbone.set_feature_statistics(*feature_stats)
+    drafter.training_lm_head_dtype = torch.bfloat16
+    return drafter
+
+
+def lr_sweep(cfg: RecipeConfig, target, data: FeatureCache, feature_stats, noise_token_id: int, out: Path,
+             log=print) -> dict:
+    """Trains DSpark once per (lr, init_from_target) arm for ``cfg.sweep_minutes`` each (the
+    schedule fitted to that budget), resumable, and ranks the arms by held-out teacher-forced
+    1 - TV averaged over positions. Writes and returns ``out/sweep.json``."""
+    arms = []
+    for init in cfg.sweep_inits:
+        for lr in cfg.sweep_lrs:
+            name = f"lr{lr:g}" + ("_init-target" if init else "")
+            folder = out / "sweep" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            result_path = folder / "result.json"
+            if result_path.is_file():
+                arms.append(json.loads(result_path.read_text()))
+                continue
+            drafter = new_drafter(cfg, target, "dspark", feature_stats, noise_token_id, init)
+            tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": 60.0 * cfg.sweep_minutes})
+            run = train_drafter(drafter, data, tcfg, folder / "checkpoint.pt")
+            drafter.training_lm_head_dtype = torch.bfloat16
+            held = heldout_acceptance(drafter, data)
+            arm = {"name": name, "lr": lr, "init_from_target": init, "steps": run["steps"],
+                   "train_seconds": round(run["train_seconds"], 1), "heldout": held,
+                   "score": sum(held["accept_t1"]) / len(held["accept_t1"]), "history": run["history"]}
+            result_path.write_text(json.dumps(arm))
+            log(f"sweep {name}: {run['steps']} steps, held-out 1 - TV by position "
+                f"{[round(a, 3) for a in held['accept_t1']]}, score {arm['score']:.4f}")
+            arms.append(arm)
+    best = max(arms, key=lambda a: a["score"])
+    lrs = sorted(cfg.sweep_lrs)
+    summary = {"arms": [{k: v for k, v in a.items() if k != "history"} for a in arms], "best": best["name"],
+               "lr": best["lr"], "init_from_target": best["init_from_target"],
+               # A best lr at either end of the grid means the grid should be extended.
+               "best_at_grid_edge": len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])}
+    if summary["best_at_grid_edge"]:
+        log(f"sweep: the best learning rate {best['lr']:g} is at the edge of the grid {lrs}")
+    (out / "sweep.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None) -> dict:
+    """Prompts -> target answers -> (ShareGPT answers) -> feature cache -> (learning-rate sweep)
+    -> each variant trained (resumable) -> STS on held-out rollouts (DSpark) -> SPS profile ->
+    ``out_dir/<variant>/drafter`` saved. ``data_target`` (default ``target``) answers the prompts
+    and computes the features, e.g. a bfloat16 copy: ~3x faster on CPUs with AMX, and the
+    features are stored in float16 anyway. Returns a summary (also ``out_dir/summary.json``)."""
+    from dspark_ext.calibration import calibrate_sts, reliability_diagram
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"target": getattr(target, "name", "SmolLM2-135M-Instruct"), "variants": {}}
     t0 = time.perf_counter()
+    data_target = data_target or target
     prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed)
-    records = regenerate(target, prompts, out / "answers", cfg.max_new_tokens, cfg.generation_batch_size,
+    records = regenerate(data_target, prompts, out / "answers", cfg.max_new_tokens, cfg.generation_batch_size,
                          tokenizer.eos_token_id, seed=cfg.seed)
+    extra: List[dict] = []
+    if cfg.sharegpt_answer_tokens > 0:
+        extra = prepare_sharegpt_answers(tokenizer, cfg.sharegpt_answer_tokens, out / "sharegpt_answers.json",
+                                         seed=cfg.seed)
+        # Similar lengths in a batch pad less.
+        extra = sorted(extra, key=lambda r: len(r["prompt"]) + len(r["answer"]))
     summary["regenerate_seconds"] = time.perf_counter() - t0
-    saved_layers = target.hidden_layers
-    target.hidden_layers = list(cfg.context_layers) + [-1]
+    saved_layers = data_target.hidden_layers
+    data_target.hidden_layers = list(cfg.context_layers) + [-1]
     t1 = time.perf_counter()
-    paths = cache_features(target, records, out / "features", cfg.feature_batch_size)
-    target.hidden_layers = saved_layers
+    paths = cache_features(data_target, records, out / "features", cfg.feature_batch_size)
+    if extra:
+        paths += cache_features(data_target, extra, out / "features_sharegpt", 8)
+    data_target.hidden_layers = saved_layers
     summary["features_seconds"] = time.perf_counter() - t1
     data = FeatureCache(paths)
-    temperature_of_seq = {i: r["temperature"] for i, r in enumerate(records)}
+    all_records = records + extra
+    temperature_of_seq = {i: r["temperature"] for i, r in enumerate(all_records)}
     summary["data"] = {
         "prompts": len(prompts), "sequences": int(data.lengths.numel()), "tokens": data.num_tokens,
+        "regenerated_answer_tokens": sum(len(r["answer"]) for r in records),
+        "sharegpt_answer_tokens": sum(len(r["answer"]) for r in extra),
         "train_sequences": len(data.train_ids), "train_answer_tokens": data.answer_tokens(data.train_ids),
         "heldout_sequences": len(data.heldout_ids), "heldout_answer_tokens": data.answer_tokens(data.heldout_ids),
         "feature_bytes": sum(p.stat().st_size for p in paths),
     }
     log(f"data: {summary['data']}")
-    weights = target.model.weights
     feature_stats = data.feature_statistics()
+    noise = cfg.noise_token_id if cfg.noise_token_id is not None else default_noise_token_id(tokenizer)
+    lr, init = cfg.train.lr, cfg.init_from_target
+    if cfg.sweep_lrs:
+        sweep = lr_sweep(cfg, target, data, feature_stats, noise, out, log)
+        lr, init = sweep["lr"], sweep["init_from_target"]
+        summary["sweep"] = sweep
     for name in cfg.variants:
         folder = out / name
         folder.mkdir(exist_ok=True)
-        dcfg = DrafterConfig.for_llama(target.model.config, cfg.context_layers, num_layers=cfg.num_layers,
-                                       target=summary["target"], **VARIANTS[name])
-        torch.manual_seed(cfg.seed)
-        drafter = DSparkDrafter(dcfg, weights.embed, weights.lm_head)
-        with torch.no_grad():  # start the output scale where the target's LM head expects it
-            drafter.backbone.norm.weight.copy_(weights.norm.float())
-        drafter.backbone.set_feature_statistics(*feature_stats)
-        drafter.training_lm_head_dtype = torch.bfloat16
-        tcfg = TrainConfig(**{**cfg.train.__dict__, "time_budget_s": cfg.time_budget_s.get(name)})
+        drafter = new_drafter(cfg, target, name, feature_stats, noise, init)
+        tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": cfg.time_budget_s.get(name)})
         run = train_drafter(drafter, data, tcfg, folder / "checkpoint.pt")
         info = {k: v for k, v in run.items() if k != "history"}
+        info["lr"], info["init_from_target"] = lr, init
         info["final"] = run["history"][-1] if run["history"] else None
         info["parameters"] = sum(p.numel() for p in drafter.parameters())
         (folder / "history.json").write_text(json.dumps(run["history"]))
@@ -541,11 +779,16 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print) -> dict:
             info["sts"] = {"temperatures": [float(t) for t in sts.temperatures],
                            "ece_before": [float(e) for e in sts.ece_before], "ece_after": [float(e) for e in sts.ece_after],
                            "mean_ece_before": sts.mean_ece_before, "mean_ece_after": sts.mean_ece_after,
-                           "rollouts": int(z.shape[0])}
+                           "rollouts": int(z.shape[0]), "positives": sts.positives.tolist(),
+                           "at_grid_edge": sts.edge_positions}
             log(sts.summary())
+            if sts.edge_positions:
+                log(f"STS: the temperatures of positions {sts.edge_positions} are at an end of the search range "
+                    "[0.02, 50] (the ECE kept falling towards it): not a real optimum")
             drafter.cfg.sps = [float(v) for v in profile_target_sps(target, cfg.sps_max_tokens)]
         drafter.cfg.notes = {"train_steps": run["steps"], "train_seconds": round(run["train_seconds"], 1),
-                             "train_answer_tokens": summary["data"]["train_answer_tokens"]}
+                             "train_answer_tokens": summary["data"]["train_answer_tokens"], "lr": lr,
+                             "init_from_target": init}
         drafter.save(folder / "drafter")
         info["checkpoint_bytes"] = sum(p.stat().st_size for p in (folder / "drafter").iterdir())
         summary["variants"][name] = info

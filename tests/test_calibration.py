@@ -272,6 +272,7 @@ def test_sts_fixes_overconfident_scores():
     assert bool((cal.brier_after < cal.brier_before).all()), cal.summary()
     assert 2.0 <= cal.temperatures[0].item() <= 3.1, cal.summary()
     assert bool(((cal.temperatures > 1.8) & (cal.temperatures < 3.5)).all()), cal.summary()
+    assert cal.edge_positions == [], cal.summary()
     assert cal.auroc_after[0].item() == pytest.approx(cal.auroc_before[0].item(), abs=1e-12), "ranking preserved"
     assert cal.mean_ece_after < cal.mean_ece_before
     # The reported metrics are those of the helpers on P_k, y_k with the float32 temperatures.
@@ -361,3 +362,18 @@ def test_reliability_diagram_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         reliability_diagram(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), [1.0, 1.0], tmp_path / "x.png")
+
+
+def test_sts_reports_temperatures_at_the_edge_of_the_search_range():
+    """A position no rollout ever reaches (all prefixes rejected before it) pulls its T to an end
+    of [0.02, 50]; the calibration says so instead of passing it off as an optimum, and does not
+    say it of a calibrated position."""
+    g = torch.Generator().manual_seed(3)
+    n = 4000
+    z = torch.randn(n, 3, generator=g) - 1.0
+    accepted = torch.zeros(n, 3, dtype=torch.bool)
+    accepted[:, 0] = torch.rand(n, generator=g) < torch.sigmoid(z[:, 0])  # position 1 calibrated as is
+    cal = calibrate_sts(z, accepted)
+    assert 2 in cal.edge_positions, cal.summary()
+    assert "(grid edge)" in cal.summary() and cal.positives.tolist()[1:] == [0, 0]
+    assert 1 not in cal.edge_positions and 0.5 < cal.temperatures[0].item() < 2.0

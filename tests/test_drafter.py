@@ -138,6 +138,8 @@ VARIANTS = {
     "parallel+confidence": dict(markov_rank=0, confidence=True),
     "mtp1": dict(num_draft=1, markov_rank=0, confidence=False),
     "dspark-K1": dict(num_draft=1),
+    # vLLM's Qwen3DSparkModel layout (dspark export --format vllm): q/k norms, noise-token query.
+    "dspark-vllm-layout": dict(qk_norm=True, noise_token_id=5, feature_norm="scale"),
 }
 
 

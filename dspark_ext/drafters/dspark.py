@@ -50,6 +50,15 @@ class DrafterConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     target: str = ""
+    # The vLLM-servable layout (Qwen3DSparkModel, ``dspark_ext.drafters.export``): per-head q/k
+    # RMSNorm (also on the context keys), the noise token's own embedding row as the query of
+    # positions 2..K, and context features scaled per dimension only (foldable into ``fc``).
+    # The defaults are the first shipped layout, so older checkpoints load unchanged.
+    qk_norm: bool = False
+    noise_token_id: Optional[int] = None  # None: a learned mask embedding
+    feature_norm: str = "standardize"  # "standardize": (x - mean) / std, clamped to +-8; "scale": x / rms
+    target_num_layers: Optional[int] = None
+    max_position: Optional[int] = None
     sps: Optional[List[float]] = None  # measured steps/s of the target at 1..N tokens (scheduler)
     sts_temperature: Optional[List[float]] = None
     notes: dict = field(default_factory=dict)
@@ -61,7 +70,14 @@ class DrafterConfig:
         return cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                    num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                    context_layers=[int(i) for i in context_layers], rope_theta=c.rope_theta,
-                   rms_norm_eps=c.rms_norm_eps, **kwargs)
+                   rms_norm_eps=c.rms_norm_eps, target_num_layers=c.num_layers,
+                   max_position=getattr(c, "max_position", None), **kwargs)
+
+    @property
+    def vllm_compatible(self) -> bool:
+        """Whether ``dspark export --format vllm`` can write this drafter exactly."""
+        return (self.qk_norm and self.noise_token_id is not None and self.feature_norm == "scale"
+                and self.markov_rank > 0 and self.num_layers >= 1)
 
 
 def shipped_drafter_path() -> Path:
@@ -113,6 +129,9 @@ class BackboneLayer(nn.Module):
         D, H, KVH, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, KVH, hd
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        # Qwen3's per-head RMSNorm of queries and keys, before RoPE (context keys included).
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.q = nn.Linear(D, H * hd, bias=False)
         self.k = nn.Linear(D, KVH * hd, bias=False)
         self.v = nn.Linear(D, KVH * hd, bias=False)
@@ -125,9 +144,15 @@ class BackboneLayer(nn.Module):
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
         """Keys/values [B, S, KVH, hd] of the (projected, normed) context features [B, S, D]."""
         B, S, _ = context.shape
-        k = rotary(self.k(context).view(B, S, self.num_kv_heads, self.head_dim), positions, inv_freq)
+        k = rotary(self._norm_k(self.k(context).view(B, S, self.num_kv_heads, self.head_dim)), positions, inv_freq)
         v = self.v(context).view(B, S, self.num_kv_heads, self.head_dim)
         return k, v
+
+    def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def _norm_k(self, k: torch.Tensor) -> torch.Tensor:
+        return k if self.k_norm is None else self.k_norm(k)
 
     def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask):
         """x [B, Q, D] block rows at ``positions`` [B, Q]; ctx_k/ctx_v [B, S, KVH, hd]; mask
@@ -135,8 +160,8 @@ class BackboneLayer(nn.Module):
         B, Q, _ = x.shape
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         h = self.attn_norm(x)
-        q = rotary(self.q(h).view(B, Q, H, hd), positions, inv_freq)
-        k = rotary(self.k(h).view(B, Q, KVH, hd), positions, inv_freq)
+        q = rotary(self._norm_q(self.q(h).view(B, Q, H, hd)), positions, inv_freq)
+        k = rotary(self._norm_k(self.k(h).view(B, Q, KVH, hd)), positions, inv_freq)
         v = self.v(h).view(B, Q, KVH, hd)
         keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
         vals = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
@@ -161,11 +186,18 @@ class DSparkBackbone(nn.Module):
         # Target activations carry a few huge outlier dimensions (|x| ~ 500 against a typical
         # ~15 in SmolLM2's deep layers) that would swamp the projection: each dimension is
         # standardized with statistics of the training features (set_feature_statistics).
+        # The exportable layout ("scale") divides each dimension by its RMS only, which folds
+        # into the projection's columns (vLLM's fc has no bias and no clamp).
+        if cfg.feature_norm not in ("standardize", "scale"):
+            raise ValueError(f"feature_norm must be 'standardize' or 'scale', got {cfg.feature_norm!r}")
+        if cfg.noise_token_id is not None and not 0 <= cfg.noise_token_id < cfg.vocab_size:
+            raise ValueError(f"noise_token_id must be in [0, {cfg.vocab_size}), got {cfg.noise_token_id}")
         self.register_buffer("feature_shift", torch.zeros(width))
         self.register_buffer("feature_scale", torch.ones(width))
         self.context_proj = nn.Linear(width, D, bias=False)
         self.context_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.mask_embedding = nn.Parameter(torch.zeros(D))
+        # Positions 2..K read a learned mask vector, or (exportable) the noise token's embedding.
+        self.mask_embedding = nn.Parameter(torch.zeros(D)) if cfg.noise_token_id is None else None
         self.layers = nn.ModuleList(BackboneLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         hd = cfg.head_dim
@@ -175,11 +207,16 @@ class DSparkBackbone(nn.Module):
     @torch.no_grad()
     def set_feature_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-dimension mean and standard deviation [L * D] of the target's context features."""
+        if self.cfg.feature_norm == "scale":
+            self.feature_scale.copy_(1.0 / (mean.pow(2) + std.pow(2)).sqrt().clamp(min=1e-3))
+            return
         self.feature_shift.copy_(mean)
         self.feature_scale.copy_(1.0 / std.clamp(min=1e-3))
 
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         """Target features [..., L * D] -> normed context rows [..., D]."""
+        if self.cfg.feature_norm == "scale":
+            return self.context_norm(self.context_proj(features.to(self.feature_scale.dtype) * self.feature_scale))
         x = (features.to(self.feature_scale.dtype) - self.feature_shift) * self.feature_scale
         # Clamp the rare extreme rows (the attention-sink token reaches ~100 sigma).
         return self.context_norm(self.context_proj(x.clamp(-8.0, 8.0)))
@@ -189,8 +226,10 @@ class DSparkBackbone(nn.Module):
 
     def block_inputs(self, embedding: torch.Tensor, anchor_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
         """[anchor embedding, mask x (K - 1)] for anchors [...] -> [..., K, D]."""
-        anchor = F.embedding(anchor_ids, embedding).to(self.mask_embedding.dtype)
-        masks = self.mask_embedding.expand(*anchor_ids.shape, num_draft - 1, -1)
+        dtype = self.context_proj.weight.dtype
+        anchor = F.embedding(anchor_ids, embedding).to(dtype)
+        mask = self.mask_embedding if self.mask_embedding is not None else embedding[self.cfg.noise_token_id].to(dtype)
+        masks = mask.expand(*anchor_ids.shape, num_draft - 1, -1)
         return torch.cat([anchor[..., None, :], masks], dim=-2)
 
     def forward(self, x, positions, kv, mask) -> torch.Tensor:
@@ -244,13 +283,12 @@ class DSparkDrafter(nn.Module):
         return None if not self.cfg.sps else torch.tensor(self.cfg.sps, dtype=torch.float32)
 
     # ---------------------------------------------------------------- training form
-    def block_forward(self, context_features, context_positions, anchor_ids, anchor_positions, context_mask):
-        """Teacher-forced training forward for J blocks per sequence.
+    def block_hidden(self, context_features, context_positions, anchor_ids, anchor_positions, context_mask):
+        """Teacher-forced training forward for J blocks per sequence: hidden states h [B, J, K, D].
 
         ``context_features`` [B, S, L*D], ``context_positions`` [B, S]; ``anchor_ids`` /
         ``anchor_positions`` [B, J]; ``context_mask`` [B, J, S] bool (block j may read context
-        row s: rows before its anchor). Returns (base logits U [B, J, K, V] float32, hidden
-        h [B, J, K, D])."""
+        row s: rows before its anchor)."""
         B, J = anchor_ids.shape
         K = self.num_draft
         context = self.backbone.project_context(context_features)
@@ -259,7 +297,11 @@ class DSparkDrafter(nn.Module):
         positions = (anchor_positions[:, :, None] + torch.arange(K, device=anchor_ids.device)).reshape(B, J * K)
         same_block = torch.eye(J, dtype=torch.bool, device=anchor_ids.device).repeat_interleave(K, 0).repeat_interleave(K, 1)
         mask = torch.cat([context_mask.repeat_interleave(K, dim=1), same_block[None].expand(B, -1, -1)], dim=2)
-        h = self.backbone(x, positions, kv, mask).view(B, J, K, -1)
+        return self.backbone(x, positions, kv, mask).view(B, J, K, -1)
+
+    def block_forward(self, context_features, context_positions, anchor_ids, anchor_positions, context_mask):
+        """``block_hidden`` and its base logits: (U [B, J, K, V] float32, h [B, J, K, D])."""
+        h = self.block_hidden(context_features, context_positions, anchor_ids, anchor_positions, context_mask)
         return self.logits(h, self.training_lm_head_dtype), h
 
     #: dtype of the LM head matmul in ``block_forward`` (training): bfloat16 runs ~3x faster
@@ -274,11 +316,17 @@ class DSparkDrafter(nn.Module):
         if dtype is None or dtype == torch.float32:
             return lm_head_logits(hidden.float().reshape(-1, hidden.shape[-1]), self.lm_head).view(
                 *hidden.shape[:-1], -1)
+        return F.linear(hidden.to(dtype), self.lm_head_as(dtype)).float()
+
+    def lm_head_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen LM head [V, D] in ``dtype`` (converted once, then cached)."""
+        if dtype == torch.float32:
+            return self.lm_head
         cached = getattr(self, "_lm_head_lowp", None)
         if cached is None or cached.dtype != dtype or cached.device != self.lm_head.device:
             cached = self.lm_head.to(dtype)
             self._lm_head_lowp = cached
-        return F.linear(hidden.to(dtype), cached).float()
+        return cached
 
     # ---------------------------------------------------------------- Drafter protocol
     def reset(self, batch_size: int) -> None:

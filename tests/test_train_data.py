@@ -1,0 +1,182 @@
+"""The larger training recipe of dspark_ext/train.py (`dspark train` with ShareGPT answers, a
+learning-rate sweep and the vLLM layout), on a tiny random Llama target:
+
+* ShareGPT's own answers as prefill-only records (start, token budget, answer cut, filters, cache);
+* prefill features without the LM head == the target's own forward; shards written from the end
+  are the same shards; ``target_written`` flags which answers the target wrote;
+* the loss takes the data token as the CE label only for target-written sequences (else the
+  target's argmax) -- a loss that trusts ShareGPT's tokens is told apart;
+* held-out rollouts (STS) use target-written sequences only;
+* ``new_drafter``: the vLLM layout, the noise token, the target's last layer as initialisation;
+* ``lr_sweep``: every arm trained, the best held-out one chosen, a best lr at the grid's edge said.
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from dspark_ext import train  # noqa: E402
+from dspark_ext.train import (  # noqa: E402
+    FeatureCache, RecipeConfig, TrainConfig, cache_features, default_noise_token_id, dspark_loss, head_terms,
+    heldout_rollouts, lr_sweep, new_drafter, prepare_sharegpt_answers,
+)
+from test_drafter import _one_thread  # noqa: E402,F401  (the module's autouse fixture)
+from test_generate import tiny_llama  # noqa: E402
+
+CONTEXT_LAYERS = [1, 2]
+
+
+class ChatTokenizer:
+    """apply_chat_template: [1] + per message (role id, one id per word, 2) + [4] for the generation prompt."""
+
+    bos_token_id, eos_token_id, pad_token_id, unk_token_id = 1, 2, 0, None
+    all_special_ids = [0, 1, 2, 9, 11]
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        ids = [1]
+        for m in messages:
+            ids += [5 if m["role"] == "user" else 6] + [20 + len(w) for w in m["content"].split()] + [2]
+        return ids + ([6] if add_generation_prompt else [])
+
+
+def sharegpt(i, question, answer):
+    return {"id": f"c{i}", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+
+
+def test_prepare_sharegpt_answers(tmp_path, monkeypatch):
+    convs = [sharegpt(0, "skipped by start", "x " * 30),
+             sharegpt(1, "q one", "a " * 40),  # 41 answer tokens, cut to 12
+             sharegpt(2, "q two", "short"),  # 2 tokens: below min 4
+             {"id": "gpt-first", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}]},
+             sharegpt(3, " ".join(["long"] * 50), "a b c d e"),  # prompt too long
+             sharegpt(4, "q four", "a b c d e f"),  # 7 answer tokens
+             sharegpt(5, "q five", "a b c d e f g h i j")]
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: iter(convs))
+    monkeypatch.setattr(train.random, "Random", lambda seed: type("R", (), {"shuffle": lambda self, x: None})())
+    tok = ChatTokenizer()
+    out = tmp_path / "answers.json"
+    records = prepare_sharegpt_answers(tok, 15, out, max_prompt_tokens=20, max_answer_tokens=12, min_answer_tokens=4,
+                                       start=1)
+    prompt1 = tok.apply_chat_template([{"role": "user", "content": "q one"}], add_generation_prompt=True)
+    assert records[0]["prompt"] == prompt1 and records[0]["answer"] == [21] * 12 and records[0]["temperature"] is None
+    assert records[1]["answer"] == [21] * 6 + [2]  # the assistant turn's end is part of the answer
+    assert len(records) == 2  # 12 + 7 >= 15: the budget is reached
+    assert json.loads(out.read_text()) == records
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: (_ for _ in ()).throw(AssertionError("re-read")))
+    assert prepare_sharegpt_answers(tok, 15, out) == records  # cached
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A tiny target, 6 regenerated-style records (target-written) and 6 ShareGPT-style ones."""
+    from dspark_ext.llama import Llama
+    from dspark_ext.targets import LlamaTarget
+
+    root = tmp_path_factory.mktemp("mixed")
+    target = LlamaTarget(Llama.from_hf(tiny_llama()))
+    g = torch.Generator().manual_seed(1)
+    records = []
+    for i in range(12):
+        prompt = torch.randint(1, 96, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist()
+        answer = torch.randint(1, 96, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g).tolist()
+        records.append({"prompt": prompt, "answer": answer, "temperature": (0.0 if i % 2 else 1.0) if i < 6 else None})
+    target.hidden_layers = CONTEXT_LAYERS + [-1]
+    paths = cache_features(target, records, root / "features", 4)
+    return target, records, paths, root
+
+
+def test_prefill_features_and_shards_from_the_end(mixed):
+    target, records, paths, root = mixed
+    seqs = [torch.tensor(r["prompt"] + r["answer"]) for r in records[:4]]
+    expected = target.start(seqs).hidden_states
+    torch.testing.assert_close(train._prefill_features(target, seqs), expected, rtol=0, atol=0)
+    again = cache_features(target, records, root / "backwards", 4, from_the_end=True)
+    for a, b in zip(paths, again):
+        x, y = torch.load(a), torch.load(b)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    data = FeatureCache(paths, heldout_every=4)
+    assert data.target_written.tolist() == [True] * 6 + [False] * 6
+
+
+def test_loss_labels_sharegpt_text_with_the_target_argmax(mixed):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS)
+    drafter = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3)
+    drafter.training_lm_head_dtype = None
+    sharegpt_ids = [i for i in data.train_ids if not bool(data.target_written[i])]
+    batch = data.batch(sharegpt_ids[:2], [torch.tensor([4, 6]), torch.tensor([5, 7])], drafter.num_draft)
+    assert not bool(batch["data_labels"].any())
+    h = drafter.block_hidden(batch["context"], batch["context_positions"], batch["anchor_ids"],
+                             batch["anchor_positions"], batch["context_mask"]).reshape(-1, drafter.cfg.hidden_size)
+    prev = drafter.markov.w1(batch["prev"]).reshape(h.shape[0], -1)
+    final = batch["final"].reshape(h.shape[0], -1)
+    labels = batch["targets"].reshape(-1)
+    argmax = (final @ drafter.lm_head.T).argmax(-1)
+    assert bool((argmax != labels).any())  # the text is not the target's greedy path
+    w2 = drafter.markov.w2.weight
+    for flag, expected_labels in ((False, argmax), (True, labels)):
+        tv, ce, hit = head_terms(h, prev, w2, drafter.lm_head, final, labels, torch.full_like(labels, flag, dtype=torch.bool))
+        log_pd = torch.log_softmax(h @ drafter.lm_head.T + prev @ w2.T, -1)
+        torch.testing.assert_close(ce, -log_pd.gather(-1, expected_labels[:, None])[:, 0])
+        assert torch.equal(hit, log_pd.argmax(-1) == argmax)
+    loss, _ = dspark_loss(drafter, batch)
+    trusting = dict(batch, data_labels=torch.ones_like(batch["data_labels"]))  # the broken variant
+    assert abs(float(dspark_loss(drafter, trusting)[0]) - float(loss)) > 1e-4
+
+
+def test_heldout_rollouts_use_target_written_answers_only(mixed):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=3)  # held out: 2, 5 (target-written), 8, 11 (ShareGPT)
+    drafter = new_drafter(RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS), target, "dspark", data.feature_statistics(), 3)
+    drafter.training_lm_head_dtype = None
+    z, acc = heldout_rollouts(drafter, data)
+    K = drafter.num_draft
+    whole_blocks = sum(max(0, int(data.lengths[i]) - 2 - K + 1 - int(data.prompt_lengths[i]) + 1) for i in (2, 5))
+    assert z.shape == (whole_blocks, K) and acc.shape == (whole_blocks, K)
+
+
+def test_new_drafter_layout_and_init_from_target(mixed):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths)
+    stats = data.feature_statistics()
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS)
+    drafter = new_drafter(cfg, target, "dspark", stats, noise_token_id=9)
+    assert drafter.cfg.vllm_compatible and drafter.cfg.noise_token_id == 9 and drafter.backbone.mask_embedding is None
+    assert drafter.cfg.target_num_layers == 2
+    last = target.model.weights.layers[-1]
+    assert not torch.equal(drafter.backbone.layers[0].q.weight, last.wq.float())
+    copied = new_drafter(cfg, target, "dspark", stats, noise_token_id=9, init_from_target=True)
+    assert torch.equal(copied.backbone.layers[0].q.weight, last.wq.float())
+    assert torch.equal(copied.backbone.layers[0].down.weight, last.w_down.float())
+    assert not new_drafter(RecipeConfig(out_dir=root, layout="v1", context_layers=CONTEXT_LAYERS), target, "dspark", stats, 9).cfg.vllm_compatible
+    assert default_noise_token_id(ChatTokenizer()) == 11
+
+
+def test_lr_sweep_picks_the_best_arm_and_flags_the_grid_edge(mixed, monkeypatch):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=4)
+    cfg = RecipeConfig(out_dir=root / "sweep-run", context_layers=CONTEXT_LAYERS, sweep_lrs=(1e-4, 1e-3, 1e-2), sweep_minutes=0.001,
+                       train=TrainConfig(steps=3, sequences_per_step=2, anchors_per_sequence=3, checkpoint_every=100))
+    # A held-out score that prefers the largest lr: the choice and the edge report are what is tested.
+    monkeypatch.setattr(train, "heldout_acceptance", lambda drafter, data: {
+        "accept_t1": [drafter_lr[0]] * drafter.num_draft, "greedy_match": [0.0] * drafter.num_draft})
+    drafter_lr = [0.0]
+    real_train = train.train_drafter
+
+    def recording_train(drafter, data, tcfg, checkpoint, **kw):
+        drafter_lr[0] = tcfg.lr
+        return real_train(drafter, data, tcfg, checkpoint, **kw)
+
+    monkeypatch.setattr(train, "train_drafter", recording_train)
+    (root / "sweep-run").mkdir(exist_ok=True)
+    summary = lr_sweep(cfg, target, data, data.feature_statistics(), 3, root / "sweep-run", log=lambda m: None)
+    assert [a["lr"] for a in summary["arms"]] == [1e-4, 1e-3, 1e-2]
+    assert summary["lr"] == 1e-2 and summary["best_at_grid_edge"]
+    assert json.loads((root / "sweep-run" / "sweep.json").read_text())["best"] == "lr0.01"
+    # Resumable: the arms' results are read back, nothing retrains.
+    monkeypatch.setattr(train, "train_drafter", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert lr_sweep(cfg, target, data, data.feature_statistics(), 3, root / "sweep-run", log=lambda m: None)["lr"] == 1e-2
