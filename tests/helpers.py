@@ -787,6 +787,11 @@ def assert_markov_matches_reference(inputs: MarkovInputs, outputs=None, *, exact
         no_mass = torch.isnan(probs).any(dim=-1)
         chosen = probs.nan_to_num(0.0).gather(-1, ids[sampled][..., None])[..., 0]
         assert bool(((chosen > 0) | (no_mass & (ids[sampled] == 0))).all()), "a sampled token has probability 0"
+        first_no_mass = no_mass[:, 0]  # position 0 conditions on prev_token_ids in both: same rows
+        if bool(first_no_mass.any()):
+            free_ids, _, _ = run_markov_reference(inputs)
+            assert free_ids[sampled][first_no_mass, 0].tolist() == [0] * int(first_no_mass.sum()), (
+                "the reference drafts a token from a row without mass")
     return token_ids, draft_logits, confidence
 
 
