@@ -1,9 +1,14 @@
 """Builds dspark_ext._C against the installed torch: CPU kernels always, CUDA kernels
 whenever torch has CUDA and nvcc is found (no GPU needed to build).
 
-Environment knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), CUDA_HOME (default
-/usr/local/cuda when it exists), DSPARK_FORCE_CPU=1 (skip CUDA), DSPARK_PTXAS_VERBOSE=1
-(print ptxas register/spill usage; the CI spill check reads it).
+Environment knobs: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80 and sm_90 machine code
+plus compute_90 PTX that newer GPUs JIT-compile), CUDA_HOME (default /usr/local/cuda when it
+exists), DSPARK_FORCE_CPU=1 (skip CUDA), DSPARK_PTXAS_VERBOSE=1 (print ptxas register/spill
+usage; the CI spill check reads it), DSPARK_KEEP_DEBUG_INFO=1 (keep the host debug info in a
+wheel build, which otherwise strips it: about 22 MB of the 23 MB library).
+
+The build records the torch it compiled against (dspark_ext/_build_info.py, read by
+dspark_ext/_loader.py at import) and pins the package to that torch release.
 """
 
 import os
@@ -15,7 +20,7 @@ from pathlib import Path
 if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
     # The nvcc on PATH may be a wrapper script outside the toolkit; point torch at the toolkit.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 import torch  # noqa: E402
 from setuptools import find_packages, setup  # noqa: E402
@@ -88,7 +93,14 @@ class BuildWithCpuIsaVariants(cpp_extension.BuildExtension):
         # Set before finalize_options, so the temporary folder of `build` does not replace it.
         self.build_temp = str(ROOT / "build" / f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
+    def building_a_wheel(self) -> bool:
+        return "bdist_wheel" in self.distribution.commands and os.environ.get("DSPARK_KEEP_DEBUG_INFO") != "1"
+
     def build_extension(self, ext):
+        if self.building_a_wheel():
+            # Python's CFLAGS carry -g: drop the host debug info at link time (the objects, and so
+            # an unchanged rebuild's reuse of them, stay as they are; symbols stay for backtraces).
+            ext.extra_link_args = list(ext.extra_link_args or []) + ["-Wl,--strip-debug"]
         isa_objects = []
         for isa, flags in CPU_ISA_FLAGS.items():
             isa_objects += self.compiler.compile(
@@ -105,10 +117,16 @@ class BuildWithCpuIsaVariants(cpp_extension.BuildExtension):
         super().build_extension(ext)
 
 
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
+
 def write_build_info() -> None:
+    """The exact torch this build compiles against, checked by dspark_ext/_loader.py at import."""
     (ROOT / "dspark_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_GIT_VERSION = {getattr(torch.version, 'git_version', 'unknown')!r}\n"
+        f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {WITH_CUDA!r}\n"
         f"CUDA_ARCHS = {CUDA_ARCHS!r}\n"
     )
@@ -118,6 +136,8 @@ write_build_info()
 
 setup(
     packages=find_packages(include=["dspark_ext", "dspark_ext.*"]),
+    # The compiled library only works with the torch release it was built against (C++ ABI).
+    install_requires=[f"torch=={TORCH_RELEASE}"],
     ext_modules=[
         Extension(
             name="dspark_ext._C",

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Builds the extension wheel against torch 2.14.1+cu130 with nvcc for sm_80 and sm_90 (no GPU
-# needed) and fails on any compile error, any register spill, or a missing architecture.
+# Builds the extension wheel against torch 2.14.1+cu130 with nvcc (no GPU needed): sm_80 and sm_90
+# machine code plus compute_90 PTX, which newer GPUs JIT-compile instead of failing with "no kernel
+# image". Fails on any compile error, any register spill, a missing architecture or missing PTX.
+# The repaired manylinux wheel (.ci/build_wheel.sh) is kept as an artifact in
+# dist/torch-2.14.1-cu130/ (git-ignored; DSPARK_CUDA_WHEEL_DIR overrides) and its size printed.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${DSPARK_CUDA_VENV:-$HOME/.cache/dspark-ci/venv-cu130}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+export TORCH_CUDA_ARCH_LIST="8.0;9.0+PTX"
 export DSPARK_PTXAS_VERBOSE=1
 export MAX_JOBS=${MAX_JOBS:-2}
 
@@ -20,15 +23,34 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 tar -cf -) | tar -xf - -C "$work/"
 log="$work/build.log"
+artifacts=${DSPARK_CUDA_WHEEL_DIR:-$repo/dist/torch-2.14.1-cu130}
 echo "cuda-check: building a wheel with nvcc for $TORCH_CUDA_ARCH_LIST"
-if ! (cd "$work" && "$venv/bin/python" -m pip wheel -v --no-build-isolation --no-deps . -w "$work/wheelhouse") >"$log" 2>&1; then
-  grep -E "error|Error" "$log" | head -n 40 >&2 || true
-  tail -n 40 "$log" >&2
-  echo "cuda-check: FAILED: the CUDA build did not compile" >&2
+if ! wheel=$(PYTHON="$venv/bin/python" DSPARK_WHEEL_SRC="$work" DSPARK_WHEEL_LOG="$log" bash "$repo/.ci/build_wheel.sh" "$artifacts" | tail -n 1); then
+  echo "cuda-check: FAILED: the CUDA build did not compile or could not be repaired" >&2
   exit 1
 fi
 
-"$venv/bin/python" - "$log" "$work/wheelhouse" <<'PY'
+# The PTX must be in the library, not only asked for: list the fatbinary's contents with
+# cuobjdump (the toolkit's, else the one in the triton wheel torch depends on).
+so=$("$venv/bin/python" - "$wheel" "$work/so" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    (name,) = [n for n in z.namelist() if n.startswith("dspark_ext/_C") and n.endswith(".so")]
+    print(z.extract(name, sys.argv[2]))
+PY
+)
+cuobjdump=""
+for candidate in "$CUDA_HOME/bin/cuobjdump" "$("$venv/bin/python" -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null)" "$(command -v cuobjdump || true)"; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; break; fi
+done
+if [ -z "$cuobjdump" ]; then
+  echo "cuda-check: FAILED: no cuobjdump found (toolkit, triton wheel or PATH) to check the SASS and PTX" >&2
+  exit 1
+fi
+"$cuobjdump" --list-elf "$so" >"$work/elf.txt"
+"$cuobjdump" --list-ptx "$so" >"$work/ptx.txt"
+
+"$venv/bin/python" - "$log" "$wheel" "$work/elf.txt" "$work/ptx.txt" <<'PY'
 import re, sys, zipfile, glob, subprocess, os
 log = open(sys.argv[1]).read()
 entries = re.findall(r"Compiling entry function '(\S+)' for '(sm_\d+)'", log)
@@ -49,19 +71,29 @@ if bad:
     sys.exit(f"cuda-check: FAILED: {len(bad)} kernels spill registers")
 if missing:
     sys.exit(f"cuda-check: FAILED: kernels missing an architecture: {missing}")
-wheels = glob.glob(os.path.join(sys.argv[2], "*.whl"))
-if len(wheels) != 1:
-    sys.exit(f"cuda-check: FAILED: expected one wheel, found {wheels}")
-print(f"cuda-check: OK, zero spills on sm_80 and sm_90; wheel {os.path.basename(wheels[0])}")
+# cuobjdump names each entry <source>.<arch>.cubin / .ptx: every CUDA source needs both machine
+# codes and the compute_90 PTX.
+elf = set(re.findall(r"(\w+)\.(sm_\d+)\.cubin", open(sys.argv[3]).read()))
+ptx = set(re.findall(r"(\w+)\.(sm_\d+)\.ptx", open(sys.argv[4]).read()))
+sources = {source for source, _ in elf | ptx}
+if not sources or elf != {(s, a) for s in sources for a in ("sm_80", "sm_90")}:
+    sys.exit(f"cuda-check: FAILED: machine code in the library: {sorted(elf)}, expected sm_80 and sm_90 for {sorted(sources)}")
+if ptx != {(s, "sm_90") for s in sources}:
+    sys.exit(f"cuda-check: FAILED: PTX in the library: {sorted(ptx)}, expected compute_90 (newer GPUs JIT it) for {sorted(sources)}")
+elf_archs = sorted({a for _, a in elf})
+wheel = sys.argv[2]
+print(f"cuda-check: OK, zero spills on sm_80 and sm_90, SASS {elf_archs} + PTX compute_90 for {len(sources)} sources; "
+      f"wheel {wheel} ({os.path.getsize(wheel) / 1e6:.1f} MB)")
 PY
 
 # The CUDA build must also load (no undefined symbols) and register its CUDA kernels;
 # a GPU is not needed for that, and the CPU kernels inside it must answer correctly.
-"$venv/bin/python" -m pip install -q --no-deps --force-reinstall --target "$work/site" "$work"/wheelhouse/*.whl
-(cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - <<'PY'
-import torch, dspark_ext
+"$venv/bin/python" -m pip install -q --no-deps --force-reinstall --target "$work/site" "$wheel"
+(cd "$work/site" && PYTHONPATH="$work/site" "$venv/bin/python" - "$work/site" <<'PY'
+import sys, torch, dspark_ext
 info = dspark_ext.build_info()
-assert info["with_cuda"] and info["cuda_archs"] == "8.0;9.0", info
+assert info["with_cuda"] and info["cuda_archs"] == "8.0;9.0+PTX", info
+assert dspark_ext.__file__.startswith(sys.argv[1]), dspark_ext.__file__
 for op in ("dspark::verify", "dspark::markov_draft", "dspark::schedule"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"no CUDA kernel registered for {op}"
 logits = torch.randn(3, 50)
@@ -78,3 +110,17 @@ assert torch.ops.dspark.schedule(torch.tensor([[0.9, 0.9]]), torch.tensor([0.0, 
 print(f"cuda-check: the CUDA build loads with torch {torch.__version__}, registers CUDA kernels, CPU path correct")
 PY
 )
+
+# Next to another torch (the CPU 2.13.0 of python3, when it has one) the wheel must refuse to
+# import, in one line that says how to fix it.
+if python3 -c "import torch" 2>/dev/null; then
+  if message=$(cd "$work/site" && PYTHONPATH="$work/site" python3 -c "import dspark_ext" 2>&1); then
+    echo "cuda-check: FAILED: the CUDA wheel imported next to torch $(python3 -c 'import torch; print(torch.__version__)')" >&2
+    exit 1
+  fi
+  last=$(printf '%s\n' "$message" | tail -n 1)
+  case "$last" in
+    "ImportError: dspark_ext was built"*"rebuild"*) echo "cuda-check: next to another torch the import fails with: $last" ;;
+    *) printf '%s\n' "$message" >&2; echo "cuda-check: FAILED: unclear import error next to another torch" >&2; exit 1 ;;
+  esac
+fi

@@ -220,7 +220,9 @@ def markov_probabilities(logits: torch.Tensor, temperature) -> torch.Tensor:
     if t.dim() > 0:
         t = t.unsqueeze(-1)  # one temperature per row
     x = logits.detach().to(device="cpu", dtype=torch.float32) / t
-    x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+    # neginf must be given: nan_to_num's default maps -inf to -FLT_MAX, which would give a row
+    # without finite logits a uniform law instead of no mass.
+    x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max, neginf=float("-inf"))
     return torch.softmax(x.double(), dim=-1)
 
 

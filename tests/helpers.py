@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields, replace
 from typing import List, Optional, Sequence, Union
 
 import pytest
-import scipy.stats
 import torch
 
 from dspark_ext.reference import (
@@ -367,6 +366,18 @@ def tv_bound(probs: torch.Tensor, num_samples: int, delta: float = 1e-4) -> floa
     return mean_bound + math.sqrt(math.log(1.0 / delta) / (2.0 * num_samples))
 
 
+def chisquare_pvalue(observed: Sequence[float], expected: Sequence[float]) -> float:
+    """Pearson's chi-square goodness-of-fit p-value (scipy.stats.chisquare's), with torch only so
+    the tests need no scipy (the wheel smoke test runs them with torch, numpy and pytest): the
+    chi-square survival function with k - 1 degrees of freedom is the regularized upper incomplete
+    gamma function Q((k - 1) / 2, stat / 2)."""
+    obs = torch.tensor(observed, dtype=torch.float64)
+    exp = torch.tensor(expected, dtype=torch.float64)
+    stat = ((obs - exp) ** 2 / exp).sum()
+    dof = torch.tensor((obs.numel() - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(dof, stat / 2))
+
+
 def check_distribution(samples: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> DistributionCheck:
     """Do integer ``samples`` (category codes in [0, K)) follow ``probs`` ([K])?
     Passes iff no sample hits a zero-probability category, the chi-square test (rare bins
@@ -384,9 +395,9 @@ def check_distribution(samples: torch.Tensor, probs: torch.Tensor, alpha: float 
     support = probs > 0
     obs, exp = merged_bins(counts[support], probs[support] * n)
     if len(obs) >= 2:
-        # Rescale so both sums agree exactly (scipy insists); impossible samples are counted above.
+        # Rescale so both sums agree exactly; impossible samples are counted above.
         scale = sum(obs) / sum(exp) if sum(exp) > 0 else 1.0
-        pvalue = float(scipy.stats.chisquare(obs, [e * scale for e in exp]).pvalue) if sum(obs) > 0 else 0.0
+        pvalue = chisquare_pvalue(obs, [e * scale for e in exp]) if sum(obs) > 0 else 0.0
     else:
         pvalue = 1.0  # a single category: only the impossible-sample count can fail
     tv = 0.5 * float((counts / n - probs).abs().sum()) + 0.5 * (n - float(counts.sum())) / n
@@ -787,6 +798,11 @@ def assert_markov_matches_reference(inputs: MarkovInputs, outputs=None, *, exact
         no_mass = torch.isnan(probs).any(dim=-1)
         chosen = probs.nan_to_num(0.0).gather(-1, ids[sampled][..., None])[..., 0]
         assert bool(((chosen > 0) | (no_mass & (ids[sampled] == 0))).all()), "a sampled token has probability 0"
+        first_no_mass = no_mass[:, 0]  # position 0 conditions on prev_token_ids in both: same rows
+        if bool(first_no_mass.any()):
+            free_ids, _, _ = run_markov_reference(inputs)
+            assert free_ids[sampled][first_no_mass, 0].tolist() == [0] * int(first_no_mass.sum()), (
+                "the reference drafts a token from a row without mass")
     return token_ids, draft_logits, confidence
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dspark_ext
-from dspark_ext.reference import MARKOV_DROPPED, greedy_tokens, markov_probabilities
+from dspark_ext.reference import MARKOV_DROPPED, greedy_tokens, markov_draft_reference, markov_probabilities
 from helpers import (
     FLOAT_DTYPES,
     VOCAB_TILE,
@@ -431,6 +431,29 @@ def test_row_without_mass_answers_zero(fill, temperature):
     assert ids[:, 0].tolist() == [0] * 8
     expected = base[:, 1] + w2 @ w1[0]  # x_1 = 0 is the previous token of x_2
     torch.testing.assert_close(logits[:, 1], expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.5])
+def test_row_without_mass_reference_agrees_with_the_op(temperature):
+    """Found by fuzzing: the reference mapped -inf to -FLT_MAX (nan_to_num without neginf),
+    so an all -inf row got a uniform law and drafted e.g. [0, 6, 1, 1] where the op drafts 0."""
+    U = torch.full((4, 1, 8), -INF)
+    w = torch.zeros(8, 2)
+    z = torch.zeros(4, dtype=torch.int64)
+    temps = torch.full((4,), temperature)
+    op_ids = markov_op(U, z, w, w, temps, z, z, None, None, None)[0]
+    for seed in range(3):
+        ref_ids = markov_draft_reference(U, z, w, w, temps, z, z, generator=torch.Generator().manual_seed(seed))[0]
+        assert ref_ids.tolist() == op_ids.tolist() == [[0]] * 4
+    assert bool(markov_probabilities(U[:, 0], temperature or 1.0).isnan().all())
+    # Mixed with rows that have mass, through the generic comparison.
+    base = torch.randn(6, 2, 8)
+    base[::2, 0] = -INF
+    base[1, 0, 3] = NAN
+    inputs = MarkovInputs(base, torch.arange(6) % 8, torch.randn(8, 2), torch.randn(8, 2), torch.full((6,), temperature),
+                          torch.arange(6), torch.zeros(6, dtype=torch.int64))
+    ids, _, _ = assert_markov_matches_reference(inputs)
+    assert ids[::2, 0].tolist() == [0, 0, 0]
 
 
 @pytest.mark.parametrize("temperature, layout", [(1.0, "same_tile"), (0.5, "same_tile"), (1.0, "across_tiles")])
