@@ -144,11 +144,22 @@ def machine_description(device) -> str:
     return f"{cpu} ({isa})"
 
 
+def drafter_identity(drafter) -> str:
+    """What a drafter's cost depends on: its class and, for a DSpark drafter, its shape (a retrained
+    drafter with the same shape keeps the profile; another architecture gets its own)."""
+    cfg = getattr(drafter, "cfg", None)
+    if cfg is None:
+        return type(drafter).__name__
+    shape = {k: getattr(cfg, k, None) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
+                                                 "num_kv_heads", "markov_rank", "num_draft", "confidence", "qk_norm")}
+    return type(drafter).__name__ + json.dumps(shape, sort_keys=True)
+
+
 def profile_key(target_name: str, drafters: Dict[str, object], requests: Sequence[int], max_draft: int,
                 device) -> dict:
     return {"version": PROFILE_VERSION, "target": target_name, "device": str(device),
             "machine": machine_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "drafters": {name: type(d).__name__ for name, d in sorted(drafters.items())},
+            "drafters": {name: drafter_identity(d) for name, d in sorted(drafters.items())},
             "requests": sorted(int(r) for r in requests), "max_draft": int(max_draft)}
 
 

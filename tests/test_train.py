@@ -349,6 +349,16 @@ def test_time_budget(dataset, tmp_path, monkeypatch, slowdown):
     assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["planned_steps"] == 15
 
 
+def test_time_budget_leaves_a_slow_first_step_out_of_the_pace(dataset, tmp_path, monkeypatch):
+    """The first step also pays for torch.compile: 10 s, then 1 s a step, 30 s of budget -> 21 steps."""
+    target, prompts, records, paths, data, root = dataset
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 10.0 if step == 1 else 1.0))
+    cfg = TrainConfig(steps=100, warmup_steps=2, checkpoint_every=1000, sequences_per_step=1,
+                      anchors_per_sequence=4, time_budget_s=30.0)
+    out = train_drafter(new_drafter(target), data, cfg, tmp_path / "ckpt.pt")
+    assert (out["steps"], out["stopped_early"], out["train_seconds"]) == (21, False, 30.0)
+
+
 def test_time_budget_real_clock(dataset, tmp_path):
     target, prompts, records, paths, data, root = dataset
     out = train_drafter(new_drafter(target), data, TrainConfig(steps=50, time_budget_s=1e-6, sequences_per_step=1,
