@@ -641,7 +641,8 @@ def profile_target_sps(target, max_tokens: int, context_tokens: int = 128, seed:
 
 def default_noise_token_id(tokenizer) -> int:
     """The query token of draft positions 2..K in the vLLM layout: the highest special token id
-    that is not bos/eos/pad/unk (SmolLM2: 16, ``<empty_output>``), else eos."""
+    that is not bos/eos/pad/unk, else eos (SmolLM2 registers only those four roles, so its
+    drafter queries with ``<|im_end|>``, id 2: any fixed row works, the layers learn around it)."""
     reserved = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
     candidates = [int(i) for i in getattr(tokenizer, "all_special_ids", []) if i not in reserved]
     return max(candidates) if candidates else int(tokenizer.eos_token_id)
@@ -798,7 +799,22 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         info["checkpoint_bytes"] = sum(p.stat().st_size for p in (folder / "drafter").iterdir())
         summary["variants"][name] = info
         log(f"{name}: {json.dumps({k: v for k, v in info.items() if k != 'final'})}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        _write_summary(out / "summary.json", summary)
     summary["total_seconds"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write_summary(out / "summary.json", summary)
     return summary
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    """Writes ``summary``, keeping the variants another run of the same folder recorded (variants
+    can train side by side in separate processes)."""
+    if path.is_file():
+        try:
+            earlier = json.loads(path.read_text()).get("variants", {})
+        except (ValueError, OSError):
+            earlier = {}
+        summary["variants"] = {**{k: v for k, v in earlier.items() if k not in summary["variants"]},
+                               **summary["variants"]}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, path)
