@@ -391,15 +391,10 @@ def run_end_to_end(args) -> bool:
 def run_dspark_end_to_end(args) -> bool:
     """vLLM's DSpark path serving ``args.dspark_drafter`` exported for vLLM, plugin off and on."""
     sys.path.insert(0, str(REPO))
-    import torch
-
-    from dspark_ext.drafters.dspark import DSparkDrafter
-    from dspark_ext.drafters.export import export_vllm
+    from dspark_ext.drafters.export import export_vllm, load_for_export
 
     folder = Path(tempfile.mkdtemp(prefix="dspark_vllm_dspark_"))
-    config = json.loads((Path(args.dspark_drafter) / "config.json").read_text())
-    placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
-    drafter = DSparkDrafter.load(args.dspark_drafter, placeholder)
+    drafter = load_for_export(args.dspark_drafter)
     export = export_vllm(drafter, folder / "export")
     from transformers import AutoTokenizer
 

@@ -358,10 +358,10 @@ def calibrate_sts(
         lo, hi = coarse[max(i - 1, 0)].log(), coarse[min(i + 1, coarse.numel() - 1)].log()
         fine = torch.linspace(lo.item(), hi.item(), STS_REFINE_SIZE, dtype=torch.float64).exp()
         fine_ece = _ece_over_temperatures(prev, z[:, k], y[:, k], fine, num_bins)
-        chosen = _pick(torch.cat([coarse, fine]), torch.cat([coarse_ece, fine_ece]))
-        temperatures[k] = chosen
+        eces = torch.cat([coarse_ece, fine_ece])
+        temperatures[k] = _pick(torch.cat([coarse, fine]), eces)
         # An end of the range that is as good as the choice: the ECE is flat or still falling there.
-        at_edge[k] = bool(torch.minimum(coarse_ece[0], coarse_ece[-1]) <= torch.cat([coarse_ece, fine_ece]).min() + _ECE_TIE)
+        at_edge[k] = bool(torch.minimum(coarse_ece[0], coarse_ece[-1]) <= eces.min() + _ECE_TIE)
         prev = prev * torch.sigmoid(z[:, k] / temperatures[k].double())
 
     before, after = _position_metrics(z, y, None, num_bins), _position_metrics(z, y, temperatures, num_bins)

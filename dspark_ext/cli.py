@@ -483,17 +483,14 @@ def cmd_calibrate_lookup(args) -> int:
 
 def cmd_export(args) -> int:
     """Writes a trained DSpark drafter in another engine's checkpoint format."""
-    from dspark_ext.drafters.dspark import CONFIG_FILE, DSparkDrafter
-    from dspark_ext.drafters.export import export_vllm
+    from dspark_ext.drafters.dspark import CONFIG_FILE
+    from dspark_ext.drafters.export import export_vllm, load_for_export
 
     folder = Path(args.drafter)
     if not (folder / CONFIG_FILE).is_file():
         raise CliError(f"no drafter at {folder} (a folder with config.json and model.safetensors, "
                        "as `dspark train` writes)")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    # The target's embedding and LM head are not part of the drafter or of the export.
-    placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
-    drafter = DSparkDrafter.load(folder, placeholder)
+    drafter = load_for_export(folder)
     try:
         out = export_vllm(drafter, args.out, dtype=getattr(torch, args.dtype))
     except ValueError as e:

@@ -693,7 +693,6 @@ def lr_sweep(cfg: RecipeConfig, target, data: FeatureCache, feature_stats, noise
             drafter = new_drafter(cfg, target, "dspark", feature_stats, noise_token_id, init)
             tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": 60.0 * cfg.sweep_minutes})
             run = train_drafter(drafter, data, tcfg, folder / "checkpoint.pt")
-            drafter.training_lm_head_dtype = torch.bfloat16
             held = heldout_acceptance(drafter, data)
             arm = {"name": name, "lr": lr, "init_from_target": init, "steps": run["steps"],
                    "train_seconds": round(run["train_seconds"], 1), "heldout": held,

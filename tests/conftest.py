@@ -24,3 +24,14 @@ def _fixed_seed():
     """Every test starts from the same global RNG state (tests also use their own generators)."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    intra-op threads only add synchronisation, which on a loaded 2-core machine costs 100x
+    (results do not depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -30,13 +30,7 @@ from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter  # noqa: E40
 from test_generate import LLAMA_MAX_NEW, LLAMA_PROMPTS, falling_sps, llama_references, tiny_llama  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a loaded 2-core machine: intra-op threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 # --------------------------------------------------------------------------- helpers

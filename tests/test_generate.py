@@ -38,14 +38,7 @@ PROMPTS = [
 MAX_NEW = [30, 9, 21]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Every tensor here is tiny: intra-op threads only add synchronisation, which on a loaded
-    2-core machine costs 100x (results do not depend on the thread count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 def make_drafter(name: str, vocab_size: int):

@@ -16,8 +16,10 @@ from dspark_ext.train import (  # noqa: E402
     FeatureCache, TrainConfig, cache_features, dspark_loss, heldout_rollouts, iter_sharegpt, prepare_prompts,
     regenerate, train_drafter,
 )
-from test_drafter import _one_thread, randomize  # noqa: E402,F401  (_one_thread: the module's autouse fixture)
+from test_drafter import randomize  # noqa: E402
 from test_generate import tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 # --------------------------------------------------------------------------- ShareGPT and prompts

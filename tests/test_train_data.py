@@ -23,8 +23,9 @@ from dspark_ext.train import (  # noqa: E402
     FeatureCache, RecipeConfig, TrainConfig, cache_features, default_noise_token_id, dspark_loss, head_terms,
     heldout_rollouts, lr_sweep, new_drafter, prepare_sharegpt_answers,
 )
-from test_drafter import _one_thread  # noqa: E402,F401  (the module's autouse fixture)
 from test_generate import tiny_llama  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 CONTEXT_LAYERS = [1, 2]
 

@@ -40,6 +40,17 @@ _LAYER_NAMES = {
 }
 
 
+def load_for_export(folder):
+    """A drafter saved by ``DSparkDrafter.save``, without its target: the target's embedding and
+    LM head are part of neither the drafter folder nor the export, so a zero-stride placeholder
+    stands in for them."""
+    from dspark_ext.drafters.dspark import CONFIG_FILE, DSparkDrafter
+
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
+    return DSparkDrafter.load(folder, placeholder)
+
+
 def vllm_tensors(drafter) -> Dict[str, torch.Tensor]:
     """The drafter's weights under vLLM's ``Qwen3DSparkForCausalLM`` checkpoint names (float32)."""
     cfg = drafter.cfg
