@@ -184,12 +184,16 @@ def check_args(args) -> None:
     for item in filter(None, getattr(args, "sweep_inits", "").split(",")):
         if item not in ("random", "target"):
             raise CliError(f"--sweep-inits takes random and/or target, got {args.sweep_inits!r}")
-    for item in filter(None, getattr(args, "minutes", "").split(",")):
-        name, _, minutes = item.partition("=")
-        try:
-            float(minutes)
-        except ValueError:
-            raise CliError(f"--minutes must be VARIANT=MINUTES,..., got {args.minutes!r}") from None
+    for flag in ("minutes", "restart_minutes"):
+        for item in filter(None, getattr(args, flag, "").split(",")):
+            name, _, minutes = item.partition("=")
+            try:
+                float(minutes)
+            except ValueError:
+                raise CliError(f"{_flag(flag)} must be VARIANT=MINUTES,..., got {getattr(args, flag)!r}") from None
+    restart_lr = getattr(args, "restart_lr", None)
+    if restart_lr is not None and not restart_lr > 0:
+        raise CliError(f"--restart-lr must be > 0, got {restart_lr:g}")
     device = getattr(args, "device", None)
     if device is not None:
         try:
@@ -393,10 +397,11 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args)
-    budgets = {}
-    for item in filter(None, args.minutes.split(",")):
-        name, _, minutes = item.partition("=")
-        budgets[name] = 60.0 * float(minutes)
+    def budgets_of(text: str) -> dict:
+        return {name: 60.0 * float(minutes) for name, _, minutes in
+                (item.partition("=") for item in filter(None, text.split(",")))}
+
+    budgets, restarts = budgets_of(args.minutes), budgets_of(args.restart_minutes)
     cfg = RecipeConfig(
         out_dir=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
         generation_batch_size=args.generation_batch_size, num_layers=args.layers,
@@ -404,8 +409,8 @@ def cmd_train(args) -> int:
         variants=[v for v in args.variants.split(",") if v],
         train=TrainConfig(steps=args.steps, lr=args.lr, sequences_per_step=args.sequences_per_step,
                           anchors_per_sequence=args.anchors_per_sequence, seed=args.seed,
-                          compile=not args.no_compile),
-        time_budget_s=budgets, seed=args.seed, sharegpt_answer_tokens=args.sharegpt_answer_tokens,
+                          compile=not args.no_compile, restart_lr=args.restart_lr),
+        time_budget_s=budgets, restart_budget_s=restarts, seed=args.seed, sharegpt_answer_tokens=args.sharegpt_answer_tokens,
         layout=args.layout, noise_token_id=args.noise_token_id, init_from_target=args.init_from_target,
         sweep_lrs=[float(x) for x in args.sweep_lrs.split(",") if x],
         sweep_inits=[{"random": False, "target": True}[x] for x in args.sweep_inits.split(",") if x],
@@ -572,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", default="dspark=30,parallel=20,mtp1=10",
                    help="training time budget per variant (the LR schedule is fitted to it)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--restart-minutes", default="",
+                   help="VARIANT=MINUTES,...: after the first schedule ends, train that much longer in a second "
+                        "warmup + cosine cycle (a warm restart; a finished run resumes into it)")
+    t.add_argument("--restart-lr", type=float, default=None,
+                   help="peak learning rate of the warm restart (default: half the first cycle's)")
     t.add_argument("--sequences-per-step", type=int, default=4, help="answers per training step")
     t.add_argument("--anchors-per-sequence", type=int, default=32, help="draft blocks trained per answer")
     t.add_argument("--seed", type=int, default=0, help="random seed: prompt choice, sampled answers, data order, initialisation")

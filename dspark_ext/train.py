@@ -445,82 +445,106 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: Optional[float] = None  # stop early (and say so) after this much training time
     compile: bool = False  # torch.compile the vocabulary-wide loss terms (head_terms): ~2x on CPU
+    # A warm restart (SGDR): after the first schedule ends, a second warmup + cosine cycle of this
+    # much training time, peaking at restart_lr (default lr / 2). Lets a finished run train longer.
+    restart_budget_s: Optional[float] = None
+    restart_lr: Optional[float] = None
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, peak: Optional[float] = None, steps: Optional[int] = None) -> float:
+    """Warmup + cosine: ``step`` of a cycle of ``steps`` (default cfg.steps) peaking at ``peak``."""
+    peak = cfg.lr if peak is None else peak
+    steps = cfg.steps if steps is None else steps
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+        return peak * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(steps - cfg.warmup_steps, 1)
+    return peak * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Path,
                   weights: LossWeights = LossWeights(), log=None) -> dict:
     """Trains ``drafter``'s backbone, Markov head and confidence head (the target's embedding
-    and LM head are frozen buffers) with AdamW and a warmup + cosine schedule; resumes from
-    ``checkpoint`` (model, optimizer, step, sampler state, elapsed time) when it exists and
-    saves it every ``checkpoint_every`` steps. Returns the run's summary."""
+    and LM head are frozen buffers) with AdamW and a warmup + cosine schedule (then, with
+    ``cfg.restart_budget_s``, a second one: a warm restart); resumes from ``checkpoint`` (model,
+    optimizer, step, cycle, sampler state, elapsed time) when it exists and saves it every
+    ``checkpoint_every`` steps. Returns the run's summary."""
     params = [p for p in drafter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
+    cycles = [(cfg.lr, cfg.time_budget_s)]
+    if cfg.restart_budget_s:
+        cycles.append((cfg.restart_lr or cfg.lr / 2, cfg.restart_budget_s))
     step, elapsed, history = 0, 0.0, []
+    # The last cycle started: its index, first step, training time before it, and its planned last step.
+    cycle, cycle_start, cycle_elapsed, planned = 0, 0, 0.0, cfg.steps
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         drafter.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
-        cfg.steps = state.get("planned_steps", cfg.steps)
+        planned = state.get("planned_steps", cfg.steps)
+        cycle, cycle_start, cycle_elapsed = state.get("cycle", (0, 0, 0.0))
 
     def save():
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": drafter.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                    "step": step, "elapsed": elapsed, "history": history, "planned_steps": cfg.steps}, tmp)
+                    "step": step, "elapsed": elapsed, "history": history, "planned_steps": planned,
+                    "cycle": (cycle, cycle_start, cycle_elapsed)}, tmp)
         os.replace(tmp, checkpoint)
 
     terms = torch.compile(head_terms) if cfg.compile else head_terms
     drafter.train()
     stopped_early = False
-    first_step_seconds = 0.0
     window: List[dict] = []
-    while step < cfg.steps:
-        if cfg.time_budget_s is not None and step == 10 and cfg.steps > 10:
-            # Fit the whole warmup + cosine schedule into the time budget, from the measured pace
-            # (without the first step, which also pays for torch.compile).
-            pace = (elapsed - first_step_seconds) / (step - 1)
-            cfg.steps = max(11, min(cfg.steps, 1 + int((cfg.time_budget_s - first_step_seconds) / pace)))
-        if cfg.time_budget_s is not None and elapsed >= 1.1 * cfg.time_budget_s:
-            stopped_early = True
+    while True:
+        peak, budget = cycles[min(cycle, len(cycles) - 1)]
+        first_step_seconds = None  # this process's first step also pays for torch.compile
+        while step < planned:
+            if budget is not None and step == cycle_start + 10 and planned - cycle_start > 10:
+                # Fit the whole warmup + cosine cycle into its time budget, from the measured pace.
+                pace = (elapsed - cycle_elapsed - (first_step_seconds or 0.0)) / (10 - (first_step_seconds is not None))
+                planned = cycle_start + max(11, min(planned - cycle_start,
+                                                    1 + int((budget - (first_step_seconds or pace)) / pace)))
+            if budget is not None and elapsed - cycle_elapsed >= 1.1 * budget:
+                stopped_early = True
+                break
+            t0 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step - cycle_start, cfg, peak, planned - cycle_start)
+            batch = data.sample(gen, cfg.sequences_per_step, cfg.anchors_per_sequence, drafter.num_draft)
+            loss, metrics = dspark_loss(drafter, batch, weights, terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            step += 1
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+            if first_step_seconds is None:
+                first_step_seconds = seconds
+            metrics["loss"] = loss.item()
+            window.append(metrics)
+            if step % 10 == 0 or step == planned:
+                mean = {k: sum(m[k] for m in window) / len(window) for k in ("loss", "tv", "ce")}
+                acc = [sum(m["accept_t1"][k] for m in window) / len(window) for k in range(drafter.num_draft)]
+                greedy = [sum(m["greedy_match"][k] for m in window) / len(window) for k in range(drafter.num_draft)]
+                history.append({"step": step, "elapsed": elapsed, **mean, "accept_t1": acc, "greedy_match": greedy})
+                window = []
+                progress_bar(step, planned, "train" if cycle == 0 else f"train (restart {cycle})",
+                             f"loss {mean['loss']:.3f} tv {mean['tv']:.3f} "
+                             f"greedy@1 {greedy[0]:.2f} {elapsed / step:.2f} s/step")
+            if step % cfg.checkpoint_every == 0:
+                save()
+        if stopped_early or cycle + 1 >= len(cycles):
             break
-        t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        batch = data.sample(gen, cfg.sequences_per_step, cfg.anchors_per_sequence, drafter.num_draft)
-        loss, metrics = dspark_loss(drafter, batch, weights, terms)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        step += 1
-        elapsed += time.perf_counter() - t0
-        if step == 1:
-            first_step_seconds = elapsed
-        metrics["loss"] = loss.item()
-        window.append(metrics)
-        if step % 10 == 0 or step == cfg.steps:
-            mean = {k: sum(m[k] for m in window) / len(window) for k in ("loss", "tv", "ce")}
-            acc = [sum(m["accept_t1"][k] for m in window) / len(window) for k in range(drafter.num_draft)]
-            greedy = [sum(m["greedy_match"][k] for m in window) / len(window) for k in range(drafter.num_draft)]
-            history.append({"step": step, "elapsed": elapsed, **mean, "accept_t1": acc, "greedy_match": greedy})
-            window = []
-            progress_bar(step, cfg.steps, "train", f"loss {mean['loss']:.3f} tv {mean['tv']:.3f} "
-                      f"greedy@1 {greedy[0]:.2f} {elapsed / step:.2f} s/step")
-        if step % cfg.checkpoint_every == 0:
-            save()
+        cycle += 1
+        cycle_start, cycle_elapsed, planned = step, elapsed, step + cfg.steps
     save()
     drafter.eval()
     sys.stderr.write("\n")
-    return {"steps": step, "train_seconds": elapsed, "stopped_early": stopped_early, "history": history}
+    return {"steps": step, "train_seconds": elapsed, "stopped_early": stopped_early, "history": history,
+            "cycles": cycle + 1, "restart_step": cycle_start if cycle_start else None}
 
 
 # ---------------------------------------------------------------------- held-out rollouts
@@ -604,6 +628,7 @@ class RecipeConfig:
     variants: Sequence[str] = ("dspark", "parallel", "mtp1")
     train: TrainConfig = field(default_factory=TrainConfig)
     time_budget_s: Dict[str, float] = field(default_factory=dict)  # per variant
+    restart_budget_s: Dict[str, float] = field(default_factory=dict)  # per variant: a warm restart's time
     sps_max_tokens: int = 64
     seed: int = 0
     # Prefill-only data: ShareGPT's own answers, the target's distribution read at every position.
@@ -767,9 +792,12 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         folder = out / name
         folder.mkdir(exist_ok=True)
         drafter = new_drafter(cfg, target, name, feature_stats, noise, init)
-        tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": cfg.time_budget_s.get(name)})
+        tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": cfg.time_budget_s.get(name),
+                              "restart_budget_s": cfg.restart_budget_s.get(name)})
         run = train_drafter(drafter, data, tcfg, folder / "checkpoint.pt")
         info = {k: v for k, v in run.items() if k != "history"}
+        if tcfg.restart_budget_s:
+            info["restart_lr"] = tcfg.restart_lr or lr / 2
         info["lr"], info["init_from_target"] = lr, init
         info["final"] = run["history"][-1] if run["history"] else None
         info["parameters"] = sum(p.numel() for p in drafter.parameters())
@@ -793,7 +821,9 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
             drafter.cfg.sps = [float(v) for v in profile_target_sps(target, cfg.sps_max_tokens)]
         drafter.cfg.notes = {"train_steps": run["steps"], "train_seconds": round(run["train_seconds"], 1),
                              "train_answer_tokens": summary["data"]["train_answer_tokens"], "lr": lr,
-                             "init_from_target": init}
+                             "init_from_target": init, **({"restart_step": run["restart_step"],
+                                                           "restart_lr": info["restart_lr"]}
+                                                          if run.get("restart_step") else {})}
         drafter.save(folder / "drafter")
         info["checkpoint_bytes"] = sum(p.stat().st_size for p in (folder / "drafter").iterdir())
         summary["variants"][name] = info

@@ -361,6 +361,48 @@ def test_time_budget_leaves_a_slow_first_step_out_of_the_pace(dataset, tmp_path,
     assert (out["steps"], out["stopped_early"], out["train_seconds"]) == (21, False, 30.0)
 
 
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_warm_restart_trains_a_finished_run_longer(dataset, tmp_path, monkeypatch, old_checkpoint):
+    """A finished run (15 steps in its 15 s budget) resumed with restart_budget_s = 20 s trains a
+    second warmup + cosine cycle fitted to that budget (20 more steps), peaking at restart_lr;
+    checkpoints written before cycles existed resume into it too. Done in one call, the two cycles
+    give the same weights."""
+    target, prompts, records, paths, data, root = dataset
+    cfg = dict(steps=100, warmup_steps=2, checkpoint_every=1000, sequences_per_step=1, anchors_per_sequence=4,
+               time_budget_s=15.0)
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    first = new_drafter(target, seed=4)
+    out = train_drafter(first, data, TrainConfig(**cfg), tmp_path / "ckpt.pt")
+    assert (out["steps"], out["restart_step"]) == (15, None)
+    if old_checkpoint:
+        state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        del state["cycle"]
+        torch.save(state, tmp_path / "ckpt.pt")
+    lrs = []
+    real_lr_at = train._lr_at
+    monkeypatch.setattr(train, "_lr_at", lambda *a: lrs.append(real_lr_at(*a)) or lrs[-1])
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    restarted = new_drafter(target, seed=7)  # everything comes from the checkpoint
+    out = train_drafter(restarted, data, TrainConfig(**cfg, restart_budget_s=20.0, restart_lr=5e-4),
+                        tmp_path / "ckpt.pt")
+    assert (out["steps"], out["restart_step"], out["stopped_early"], out["cycles"]) == (35, 15, False, 2)
+    assert out["train_seconds"] == 35.0
+    assert lrs[0] == pytest.approx(5e-4 / 2) and max(lrs) == pytest.approx(5e-4)  # warmup of 2 steps, then peak
+    assert lrs[-1] < 5e-4 * 0.2
+    assert [h["step"] for h in out["history"]][-3:] == [20, 30, 35]
+    # Resuming again does nothing more.
+    again = train_drafter(new_drafter(target, seed=8), data, TrainConfig(**cfg, restart_budget_s=20.0,
+                                                                         restart_lr=5e-4), tmp_path / "ckpt.pt")
+    assert again["steps"] == 35
+    # Both cycles in one call.
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    both = new_drafter(target, seed=4)
+    out2 = train_drafter(both, data, TrainConfig(**cfg, restart_budget_s=20.0, restart_lr=5e-4), tmp_path / "one.pt")
+    assert out2["steps"] == 35
+    for name, value in restarted.state_dict().items():
+        assert torch.equal(value, both.state_dict()[name]), name
+
+
 def test_time_budget_real_clock(dataset, tmp_path):
     target, prompts, records, paths, data, root = dataset
     out = train_drafter(new_drafter(target), data, TrainConfig(steps=50, time_budget_s=1e-6, sequences_per_step=1,
