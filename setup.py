@@ -57,7 +57,10 @@ WITH_CUDA = cuda_is_buildable()
 CUDA_ARCHS = os.environ["TORCH_CUDA_ARCH_LIST"] if WITH_CUDA else ""
 
 # -fopenmp: at::parallel_for is a header template that is serial unless _OPENMP is defined.
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+# -ffp-contract=off: no a * b + c silently fused where FMA exists, so every CPU build rounds
+# exactly as written (the same exp bits in every build; x / T - max never rounds above 0);
+# kernels that want an FMA ask for one.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-ffp-contract=off"]
 define_macros = [("DSPARK_CUDA_ARCHS", f'"{CUDA_ARCHS}"')]
 if IS_X86:
     define_macros.append(("DSPARK_HAVE_X86_ISA_KERNELS", None))

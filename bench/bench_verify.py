@@ -179,7 +179,10 @@ class ShapeData:
     cu_num_draft: torch.Tensor  # [B + 1] int32
 
 
-def make_shape_data(vocab: int, batch: int, k: int, dtype: torch.dtype, device: str) -> ShapeData:
+def make_shape_data(vocab: int, batch: int, k: int, dtype: torch.dtype, device: str,
+                    all_accepted: bool = False) -> ShapeData:
+    """``all_accepted``: every draft token gets +40 in its target and draft rows (p = q = 1 to
+    float precision), so every draft is accepted and the op reads every row: its worst case."""
     gen = torch.Generator(device=device).manual_seed(1234 + vocab + 31 * batch + 7 * k)
     num_drafts = batch * k
     cu = torch.arange(0, num_drafts + 1, k, dtype=torch.int32, device=device)
@@ -191,6 +194,10 @@ def make_shape_data(vocab: int, batch: int, k: int, dtype: torch.dtype, device: 
     random_ids = torch.randint(0, vocab, (num_drafts,), generator=gen, device=device)
     hit = torch.rand(num_drafts, generator=gen, device=device) < 0.7
     greedy_ids = torch.where(hit, target[draft_rows].argmax(-1), random_ids)
+    if all_accepted:
+        target[draft_rows, sampled_ids] += 40.0
+        draft[torch.arange(num_drafts, device=device), sampled_ids] += 40.0
+        greedy_ids = sampled_ids
     return ShapeData(target.to(dtype), draft.to(dtype), greedy_ids, sampled_ids, cu)
 
 
@@ -713,6 +720,10 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", dest="compile", action="store_false", help="do not run torch.compile")
     p.add_argument("--compile-dynamic", action="store_true",
                    help="compile one dynamic-shape graph per (mode, dtype) instead of one static graph per config")
+    p.add_argument("--all-accepted", action="store_true",
+                   help="make every draft accepted (target and draft put ~all mass on it): the op then reads "
+                        "every row, its worst case (by default drafts are often rejected early and the op "
+                        "skips the rows after a request's first rejection)")
     p.add_argument("--markdown", metavar="FILE", help="also write the report as Markdown")
     p.add_argument("--time-limit", type=float, default=None,
                    help="start no new config after this many seconds; report what was measured")
@@ -741,6 +752,8 @@ def main(argv=None) -> int:
     print("\n".join(header), flush=True)
 
     configs = full_grid(args)
+    if args.all_accepted:
+        print("inputs: every draft accepted (--all-accepted): the op reads every row")
     print(f"{len(configs)} configs; op/read: median of >= {args.repeats} interleaved runs; "
           f"references time-boxed to {args.ref_budget:g} s each\n", flush=True)
     bench = Bench(args)
@@ -770,7 +783,7 @@ def run_configs(configs: List[Config], args, bench: Bench) -> List[Result]:
         for key, group in itertools.groupby(configs, key=shape_key):
             if args.time_limit is not None and time.perf_counter() - start > args.time_limit:
                 break
-            data = make_shape_data(key[0], key[1], key[2], DTYPES[key[3]], args.device)
+            data = make_shape_data(key[0], key[1], key[2], DTYPES[key[3]], args.device, args.all_accepted)
             for config in group:
                 results.append(bench.run(config, data))
                 print(progress_line(results[-1]), flush=True)

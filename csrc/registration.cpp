@@ -13,4 +13,7 @@ TORCH_LIBRARY(dspark, m) {
       "Tensor temperature, Tensor seed, Tensor offset, "
       "Tensor? conf_base, Tensor? conf_w_prev, Tensor? conf_temperature) -> (Tensor, Tensor, Tensor)");
   m.def("schedule(Tensor confidence, Tensor sps, Tensor? max_len) -> Tensor");
+  // Internal, for tests only: core::exp_two_ulp (or, nonpositive, core::exp_nonpositive) as
+  // built for one CPU instruction set ("scalar", "default", "avx2", "avx512"), elementwise.
+  m.def("_exp_for_testing(Tensor x, str isa, bool nonpositive=False) -> Tensor");
 }

@@ -131,6 +131,25 @@ def test_instruction_set_builds_agree(outputs_by_capability, capability):
             assert equal >= 0.998 * len(rows), f"{case}: only {equal}/{len(rows)} rows agree"
 
 
+def test_default_and_avx2_builds_take_the_same_accept_decisions(outputs_by_capability):
+    """Both sum in 8 lanes in the same order with the same exp bits (csrc/core/exp.h), so every
+    accept decision is the same: the number of accepted drafts of every request and the greedy
+    rows. (The emitted sampled token goes through log/log1p, which differ in their last bits
+    between the builds: the bar of test_instruction_set_builds_agree applies to it.)"""
+    if "avx2" not in outputs_by_capability:
+        pytest.skip("this CPU has no AVX2 build to compare with")
+    default, avx2 = outputs_by_capability["default"], outputs_by_capability["avx2"]
+    for case, rows in avx2.items():
+        if case.startswith("markov/"):
+            continue
+        if case.startswith("greedy"):
+            assert torch.equal(default[case], rows), case
+        accepted = (rows != -1).sum(dim=1) - 1  # accepted drafts, then the emitted token, then -1
+        assert torch.equal((default[case] != -1).sum(dim=1) - 1, accepted), case
+        prefix = torch.arange(rows.shape[1]) < accepted[:, None]
+        assert torch.equal(default[case][prefix], rows[prefix]), case
+
+
 @pytest.mark.parametrize("capability", ["default", "avx2", AVX512_WITHOUT_BF16_DOT])
 def test_instruction_set_builds_agree_on_markov_draft(outputs_by_capability, markov_inputs, capability):
     """Exact weights: logits and greedy drafts identical, sampled drafts identical except at

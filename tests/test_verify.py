@@ -352,3 +352,84 @@ def test_reference_respects_its_generator():
     c = run_reference(batch, seed=2)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
     check_output_format(batch, *a)
+
+
+# --------------------------------------------------------------------------- rows after a rejection
+
+
+@pytest.mark.parametrize("draft_logits", [False, True], ids=["one_hot", "draft_logits"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_rows_after_the_first_rejection_change_nothing(draft_logits, temperature):
+    """Whatever the rows after a request's first rejection hold (NaN, +inf, other values), every
+    output is the same (the contract: they cannot matter). That the CPU kernel does not even
+    read them is checked by the two tests below."""
+    batch = make_batch([5, 3, 6, 0, 4, 2] * 3, 4500, temperature=temperature, draft_logits=draft_logits,
+                       logit_scale=1.0, draft_noise=2.0, seed=21)
+    output, num_accepted = run_op(batch)
+    assert (num_accepted < torch.tensor(batch.lengths)).sum() >= 6  # many requests reject early
+    target = batch.target_logits.clone()
+    draft = None if batch.draft_logits is None else batch.draft_logits.clone()
+    cu = batch.cu_num_draft.tolist()
+    g = torch.Generator().manual_seed(5)
+    changed = 0
+    for b, accepted in enumerate(num_accepted.tolist()):
+        for k in range(accepted + 1, batch.lengths[b] + 1):  # past the emitted row
+            target[cu[b] + b + k] = torch.where(torch.rand(target.shape[1], generator=g) < 0.5, NAN, INF)
+            if draft is not None and k < batch.lengths[b]:
+                draft[cu[b] + k] = torch.randn(draft.shape[1], generator=g) * 50
+            changed += 1
+    assert changed >= 20
+    output2, num_accepted2 = run_op(with_replaced(batch, target_logits=target, draft_logits=draft))
+    assert torch.equal(output2, output) and torch.equal(num_accepted2, num_accepted)
+
+
+_RUN_WITH_POISONED_SCRATCH = r"""
+import sys, torch, dspark_ext
+batches = torch.load(sys.argv[1])
+torch.save([torch.ops.dspark.verify(*args) for args in batches], sys.argv[2])
+"""
+
+
+def test_no_stage_reads_a_row_no_wave_computed(tmp_path):
+    """With DSPARK_VERIFY_POISON_SCRATCH the kernel's scratch starts as 0xFF bytes (NaN stats,
+    -1 ids): a stage that read the summary or tile stats of a row after a request's first
+    rejection would decide on NaN. Every output equals the run with ordinary scratch."""
+    import subprocess
+    import sys
+
+    batches = []
+    for draft_logits in (False, True):
+        batches.append(make_batch([5, 3, 6, 0, 4, 2] * 3, 4500, temperature=[0.0, 1.0, 0.7] * 6,
+                                  draft_logits=draft_logits, logit_scale=1.0, draft_noise=2.0, seed=23))
+    args = [b.args() for b in batches]
+    expected = [run_op(b) for b in batches]
+    assert sum(int((e[1] < torch.tensor(b.lengths)).sum()) for e, b in zip(expected, batches)) >= 12
+    torch.save(args, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _RUN_WITH_POISONED_SCRATCH, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env={"DSPARK_VERIFY_POISON_SCRATCH": "1", "PATH": "/usr/bin:/bin"}, check=True, timeout=300)
+    for (out, acc), (out2, acc2) in zip(expected, torch.load(tmp_path / "out.pt")):
+        assert torch.equal(out, out2) and torch.equal(acc, acc2)
+
+
+def test_stage_ranges_show_one_wave_per_reached_position():
+    """tile_stats runs once per draft position some request still reaches: one wave when every
+    first draft is rejected, K + 1 when every draft is accepted (torch.profiler ranges)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def waves(batch) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run_op(batch)
+        return sum(e.count for e in prof.key_averages() if e.key == "dspark::verify/tile_stats")
+
+    vocab, K = 3000, 4
+    target = torch.zeros(3 * (K + 1), vocab)
+    accepted_ids = torch.arange(3 * K) % vocab + 1
+    rows = torch.arange(3 * K) + torch.arange(3).repeat_interleave(K)
+    target[rows, accepted_ids] = 10.0  # the greedy argmax of every draft row is its draft
+    batch = make_batch([K] * 3, vocab, temperature=0.0, seed=0)
+    all_accepted = with_replaced(batch, target_logits=target, draft_token_ids=accepted_ids)
+    assert run_op(all_accepted)[1].tolist() == [K] * 3
+    assert waves(all_accepted) == K + 1
+    first_rejected = with_replaced(all_accepted, draft_token_ids=accepted_ids + 1)
+    assert run_op(first_rejected)[1].tolist() == [0] * 3
+    assert waves(first_rejected) == 1

@@ -129,9 +129,55 @@ DSPARK_HOST_DEVICE float accept_uniform(uint64_t seed, uint64_t offset, int32_t 
   return uniform(seed, offset, static_cast<uint32_t>(position), 0u, RandomPurpose::kVerifyAccept);
 }
 
-// Stage 3 for one request. `target_summary[k]` / `draft_summary[k]` are the row summaries
-// of stage 2 (log-normaliser for sampled rows, argmax for greedy rows) of draft position k.
-// Writes the accepted draft ids, -1 padding, and for greedy requests the emitted token.
+// The accept rule at draft position k of one request, from the row summaries of stage 2
+// (log-normaliser for sampled rows, argmax for greedy rows) of that position.
+struct DraftJudgement {
+  bool accepted;
+  int32_t excluded_id;        // a rejected one-hot draft that carries mass, else -1
+  LogNormalizer target_norm;  // sampled rows: of target_row/T at k
+  LogNormalizer draft_norm;   // sampled drafts: of draft_row/T at k
+};
+
+template <typename LogitT, typename IdT, typename LoadLogit>
+DSPARK_HOST_DEVICE DraftJudgement judge_draft(
+    const LogitT* target_logits, int64_t target_row_stride, const LogitT* draft_logits, int64_t draft_row_stride,
+    const IdT* draft_token_ids, const TileStats& target_summary, const TileStats* draft_summary,
+    const RequestRows& rows, int32_t k, int64_t vocab_size, float temperature, uint64_t seed, uint64_t offset,
+    LoadLogit load_logit) {
+  DraftJudgement j{false, -1, {0.0f, 0.0f}, {0.0f, 0.0f}};
+  bool in_range;
+  const int64_t x = clamp_token(static_cast<int64_t>(draft_token_ids[rows.draft_begin + k]), vocab_size, &in_range);
+  if (is_greedy(temperature)) {
+    j.accepted = in_range && target_summary.argmax_index == x;
+    return j;
+  }
+  const float inv_t = inverse_temperature(temperature);
+  const int64_t target_row = rows.target_begin + k;
+  const float log_p_unnorm =
+      in_range ? sanitize_logit(load_logit(target_logits, target_row * target_row_stride + x) * inv_t) : -INFINITY;
+  MaxSum target_total{target_summary.max, target_summary.sum};
+  float log_q;
+  if (draft_logits == nullptr) {
+    // Stage 1 left the one-hot draft token out of the row total; add it back for p.
+    target_total = add_term(target_total, log_p_unnorm);
+    log_q = in_range ? 0.0f : -INFINITY;
+  } else {
+    j.draft_norm = normalizer_of(MaxSum{draft_summary->max, draft_summary->sum});
+    const int64_t draft_row = rows.draft_begin + k;
+    log_q = in_range ? log_probability(sanitize_logit(load_logit(draft_logits, draft_row * draft_row_stride + x) * inv_t),
+                                       j.draft_norm)
+                     : -INFINITY;
+  }
+  j.target_norm = normalizer_of(target_total);
+  j.accepted = accept_draft(log_probability(log_p_unnorm, j.target_norm), log_q, accept_uniform(seed, offset, k));
+  // Excluded only if it carries mass: a rejected draft without any is never emitted.
+  j.excluded_id = (!j.accepted && draft_logits == nullptr && log_p_unnorm > -INFINITY) ? static_cast<int32_t>(x) : -1;
+  return j;
+}
+
+// Stage 3 for one request: judge_draft left to right until the first rejection (the rows
+// after it are never read). Writes the accepted draft ids, -1 padding, and for greedy
+// requests the emitted token.
 template <typename LogitT, typename IdT, typename LoadLogit>
 DSPARK_HOST_DEVICE RequestPlan decide_request(
     const LogitT* target_logits, int64_t target_row_stride, const LogitT* draft_logits,
@@ -141,43 +187,20 @@ DSPARK_HOST_DEVICE RequestPlan decide_request(
   RequestPlan plan{static_cast<int32_t>(EmitSource::kDone), 0, -1, 0, {0.0f, 0.0f}, {0.0f, 0.0f}, rows.target_begin};
   for (int64_t i = 0; i < output_width; ++i) output_row[i] = -1;
   const bool greedy = is_greedy(temperature);
-  const float inv_t = inverse_temperature(temperature);
 
   int32_t k = 0;
   for (; k < rows.num_draft; ++k) {
-    bool in_range;
-    const int64_t x = clamp_token(static_cast<int64_t>(draft_token_ids[rows.draft_begin + k]), vocab_size, &in_range);
-    const int64_t target_row = rows.target_begin + k;
-    bool accepted;
-    LogNormalizer p_norm{0.0f, 0.0f}, q_norm{0.0f, 0.0f};
-    float log_p_unnorm = -INFINITY;
-    if (greedy) {
-      accepted = in_range && target_summary[k].argmax_index == x;
-    } else {
-      log_p_unnorm = in_range ? sanitize_logit(load_logit(target_logits, target_row * target_row_stride + x) * inv_t) : -INFINITY;
-      MaxSum target_total{target_summary[k].max, target_summary[k].sum};
-      float log_q;
-      if (draft_logits == nullptr) {
-        // Stage 1 left the one-hot draft token out of the row total; add it back for p.
-        target_total = add_term(target_total, log_p_unnorm);
-        log_q = in_range ? 0.0f : -INFINITY;
-      } else {
-        q_norm = normalizer_of(MaxSum{draft_summary[k].max, draft_summary[k].sum});
-        const int64_t draft_row = rows.draft_begin + k;
-        log_q = in_range ? log_probability(sanitize_logit(load_logit(draft_logits, draft_row * draft_row_stride + x) * inv_t), q_norm)
-                         : -INFINITY;
-      }
-      p_norm = normalizer_of(target_total);
-      accepted = accept_draft(log_probability(log_p_unnorm, p_norm), log_q, accept_uniform(seed, offset, k));
-    }
-    if (!accepted) {
-      // Excluded only if it carries mass: a rejected draft without any is never emitted.
-      plan.excluded_id = (!greedy && draft_logits == nullptr && log_p_unnorm > -INFINITY) ? static_cast<int32_t>(x) : -1;
-      plan.target_norm = p_norm;
-      plan.draft_norm = q_norm;
+    const DraftJudgement j =
+        judge_draft(target_logits, target_row_stride, draft_logits, draft_row_stride, draft_token_ids, target_summary[k],
+                    draft_logits == nullptr ? nullptr : draft_summary + k, rows, k, vocab_size, temperature, seed,
+                    offset, load_logit);
+    if (!j.accepted) {
+      plan.excluded_id = j.excluded_id;
+      plan.target_norm = j.target_norm;
+      plan.draft_norm = j.draft_norm;
       break;
     }
-    output_row[k] = x;
+    output_row[k] = draft_token_ids[rows.draft_begin + k];
   }
   plan.num_accepted = k;
   plan.position = k;

@@ -14,6 +14,7 @@
 
 #include "../core/race.h"
 #include "../core/sampling.h"
+#include "vec_exp.h"
 
 namespace dspark::cpu {
 namespace CPU_CAPABILITY {
@@ -68,16 +69,12 @@ inline float lane_sum(Vec v) {
   return total;
 }
 
-// MaxSum of sanitize(x * inv_t) over row[lo, hi): a max pass that also stores the scaled
-// logits in an L1-resident buffer, then a sum-exp pass over the buffer (cheaper than
-// rescaling an online sum per vector). exp_u20 (relative error ~2e-6) is ample for
-// probabilities and about twice as fast as the 1-ulp exp.
+// MaxSum of sanitize(x * inv_t) over row[lo, hi) when a logit is +inf or x * inv_t overflows:
+// the scaled, sanitised logits go to an L1 buffer, then a sum-exp pass reads it.
 template <typename T>
-MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
+MaxSum segment_max_sum_sanitized(const T* p, int64_t n, float inv_t) {
   float scaled[kVocabTile];
   const Vec v_inv_t(inv_t);
-  const T* p = row + lo;
-  const int64_t n = hi - lo;
   const int64_t n_vec = n - n % kLanes;
   Vec v_max(-INFINITY);
   for (int64_t i = 0; i < n_vec; i += kLanes) {
@@ -93,9 +90,35 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   if (max == -INFINITY) return core::empty_max_sum();
   const Vec v_shift(max);
   Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += (Vec::loadu(scaled + i) - v_shift).exp_u20();
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += exp_nonpositive(Vec::loadu(scaled + i) - v_shift);
   float sum = lane_sum(v_sum);
-  for (int64_t i = n_vec; i < n; ++i) sum += std::exp(scaled[i] - max);
+  for (int64_t i = n_vec; i < n; ++i) sum += core::exp_nonpositive(scaled[i] - max);
+  return MaxSum{max, sum};
+}
+
+// MaxSum of sanitize(x * inv_t) over row[lo, hi), in two passes over the range (the second
+// hits L1): the max of the raw logits (1/T > 0 and rounding keep the order, so the scaled max
+// is max * (1/T)), then sum exp(x * (1/T) - max). A NaN logit gives exp_nonpositive(NaN) = 0
+// and -inf gives 0, as sanitising would; +inf, or a product that overflows, takes the
+// sanitising form. Either way the result has the same bits. exp_nonpositive: within 2 ulp,
+// the same bits in every build.
+template <typename T>
+MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
+  const T* p = row + lo;
+  const int64_t n = hi - lo;
+  const int64_t n_vec = n - n % kLanes;
+  Vec v_raw_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_raw_max = max_ignoring_nan(v_raw_max, load_floats(p + i));
+  float raw_max = lane_max(v_raw_max);
+  for (int64_t i = n_vec; i < n; ++i) raw_max = std::max(raw_max, to_float(p[i]));  // NaN never wins
+  const float max = raw_max * inv_t;
+  if (max == -INFINITY) return core::empty_max_sum();  // every logit -inf or NaN
+  if (!(max <= FLT_MAX)) return segment_max_sum_sanitized(p, n, inv_t);
+  const Vec v_inv_t(inv_t), v_shift(max);
+  Vec v_sum(0.0f);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += exp_nonpositive(load_floats(p + i) * v_inv_t - v_shift);
+  float sum = lane_sum(v_sum);
+  for (int64_t i = n_vec; i < n; ++i) sum += core::exp_nonpositive(to_float(p[i]) * inv_t - max);
   return MaxSum{max, sum};
 }
 

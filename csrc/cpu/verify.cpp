@@ -1,9 +1,11 @@
 // CPU launcher of dspark::verify: validates, checks values (free on the host), picks
 // the kernel built for this CPU's instruction set and runs it.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/fill.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 
 #include "../core/verify_request.h"
 #include "../dispatch.h"
@@ -55,6 +57,10 @@ std::tuple<at::Tensor, at::Tensor> verify_cpu(const at::Tensor& target_logits, c
                                           offset, max_num_draft);
   check_values_on_host(v.draft_token_ids, v.cu_num_draft, v.temperature, v.shape.num_drafts, v.shape.vocab_size,
                        max_num_draft);
+  // Tests only: scratch filled with 0xFF bytes (NaN floats, -1 ids), so a stage that read a row
+  // summary or tile stats no wave computed could not go unnoticed (tests/test_verify.py).
+  static const bool poison_scratch = std::getenv("DSPARK_VERIFY_POISON_SCRATCH") != nullptr;
+  if (poison_scratch) v.scratch.fill_(0xFF);
   if (v.shape.num_requests > 0) {
     DSPARK_DISPATCH_LOGIT_TYPES(v.target_logits.scalar_type(), "dspark_verify_cpu", [&] {
       AT_DISPATCH_INDEX_TYPES(v.draft_token_ids.scalar_type(), "dspark_verify_cpu_ids",

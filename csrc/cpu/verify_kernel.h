@@ -4,9 +4,11 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "../core/verify_request.h"
@@ -51,11 +53,9 @@ float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int
   for (int64_t i = 0; i < n_vec; i += kLanes) {
     const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
     const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
-    // A row without mass gives NaN log-probabilities; exp_u20 would turn NaN into a huge value.
-    // NaN log p or log q (a row without mass) is probability 0 (core::residual_probability);
-    // exp_u20 itself would turn NaN into a huge value.
-    const Vec p = max_ignoring_nan(v_neg_inf, log_p).exp_u20();
-    const Vec q = max_ignoring_nan(v_neg_inf, log_q).exp_u20();
+    // NaN log p or log q (a row without mass) is probability 0 (core::residual_probability).
+    const Vec p = exp_two_ulp(max_ignoring_nan(v_neg_inf, log_p));
+    const Vec q = exp_two_ulp(max_ignoring_nan(v_neg_inf, log_q));
     v_sum += at::vec::maximum(p - q, v_zero);
   }
   float sum = lane_sum(v_sum);
@@ -63,6 +63,14 @@ float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int
     sum += core::residual_mass(to_float(target_row[lo + i]), to_float(draft_row[lo + i]), inv_t, target_norm, draft_norm);
   return sum;
 }
+
+// A profiler range that ends where the next one starts (or at the end of the op).
+struct StageScope {
+  at::RecordFunction guard{at::RecordScope::USER_SCOPE};
+  explicit StageScope(const char* name) {
+    if (guard.isActive()) guard.before(std::string_view(name));
+  }
+};
 
 template <typename LogitT, typename IdT>
 void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
@@ -72,6 +80,9 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
   const bool sampled_drafts = pb.draft_logits != nullptr;
   const int64_t rows = target_rows + (sampled_drafts ? D : 0);
   auto load_logit = [](const LogitT* base, int64_t index) { return to_float(base[index]); };
+  // Each stage is a torch.profiler range (bench/profile_verify_cpu.py sums them); free when no
+  // profiler is on.
+  std::optional<StageScope> stage_scope;
 
   // Row -> (request, draft position); cu_num_draft was validated by the launcher.
   std::vector<int32_t> row_request(rows), row_position(rows);
@@ -87,66 +98,99 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
     }
   }
 
-  // Stage 1: tile stats.
-  at::parallel_for(0, rows * tiles, kTilesPerChunk, [&](int64_t task_begin, int64_t task_end) {
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t row = task / tiles, tile = task % tiles;
-      const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
-      const int64_t b = row_request[row];
-      const float temperature = pb.temperature[b];
-      TileStats stats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
-      if (row < target_rows) {
-        const LogitT* logits = pb.target_logits + row * pb.target_row_stride;
-        if (core::is_greedy(temperature)) {
-          // The max only: stage 2 locates the argmax inside the first tile holding the row max.
-          stats.argmax_value = max_of(logits + lo, hi - lo);
-        } else {
-          const float inv_t = core::inverse_temperature(temperature);
-          const int64_t k = row_position[row];
-          const int64_t begin = pb.cu_num_draft[b], num_draft = pb.cu_num_draft[b + 1] - begin;
-          // One-hot drafts: leave the draft token out; its residual is p without it.
-          const int64_t excluded = (!sampled_drafts && k < num_draft) ? static_cast<int64_t>(pb.draft_token_ids[begin + k]) : -1;
-          MaxSum total = (excluded >= lo && excluded < hi)
-                             ? core::merge(segment_max_sum(logits, lo, excluded, inv_t),
-                                           segment_max_sum(logits, excluded + 1, hi, inv_t))
-                             : segment_max_sum(logits, lo, hi, inv_t);
-          stats.max = total.max;
-          stats.sum = total.sum;
-        }
-      } else if (!core::is_greedy(temperature)) {
-        const MaxSum total = segment_max_sum(pb.draft_logits + (row - target_rows) * pb.draft_row_stride, lo, hi,
-                                             core::inverse_temperature(temperature));
+  // Stages 1 and 2 run in waves, one per draft position k: wave k reads only the rows at
+  // position k of the requests that accepted every draft before k (core::judge_draft on the
+  // row summaries decides who goes on). Rows after a request's first rejection are never
+  // read, so a request costs 1 + (accepted drafts) row passes instead of K + 1; every
+  // decision is the one stage 3 takes on the full rows.
+  auto tile_stats_of = [&](int64_t row, int64_t tile) {
+    const int64_t lo = tile * kVocabTile, hi = std::min(V, lo + kVocabTile);
+    const int64_t b = row_request[row];
+    const float temperature = pb.temperature[b];
+    TileStats stats{-INFINITY, 0.0f, -INFINITY, static_cast<int32_t>(lo)};
+    if (row < target_rows) {
+      const LogitT* logits = pb.target_logits + row * pb.target_row_stride;
+      if (core::is_greedy(temperature)) {
+        // The max only: stage 2 locates the argmax inside the first tile holding the row max.
+        stats.argmax_value = max_of(logits + lo, hi - lo);
+      } else {
+        const float inv_t = core::inverse_temperature(temperature);
+        const int64_t k = row_position[row];
+        const int64_t begin = pb.cu_num_draft[b], num_draft = pb.cu_num_draft[b + 1] - begin;
+        // One-hot drafts: leave the draft token out; its residual is p without it.
+        const int64_t excluded = (!sampled_drafts && k < num_draft) ? static_cast<int64_t>(pb.draft_token_ids[begin + k]) : -1;
+        const MaxSum total = (excluded >= lo && excluded < hi)
+                                 ? core::merge(segment_max_sum(logits, lo, excluded, inv_t),
+                                               segment_max_sum(logits, excluded + 1, hi, inv_t))
+                                 : segment_max_sum(logits, lo, hi, inv_t);
         stats.max = total.max;
         stats.sum = total.sum;
       }
-      pb.tile_stats[task] = stats;
+    } else if (!core::is_greedy(temperature)) {
+      const MaxSum total = segment_max_sum(pb.draft_logits + (row - target_rows) * pb.draft_row_stride, lo, hi,
+                                           core::inverse_temperature(temperature));
+      stats.max = total.max;
+      stats.sum = total.sum;
     }
-  });
+    pb.tile_stats[row * tiles + tile] = stats;
+  };
+  auto summarize_row = [&](int64_t row) {
+    const TileStats* tile = pb.tile_stats + row * tiles;
+    MaxSum total = core::empty_max_sum();
+    ArgMax best{-INFINITY, 0};
+    for (int64_t t = 0; t < tiles; ++t) {
+      total = core::merge(total, MaxSum{tile[t].max, tile[t].sum});
+      best = core::better(best, ArgMax{tile[t].argmax_value, tile[t].argmax_index});
+    }
+    if (row < target_rows && core::is_greedy(pb.temperature[row_request[row]])) {
+      const int64_t lo = best.index;  // first id of the first tile holding the row max
+      best = arg_max_of(pb.target_logits + row * pb.target_row_stride + lo, std::min(V, lo + kVocabTile) - lo, lo);
+    }
+    pb.row_summary[row] = TileStats{total.max, total.sum, best.value, best.index};
+  };
 
-  // Stage 2: row summaries.
-  at::parallel_for(0, rows, kCheapItemsPerChunk, [&](int64_t row_begin, int64_t row_end) {
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const TileStats* tile = pb.tile_stats + row * tiles;
-      MaxSum total = core::empty_max_sum();
-      ArgMax best{-INFINITY, 0};
-      for (int64_t t = 0; t < tiles; ++t) {
-        total = core::merge(total, MaxSum{tile[t].max, tile[t].sum});
-        best = core::better(best, ArgMax{tile[t].argmax_value, tile[t].argmax_index});
-      }
-      if (row < target_rows && core::is_greedy(pb.temperature[row_request[row]])) {
-        const int64_t lo = best.index;  // first id of the first tile holding the row max
-        best = arg_max_of(pb.target_logits + row * pb.target_row_stride + lo, std::min(V, lo + kVocabTile) - lo, lo);
-      }
-      pb.row_summary[row] = TileStats{total.max, total.sum, best.value, best.index};
+  std::vector<core::RequestRows> requests(B);
+  std::vector<int64_t> walking, still_walking, wave_rows;  // requests whose walk reaches this position
+  for (int64_t b = 0; b < B; ++b) {
+    core::request_rows(pb.cu_num_draft, b, D, pb.max_num_draft, &requests[b]);
+    walking.push_back(b);
+  }
+  for (int32_t k = 0; !walking.empty(); ++k) {
+    wave_rows.clear();
+    for (const int64_t b : walking) {
+      wave_rows.push_back(requests[b].target_begin + k);
+      if (sampled_drafts && k < requests[b].num_draft && !core::is_greedy(pb.temperature[b]))
+        wave_rows.push_back(target_rows + requests[b].draft_begin + k);  // greedy rows ignore draft logits
     }
-  });
+    stage_scope.emplace("dspark::verify/tile_stats");
+    const int64_t wave_tasks = static_cast<int64_t>(wave_rows.size()) * tiles;
+    at::parallel_for(0, wave_tasks, kTilesPerChunk, [&](int64_t task_begin, int64_t task_end) {
+      for (int64_t task = task_begin; task < task_end; ++task) tile_stats_of(wave_rows[task / tiles], task % tiles);
+    });
+    stage_scope.emplace("dspark::verify/row_summaries");
+    at::parallel_for(0, static_cast<int64_t>(wave_rows.size()), kCheapItemsPerChunk, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) summarize_row(wave_rows[i]);
+    });
+    still_walking.clear();
+    for (const int64_t b : walking) {
+      const core::RequestRows& request = requests[b];
+      if (k == request.num_draft) continue;  // the bonus row: every draft accepted
+      const core::DraftJudgement j = core::judge_draft(
+          pb.target_logits, pb.target_row_stride, pb.draft_logits, pb.draft_row_stride, pb.draft_token_ids,
+          pb.row_summary[request.target_begin + k],
+          sampled_drafts ? pb.row_summary + target_rows + request.draft_begin + k : nullptr, request, k, V,
+          pb.temperature[b], static_cast<uint64_t>(pb.seed[b]), static_cast<uint64_t>(pb.offset[b]), load_logit);
+      if (j.accepted) still_walking.push_back(b);
+    }
+    walking.swap(still_walking);
+  }
 
   // Stage 3: decide.
+  stage_scope.emplace("dspark::verify/decide");
   const int64_t width = pb.max_num_draft + 1;
   at::parallel_for(0, B, kCheapItemsPerChunk, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
-      core::RequestRows request;
-      core::request_rows(pb.cu_num_draft, b, D, pb.max_num_draft, &request);
+      const core::RequestRows& request = requests[b];
       pb.plans[b] = core::decide_request(
           pb.target_logits, pb.target_row_stride, pb.draft_logits, pb.draft_row_stride, pb.draft_token_ids,
           pb.row_summary + request.target_begin, pb.row_summary + target_rows + request.draft_begin, request, V,
@@ -157,6 +201,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
   });
 
   // Stage 4: residual tile stats of the rejected row (sampled drafts only).
+  stage_scope.emplace("dspark::verify/residual_tile_stats");
   if (sampled_drafts) {
     at::parallel_for(0, B * tiles, kTilesPerChunk, [&](int64_t task_begin, int64_t task_end) {
       for (int64_t task = task_begin; task < task_end; ++task) {
@@ -173,6 +218,7 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
   }
 
   // Stage 5: sample the emitted token with a race between tiles, then inside the winner.
+  stage_scope.emplace("dspark::verify/race");
   at::parallel_for(0, B, 2, [&](int64_t b_begin, int64_t b_end) {
     for (int64_t b = b_begin; b < b_end; ++b) {
       const core::RequestPlan& plan = pb.plans[b];

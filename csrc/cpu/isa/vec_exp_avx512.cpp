@@ -1,0 +1,1 @@
+#include "../vec_exp_array.h"
