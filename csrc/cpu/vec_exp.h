@@ -13,56 +13,50 @@
 namespace dspark::cpu {
 namespace CPU_CAPABILITY {
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 
-inline at::vec::Vectorized<float> exp_two_ulp(at::vec::Vectorized<float> value) {
+using VecF = at::vec::Vectorized<float>;
+
+// core::exp_reduced on every lane: exp(x) = p 2^n. round() is the round-to-nearest-even
+// instruction and fmadd the FMA instruction on both instruction sets.
+inline VecF exp_reduced(VecF x, VecF* n_out) {
   using C = core::ExpConstants;
-  __m512 x = value;
-  x = _mm512_max_ps(_mm512_set1_ps(C::kLowest), x);  // max(a, b) returns b when either is NaN: NaN stays
-  x = _mm512_min_ps(_mm512_set1_ps(C::kHighest), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(C::kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), r);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(C::kC6), r, _mm512_set1_ps(C::kC5));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC4));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC3));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC2));
-  const __m512 p = _mm512_add_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);  // p * 2^n, rounded once, like ldexpf
+  const VecF n = (x * VecF(C::kLog2e)).round();
+  VecF r = at::vec::fmadd(n, VecF(-C::kLn2Hi), x);
+  r = at::vec::fmadd(n, VecF(-C::kLn2Lo), r);
+  VecF q = at::vec::fmadd(VecF(C::kC6), r, VecF(C::kC5));
+  q = at::vec::fmadd(q, r, VecF(C::kC4));
+  q = at::vec::fmadd(q, r, VecF(C::kC3));
+  q = at::vec::fmadd(q, r, VecF(C::kC2));
+  *n_out = n;
+  return at::vec::fmadd(q, r * r, r) + VecF(1.0f);
 }
 
-inline at::vec::Vectorized<float> exp_nonpositive(at::vec::Vectorized<float> value) {
+// x clamped to [kLowest, kHighest], NaN kept: clamp_min(a, b) is max(b, a), which returns a
+// when either is NaN (as core::exp_two_ulp's comparisons do).
+inline VecF clamped_for_exp(VecF x) {
   using C = core::ExpConstants;
-  const __m512 x = _mm512_max_ps(value, _mm512_set1_ps(C::kLowest));  // NaN -> kLowest -> 0
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(C::kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), r);
-  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(C::kC6), r, _mm512_set1_ps(C::kC5));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC4));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC3));
-  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(C::kC2));
-  const __m512 p = _mm512_add_ps(_mm512_fmadd_ps(q, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  return at::vec::clamp_max(at::vec::clamp_min(x, VecF(C::kLowest)), VecF(C::kHighest));
+}
+
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+
+inline VecF exp_two_ulp(VecF value) {
+  VecF n;
+  const VecF p = exp_reduced(clamped_for_exp(value), &n);
+  return _mm512_scalef_ps(p, n);  // p * 2^n, rounded once, like core::scale_by_power_of_two
+}
+
+inline VecF exp_nonpositive(VecF value) {
+  using C = core::ExpConstants;
+  VecF n;
+  const VecF p = exp_reduced(_mm512_max_ps(value, _mm512_set1_ps(C::kLowest)), &n);  // NaN -> kLowest -> 0
   return _mm512_scalef_ps(p, n);
 }
 
 #elif defined(CPU_CAPABILITY_AVX2)
-
-// core::exp_reduced on 8 lanes: exp(x) = p 2^n.
-inline __m256 exp_reduced(__m256 x, __m256* n_out) {
-  using C = core::ExpConstants;
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(C::kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Lo), r);
-  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(C::kC6), r, _mm256_set1_ps(C::kC5));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(C::kC4));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(C::kC3));
-  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(C::kC2));
-  *n_out = n;
-  return _mm256_add_ps(_mm256_fmadd_ps(q, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-}
 
 // p * 2^n rounded once, like ldexpf, for n in [-150, 128]: (p * 2^(n/2)) * 2^(n - n/2), each
 // factor a normal float, the first product exact.
@@ -74,21 +68,18 @@ inline __m256 scale_by_power_of_two(__m256 p, __m256i n) {
   return _mm256_mul_ps(_mm256_mul_ps(p, scale_a), scale_b);
 }
 
-inline at::vec::Vectorized<float> exp_two_ulp(at::vec::Vectorized<float> value) {
-  using C = core::ExpConstants;
-  __m256 x = value;
-  x = _mm256_max_ps(_mm256_set1_ps(C::kLowest), x);  // max(a, b) returns b when either is NaN: NaN stays
-  x = _mm256_min_ps(_mm256_set1_ps(C::kHighest), x);
-  __m256 n;
-  const __m256 p = exp_reduced(x, &n);
+inline VecF exp_two_ulp(VecF value) {
+  VecF n;
+  const __m256 p = exp_reduced(clamped_for_exp(value), &n);
   return scale_by_power_of_two(p, _mm256_cvtps_epi32(n));
 }
 
 inline at::vec::Vectorized<float> exp_nonpositive(at::vec::Vectorized<float> value) {
   using C = core::ExpConstants;
   const __m256 x = _mm256_max_ps(value, _mm256_set1_ps(C::kLowest));  // NaN -> kLowest -> 0
-  __m256 n;
-  const __m256 p = exp_reduced(x, &n);
+  VecF n_vec;
+  const __m256 p = exp_reduced(x, &n_vec);
+  const __m256 n = n_vec;
   const __m256i n_int = _mm256_cvtps_epi32(n);
   // p in [0.7, 1.5) and n >= -125: p * 2^n is a normal float, exactly p with n added to its
   // exponent bits. Only x < -86.6 (subnormal results) takes the two-product path.
