@@ -4,7 +4,7 @@
 
 Left: each sweep arm's teacher-forced 1 - TV at position 1 (training batches, 10-step means)
 against training time. Right: the variants' 1 - TV at positions 1 and 4 and their greedy
-agreement at position 1 against steps.
+agreement at position 1 against steps; a dotted line marks a variant's warm restart.
 """
 
 import json
@@ -36,6 +36,12 @@ def main(run: Path, out: Path) -> None:
         if len(h[0]["accept_t1"]) > 3:
             run_ax.plot(steps, [r["accept_t1"][3] for r in h], style, label=f"{variant}: 1 - TV @4")
         run_ax.plot(steps, [r["greedy_match"][0] for r in h], style, alpha=0.5, label=f"{variant}: greedy match @1")
+    summary = run / "summary.json"
+    variants = json.loads(summary.read_text()).get("variants", {}) if summary.is_file() else {}
+    for variant, info in variants.items():
+        if info.get("restart_step"):  # --restart-minutes: where the second cycle began
+            run_ax.axvline(info["restart_step"], color="grey", linewidth=0.8, linestyle=":")
+            run_ax.annotate(f"{variant}: warm restart", (info["restart_step"], 0.02), fontsize=7, color="grey")
     run_ax.set(xlabel="step", ylabel="teacher-forced, training batches", title="variants")
     run_ax.legend(fontsize=7)
     fig.tight_layout()
