@@ -69,6 +69,20 @@ inline float lane_sum(Vec v) {
   return total;
 }
 
+// Largest of p[0, n), NaN ignored (-inf when there is no other value).
+template <typename T>
+float max_of(const T* p, int64_t n) {
+  const int64_t n_vec = n - n % kLanes;
+  Vec v_max(-INFINITY);
+  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = max_ignoring_nan(v_max, load_floats(p + i));
+  float max = lane_max(v_max);
+  for (int64_t i = n_vec; i < n; ++i) {
+    const float x = to_float(p[i]);
+    if (x > max) max = x;
+  }
+  return max;
+}
+
 // MaxSum of sanitize(x * inv_t) over row[lo, hi) when a logit is +inf or x * inv_t overflows:
 // the scaled, sanitised logits go to an L1 buffer, then a sum-exp pass reads it.
 template <typename T>
@@ -107,11 +121,7 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   const T* p = row + lo;
   const int64_t n = hi - lo;
   const int64_t n_vec = n - n % kLanes;
-  Vec v_raw_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_raw_max = max_ignoring_nan(v_raw_max, load_floats(p + i));
-  float raw_max = lane_max(v_raw_max);
-  for (int64_t i = n_vec; i < n; ++i) raw_max = std::max(raw_max, to_float(p[i]));  // NaN never wins
-  const float max = raw_max * inv_t;
+  const float max = max_of(p, n) * inv_t;
   if (max == -INFINITY) return core::empty_max_sum();  // every logit -inf or NaN
   if (!(max <= FLT_MAX)) return segment_max_sum_sanitized(p, n, inv_t);
   const Vec v_inv_t(inv_t), v_shift(max);
@@ -120,20 +130,6 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   float sum = lane_sum(v_sum);
   for (int64_t i = n_vec; i < n; ++i) sum += core::exp_nonpositive(to_float(p[i]) * inv_t - max);
   return MaxSum{max, sum};
-}
-
-// Largest of p[0, n), NaN ignored (-inf when there is no other value).
-template <typename T>
-float max_of(const T* p, int64_t n) {
-  const int64_t n_vec = n - n % kLanes;
-  Vec v_max(-INFINITY);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_max = max_ignoring_nan(v_max, load_floats(p + i));
-  float max = lane_max(v_max);
-  for (int64_t i = n_vec; i < n; ++i) {
-    const float x = to_float(p[i]);
-    if (x > max) max = x;
-  }
-  return max;
 }
 
 // First index (reported as first_id + i) of the largest of p[0, n); NaN never wins; an
