@@ -13,6 +13,9 @@ TORCH_LIBRARY(dspark, m) {
       "Tensor temperature, Tensor seed, Tensor offset, "
       "Tensor? conf_base, Tensor? conf_w_prev, Tensor? conf_temperature) -> (Tensor, Tensor, Tensor)");
   m.def("schedule(Tensor confidence, Tensor sps, Tensor? max_len) -> Tensor");
+  // F.linear for the few rows of a target verifying drafts, batch-invariant, on a weight packed
+  // by dspark_ext.ops.pack_skinny_weight ([ceil(N / 16), K, 16]); CPU only.
+  m.def("skinny_linear(Tensor input, Tensor packed_weight, int out_features, Tensor? bias) -> Tensor");
   // Internal, for tests only: core::exp_two_ulp (or, nonpositive, core::exp_nonpositive) as
   // built for one CPU instruction set ("scalar", "default", "avx2", "avx512"), elementwise.
   m.def("_exp_for_testing(Tensor x, str isa, bool nonpositive=False) -> Tensor");

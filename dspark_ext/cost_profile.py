@@ -32,7 +32,7 @@ import torch
 
 from dspark_ext.protocols import DraftContext
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: the Llama target runs its few-row steps through dspark::skinny_linear
 #: A profile whose median relative spread ((q3 - q1) / median of the repeats) exceeds this was
 #: measured on a busy machine: it serves the run that measured it but is not saved.
 BUSY_SPREAD = 0.25

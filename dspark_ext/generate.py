@@ -418,9 +418,21 @@ class _Generation:
             self.result.position_accepted += (k < num_accepted[:, None]).sum(0)
         self.emit(output, num_accepted + 1, rows)
 
+    def draft_caps(self, active: torch.Tensor) -> torch.Tensor:
+        """How many drafts each request may verify this round: [B] int64. Its budget bounds it;
+        with a cost profile (planned rounds), so does the batch: a call ends with its last
+        request, so a request more than one round (K + 1 tokens) ahead of the one with the most
+        tokens left drafts nothing; its drafts would cost verify rows without ending the call
+        sooner. Both depend only on tokens already emitted, so the output law is unchanged."""
+        remaining = torch.where(active, self.max_new - self.generated, 0)
+        caps = torch.where(active, (remaining - 1).clamp(0, self.K), 0)
+        if self.cost is not None and self.B > 1:
+            caps = torch.where(remaining + self.K + 1 > remaining.max(), caps, 0)
+        return caps
+
     def round(self) -> None:
         active = ~self.done
-        caps = torch.where(active, (self.max_new - self.generated - 1).clamp(0, self.K), 0)
+        caps = self.draft_caps(active)
         t0 = self.clock()
         context = self.draft_context()
         plan = self.choose_plan(context, caps, active)

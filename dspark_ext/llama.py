@@ -21,6 +21,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from dspark_ext.packed_linear import SKINNY_MAX_ROWS, FusedLinear
+
 
 @dataclass
 class LlamaConfig:
@@ -71,6 +73,23 @@ class LayerWeights:
     bk: Optional[torch.Tensor] = None
     bv: Optional[torch.Tensor] = None
     bo: Optional[torch.Tensor] = None
+
+
+@dataclass
+class LayerLinears:
+    """A layer's projections as the forward runs them: q/k/v and gate/up fused."""
+
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+
+    @classmethod
+    def of(cls, lw: LayerWeights, max_skinny_rows: int) -> "LayerLinears":
+        return cls(qkv=FusedLinear([(lw.wq, lw.bq), (lw.wk, lw.bk), (lw.wv, lw.bv)], max_skinny_rows),
+                   o=FusedLinear([(lw.wo, lw.bo)], max_skinny_rows),
+                   gate_up=FusedLinear([(lw.w_gate, None), (lw.w_up, None)], max_skinny_rows),
+                   down=FusedLinear([(lw.w_down, None)], max_skinny_rows))
 
 
 @dataclass
@@ -136,12 +155,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Llama:
     """Llama weights + the packed ragged forward. ``hidden_layers`` in ``forward`` follows
     transformers' ``output_hidden_states`` numbering: 0 = embeddings, i = output of decoder
-    layer i (1-based), ``num_layers`` or -1 = the final norm output."""
+    layer i (1-based), ``num_layers`` or -1 = the final norm output.
+
+    Float32 on CPU, steps of at most ``max_skinny_rows`` new tokens run their projections and LM
+    head through ``dspark::skinny_linear`` on weights packed here (a second copy of them), so
+    verifying eight tokens costs about what decoding one does. Those layers are then
+    batch-invariant; attention (SDPA) is not, so a token's logits still differ in the last bits
+    between decoding it alone and verifying it with others. 0 = always the BLAS GEMM."""
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights,
-                 inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0):
+                 inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0,
+                 max_skinny_rows: int = SKINNY_MAX_ROWS):
         self.config = config
         self.weights = weights
+        self.linears = [LayerLinears.of(lw, max_skinny_rows) for lw in weights.layers]
+        self.lm_head = FusedLinear([(weights.lm_head, None)], max_skinny_rows)
         self.dtype = weights.embed.dtype
         self.device = weights.embed.device
         if inv_freq is None:
@@ -152,7 +180,8 @@ class Llama:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_hf(cls, model, dtype: torch.dtype = torch.float32, device=None) -> "Llama":
+    def from_hf(cls, model, dtype: torch.dtype = torch.float32, device=None,
+                max_skinny_rows: int = SKINNY_MAX_ROWS) -> "Llama":
         """Build from a transformers ``LlamaForCausalLM`` (its weights are copied/cast)."""
         hf = model.config
         config = LlamaConfig.from_hf(hf)
@@ -192,7 +221,7 @@ class Llama:
                                lm_head=embed if lm_head is None else lm_head)
         rotary = model.model.rotary_emb
         return cls(config, weights, inv_freq=rotary.inv_freq.detach().to(device),
-                   attention_scaling=getattr(rotary, "attention_scaling", 1.0))
+                   attention_scaling=getattr(rotary, "attention_scaling", 1.0), max_skinny_rows=max_skinny_rows)
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
@@ -245,34 +274,36 @@ class Llama:
         hiddens = {}
         if hidden_idx is not None and 0 in hidden_idx:
             hiddens[0] = x
-        for li, lw in enumerate(w.layers):
+        for li, (lw, lin) in enumerate(zip(w.layers, self.linears)):
             h = _rms_norm(x, lw.attn_norm, cfg.rms_norm_eps)
-            q = F.linear(h, lw.wq, lw.bq).view(T, H, hd)
-            k = F.linear(h, lw.wk, lw.bk).view(T, KVH, hd)
-            v = F.linear(h, lw.wv, lw.bv).view(T, KVH, hd)
+            q, k, v = lin.qkv(h)
+            q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             # Scatter the new K/V at (request, position); then attend over the first kmax slots.
             kc, vc = cache.k[li], cache.v[li]
             kc[row_b, :, row_pos] = k
             vc[row_b, :, row_pos] = v
-            keys, vals = kc[:, :, :kmax], vc[:, :, :kmax]
-            if KVH != H:
-                keys = keys.repeat_interleave(H // KVH, dim=1)
-                vals = vals.repeat_interleave(H // KVH, dim=1)
             qp = q.new_zeros(B, tmax, H, hd)
             qp[row_b, row_t] = q
-            o = F.scaled_dot_product_attention(qp.transpose(1, 2), keys, vals, attn_mask=mask)
+            # enable_gqa: the query heads share their K/V head in place (repeating the cache per
+            # head copied it whole every layer: 17% of a 4-request step at 400 tokens of context).
+            o = F.scaled_dot_product_attention(qp.transpose(1, 2), kc[:, :, :kmax], vc[:, :, :kmax], attn_mask=mask,
+                                               enable_gqa=KVH != H)
             o = o.transpose(1, 2)[row_b, row_t].reshape(T, H * hd)  # back to packed rows
-            x = x + F.linear(o, lw.wo, lw.bo)
+            x = x + lin.o(o)[0]
             h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, lw.w_gate)) * F.linear(h, lw.w_up), lw.w_down)
+            gate, up = lin.gate_up(h)
+            x = x + lin.down(F.silu(gate) * up)[0]
             if hidden_idx is not None and (li + 1) in hidden_idx and li + 1 < cfg.num_layers:
                 hiddens[li + 1] = x
         x = _rms_norm(x, w.norm, cfg.rms_norm_eps)
         hiddens[cfg.num_layers] = x
         cache.lengths = cache.lengths + n_new
-        logits = lm_head_logits(x, w.lm_head).float() if return_logits else None
+        logits = None
+        if return_logits:
+            few = x.shape[0] <= self.lm_head.max_skinny_rows
+            logits = (self.lm_head(x)[0] if few else lm_head_logits(x, w.lm_head)).float()
         hid = None
         if hidden_idx is not None:
             hid = torch.cat([hiddens[i] for i in hidden_idx], dim=-1)

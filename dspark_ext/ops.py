@@ -110,3 +110,46 @@ def schedule(confidence: torch.Tensor, sps: torch.Tensor, max_len: Optional[torc
     keeps it lossless). Returns ``num_draft`` [R] int32. See README.md for the full contract.
     """
     return torch.ops.dspark.schedule(confidence, sps, max_len)
+
+
+
+SKINNY_BLOCK = 16  # output features per block of a packed weight (csrc/cpu/skinny_linear_dispatch.h)
+
+
+def pack_skinny_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight of a linear layer (float32, or bfloat16: half the bytes to stream) in
+    ``skinny_linear``'s layout and dtype: blocks of 16 output features, k-major, zero-padded
+    past N: packed[b, k, j] = weight[16 b + j, k], shape [ceil(N / 16), K, 16]. Pack once, when
+    the model loads."""
+    if weight.dim() != 2:
+        raise ValueError(f"pack_skinny_weight: weight must be 2-D [N, K], got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    blocks = -(-n // SKINNY_BLOCK)
+    padded = weight.new_zeros(blocks * SKINNY_BLOCK, k)
+    padded[:n] = weight
+    return padded.view(blocks, SKINNY_BLOCK, k).transpose(1, 2).contiguous()
+
+
+@torch.library.register_fake("dspark::skinny_linear")
+def _skinny_linear_fake(input, packed_weight, out_features, bias):
+    torch._check(input.dim() >= 1, lambda: "dspark::skinny_linear: input must have at least 1 dimension")
+    torch._check(packed_weight.dim() == 3, lambda: "dspark::skinny_linear: packed_weight must be 3-D")
+    torch._check(packed_weight.shape[1] == input.shape[-1],
+                 lambda: "dspark::skinny_linear: packed_weight.size(1) must equal input.size(-1) (K)")
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+def skinny_linear(input: torch.Tensor, packed_weight: torch.Tensor, out_features: int,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(input, weight, bias)`` in float32 on CPU for the few rows a target forward has
+    when it verifies drafts: input [*, K] float32, ``packed_weight = pack_skinny_weight(weight)``
+    (float32 or bfloat16, widened exactly), ``out_features`` = N, bias [N] float32 or None.
+    Returns [*, N] float32.
+
+    Each block of 16 output features streams from memory once for all rows of ``input``, so up
+    to ~16 rows cost about one read of the weight (a BLAS GEMM costs ~2x that at 8 rows). Every
+    output is one chain of fused multiply-adds over k in order, then + bias: ``out[m]`` is
+    bit-identical whatever the other rows or their number, and the same in the AVX2 and
+    AVX-512 builds. CPU only; large inputs (a prompt) belong to ``F.linear``.
+    """
+    return torch.ops.dspark.skinny_linear(input, packed_weight, out_features, bias)

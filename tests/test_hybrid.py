@@ -236,3 +236,19 @@ def test_hybrid_needs_dspark_confidences():
                                                         calibration=toy_calibration()))
     with pytest.raises(ValueError, match="must report its drafting logits and confidences"):
         generate(target, drafter, [LAW_PROMPT], 4)
+
+
+def test_a_request_ahead_of_the_batch_drafts_nothing():
+    """A call ends with its last request: with a cost profile, a request more than one round
+    (K + 1 tokens) ahead of the one with the most tokens left gets no drafts; without a profile
+    (every drafter verifies what it proposes) only the budget caps."""
+    from dspark_ext.generate import _Generation
+
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    prompts = [torch.tensor([1, 2, 3]), torch.tensor([4, 5]), torch.tensor([0, 6]), torch.tensor([7])]
+    for cost, expected in ((COSTS["cheap"], [K, K, 0, 0]), (None, [K, K, K, 2])):
+        state = _Generation(target, hybrid(), prompts, [40, 40, 40, 40], 1.0, 0, None, None, cost, None)
+        state.generated = torch.tensor([0, K, K + 1, 37])  # left: 40, 37 (within K + 1), 36, 3
+        assert state.draft_caps(torch.ones(4, dtype=torch.bool)).tolist() == expected
+        state.done = torch.tensor([True, False, False, False])  # it finished: 37 left is the most, 36 within K + 1
+        assert state.draft_caps(~state.done).tolist() == ([0, K, K, 0] if cost is not None else [0, K, K, 2])

