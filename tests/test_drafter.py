@@ -616,3 +616,29 @@ def test_feature_standardization():
         clamped[0, 3] = float(backbone.feature_shift[3] + 8 / backbone.feature_scale[3])
         torch.testing.assert_close(backbone.project_context(spike), backbone.project_context(clamped))
     assert {"feature_shift", "feature_scale"} <= set(backbone.state_dict())
+
+
+def test_drafting_logits_through_skinny_linear():
+    """A drafting round's few rows on CPU take the packed LM head (dspark::skinny_linear): the
+    same logits as the GEMM within float32 rounding, or within bfloat16's when the head is
+    bfloat16; training (grad enabled) and many rows keep the GEMM."""
+    drafter = small_drafter(seed=3)
+    head = drafter.lm_head
+    g = torch.Generator().manual_seed(6)
+    for rows in (1, 7, 32):
+        h = torch.randn(rows, head.shape[1], generator=g)
+        with torch.no_grad():
+            fp32 = drafter.logits(h)
+            bf16 = drafter.logits(h, torch.bfloat16)
+        torch.testing.assert_close(fp32, torch.nn.functional.linear(h, head), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(bf16, torch.nn.functional.linear(h, head.bfloat16().float()), rtol=1e-5, atol=1e-4)
+        assert not torch.allclose(bf16, fp32, rtol=1e-6, atol=1e-6)  # the bfloat16 head is really used
+    assert drafter.packed_lm_head(torch.bfloat16) is drafter.packed_lm_head(torch.bfloat16)  # packed once
+
+
+def test_load_packs_the_lm_head(tmp_path):
+    drafter = small_drafter(seed=4)
+    drafter.save(tmp_path)
+    loaded = DSparkDrafter.load(tmp_path, drafter.embedding, drafter.lm_head)
+    assert loaded._lm_head_packed_key == (loaded.lm_head.data_ptr(), loaded.lm_head.device,
+                                          loaded.inference_lm_head_dtype or torch.float32)

@@ -449,6 +449,8 @@ class DSparkDrafter(nn.Module):
         drafter.load_state_dict(state)
         drafter = drafter.to(device or embedding.device).eval()
         drafter.inference_lm_head_dtype = fast_lm_head_dtype(drafter.embedding.device)
+        if drafter.lm_head.device.type == "cpu":  # pack now (~60 ms), not in the first drafting round
+            drafter.packed_lm_head(drafter.inference_lm_head_dtype or torch.float32)
         return drafter
 
     @classmethod
