@@ -39,6 +39,16 @@ inline void check_same_device(const char* op, const char* name, const at::Tensor
               reference_name, ", got ", t.device());
 }
 
+// A 1-D tensor with one entry per item (a bias, a per-request cap, a per-rank weight): its
+// dimension, dtype, size and device, checked in that order.
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, int64_t size,
+                         const char* meaning, const at::Tensor& reference, const char* reference_name) {
+  check_dim(op, name, t, 1);
+  check_dtype(op, name, t, {dtype});
+  check_size(op, name, t, 0, size, meaning);
+  check_same_device(op, name, t, reference, reference_name);
+}
+
 // The per-request sampling controls every sampling op takes: temperature [B] float32,
 // seed and offset [B] int64.
 inline void check_sampling_controls(const char* op, const at::Tensor& temperature, const at::Tensor& seed,

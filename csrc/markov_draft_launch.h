@@ -63,16 +63,12 @@ inline MarkovDraftShape check_markov_draft_arguments(
                 ": conf_w_prev and conf_temperature need conf_base (confidence is computed only when conf_base is given)");
   }
   if (conf_w_prev.has_value()) {
-    check_dim(op, "conf_w_prev", *conf_w_prev, 1);
-    check_dtype(op, "conf_w_prev", *conf_w_prev, {at::kFloat});
-    check_size(op, "conf_w_prev", *conf_w_prev, 0, r, "the rank r = markov_w1.size(1)");
-    check_same_device(op, "conf_w_prev", *conf_w_prev, base_logits, "base_logits");
+    check_vector(op, "conf_w_prev", *conf_w_prev, at::kFloat, r, "the rank r = markov_w1.size(1)", base_logits,
+                 "base_logits");
   }
   if (conf_temperature.has_value()) {
-    check_dim(op, "conf_temperature", *conf_temperature, 1);
-    check_dtype(op, "conf_temperature", *conf_temperature, {at::kFloat});
-    check_size(op, "conf_temperature", *conf_temperature, 0, K, "K = base_logits.size(1)");
-    check_same_device(op, "conf_temperature", *conf_temperature, base_logits, "base_logits");
+    check_vector(op, "conf_temperature", *conf_temperature, at::kFloat, K, "K = base_logits.size(1)", base_logits,
+                 "base_logits");
   }
   check_same_device(op, "prev_token_ids", prev_token_ids, base_logits, "base_logits");
   check_same_device(op, "markov_w1", markov_w1, base_logits, "base_logits");

@@ -36,10 +36,7 @@ inline PreparedSchedule prepare_schedule(const at::Tensor& confidence, const at:
   TORCH_CHECK(R * (K + 1) <= core::kMaxScheduledTokens, op, ": confidence may describe at most 2^22 tokens, R * (K + 1), got shape ",
               confidence.sizes());
   if (max_len.has_value()) {
-    check_dim(op, "max_len", *max_len, 1);
-    check_dtype(op, "max_len", *max_len, {at::kInt});
-    check_size(op, "max_len", *max_len, 0, R, "R = confidence.size(0)");
-    check_same_device(op, "max_len", *max_len, confidence, "confidence");
+    check_vector(op, "max_len", *max_len, at::kInt, R, "R = confidence.size(0)", confidence, "confidence");
   }
 
   PreparedSchedule s;

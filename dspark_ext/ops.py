@@ -112,7 +112,6 @@ def schedule(confidence: torch.Tensor, sps: torch.Tensor, max_len: Optional[torc
     return torch.ops.dspark.schedule(confidence, sps, max_len)
 
 
-
 SKINNY_BLOCK = 16  # output features per block of a packed weight (csrc/cpu/skinny_linear_dispatch.h)
 
 

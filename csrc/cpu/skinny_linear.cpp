@@ -32,12 +32,7 @@ at::Tensor skinny_linear_cpu(const at::Tensor& input, const at::Tensor& packed_w
               kOp, ": packed_weight must have shape [ceil(out_features / 16), K, 16] = [", blocks, ", ", K,
               ", 16] (out_features = ", N, ", K = input.size(-1)), got ", packed_weight.sizes(),
               "; pack the [N, K] weight with dspark_ext.ops.pack_skinny_weight");
-  if (bias.has_value()) {
-    check_dim(kOp, "bias", *bias, 1);
-    check_dtype(kOp, "bias", *bias, {at::kFloat});
-    check_size(kOp, "bias", *bias, 0, N, "out_features");
-    check_same_device(kOp, "bias", *bias, input, "input");
-  }
+  if (bias.has_value()) check_vector(kOp, "bias", *bias, at::kFloat, N, "out_features", input, "input");
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
   out_shape.push_back(N);
