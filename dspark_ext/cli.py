@@ -184,13 +184,15 @@ def check_args(args) -> None:
     for item in filter(None, getattr(args, "sweep_inits", "").split(",")):
         if item not in ("random", "target"):
             raise CliError(f"--sweep-inits takes random and/or target, got {args.sweep_inits!r}")
-    for flag in ("minutes", "restart_minutes"):
+    for flag, form in (("minutes", "VARIANT=MINUTES,..."), ("restart_minutes", "VARIANT=MINUTES[+MINUTES...],...")):
         for item in filter(None, getattr(args, flag, "").split(",")):
             name, _, minutes = item.partition("=")
             try:
-                float(minutes)
+                ok = all(float(m) > 0 for m in (minutes.split("+") if flag == "restart_minutes" else [minutes]))
             except ValueError:
-                raise CliError(f"{_flag(flag)} must be VARIANT=MINUTES,..., got {getattr(args, flag)!r}") from None
+                ok = False
+            if not ok:
+                raise CliError(f"{_flag(flag)} must be {form} with positive minutes, got {getattr(args, flag)!r}")
     restart_lr = getattr(args, "restart_lr", None)
     if restart_lr is not None and not restart_lr > 0:
         raise CliError(f"--restart-lr must be > 0, got {restart_lr:g}")
@@ -398,10 +400,11 @@ def cmd_train(args) -> int:
         torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args)
     def budgets_of(text: str) -> dict:
-        return {name: 60.0 * float(minutes) for name, _, minutes in
+        return {name: [60.0 * float(m) for m in minutes.split("+")] for name, _, minutes in
                 (item.partition("=") for item in filter(None, text.split(",")))}
 
-    budgets, restarts = budgets_of(args.minutes), budgets_of(args.restart_minutes)
+    budgets = {name: seconds for name, (seconds,) in budgets_of(args.minutes).items()}
+    restarts = budgets_of(args.restart_minutes)
     cfg = RecipeConfig(
         out_dir=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
         generation_batch_size=args.generation_batch_size, num_layers=args.layers,
@@ -578,10 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training time budget per variant (the LR schedule is fitted to it)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     t.add_argument("--restart-minutes", default="",
-                   help="VARIANT=MINUTES,...: after the first schedule ends, train that much longer in a second "
-                        "warmup + cosine cycle (a warm restart; a finished run resumes into it)")
+                   help="VARIANT=MINUTES[+MINUTES...],...: after the first schedule ends, train that much longer "
+                        "in another warmup + cosine cycle (a warm restart; a finished run resumes into it); "
+                        "MINUTES+MINUTES: one restart after the other")
     t.add_argument("--restart-lr", type=float, default=None,
-                   help="peak learning rate of the warm restart (default: half the first cycle's)")
+                   help="peak learning rate of every warm restart (default: half the first cycle's)")
     t.add_argument("--sequences-per-step", type=int, default=4, help="answers per training step")
     t.add_argument("--anchors-per-sequence", type=int, default=32, help="draft blocks trained per answer")
     t.add_argument("--seed", type=int, default=0, help="random seed: prompt choice, sampled answers, data order, initialisation")

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -445,10 +445,18 @@ class TrainConfig:
     seed: int = 0
     time_budget_s: Optional[float] = None  # stop early (and say so) after this much training time
     compile: bool = False  # torch.compile the vocabulary-wide loss terms (head_terms): ~2x on CPU
-    # A warm restart (SGDR): after the first schedule ends, a second warmup + cosine cycle of this
-    # much training time, peaking at restart_lr (default lr / 2). Lets a finished run train longer.
-    restart_budget_s: Optional[float] = None
+    # Warm restarts (SGDR): after the first schedule ends, another warmup + cosine cycle of this
+    # much training time (one number, or one per restart), each peaking at restart_lr (default
+    # lr / 2). Lets a finished run train longer.
+    restart_budget_s: Union[None, float, Sequence[float]] = None
     restart_lr: Optional[float] = None
+
+
+def restart_budgets(restart_budget_s) -> List[float]:
+    """The time budgets of the warm restarts, in order (none, one or several)."""
+    if not restart_budget_s:
+        return []
+    return [float(restart_budget_s)] if isinstance(restart_budget_s, (int, float)) else [float(b) for b in restart_budget_s]
 
 
 def _lr_at(step: int, cfg: TrainConfig, peak: Optional[float] = None, steps: Optional[int] = None) -> float:
@@ -472,8 +480,7 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
     cycles = [(cfg.lr, cfg.time_budget_s)]
-    if cfg.restart_budget_s:
-        cycles.append((cfg.restart_lr or cfg.lr / 2, cfg.restart_budget_s))
+    cycles += [(cfg.restart_lr or cfg.lr / 2, budget) for budget in restart_budgets(cfg.restart_budget_s)]
     step, elapsed, history = 0, 0.0, []
     # The last cycle started: its index, first step, training time before it, and its planned last step.
     cycle, cycle_start, cycle_elapsed, planned = 0, 0, 0.0, cfg.steps
@@ -628,7 +635,7 @@ class RecipeConfig:
     variants: Sequence[str] = ("dspark", "parallel", "mtp1")
     train: TrainConfig = field(default_factory=TrainConfig)
     time_budget_s: Dict[str, float] = field(default_factory=dict)  # per variant
-    restart_budget_s: Dict[str, float] = field(default_factory=dict)  # per variant: a warm restart's time
+    restart_budget_s: Dict[str, Sequence[float]] = field(default_factory=dict)  # per variant: warm restarts' times
     sps_max_tokens: int = 64
     seed: int = 0
     # Prefill-only data: ShareGPT's own answers, the target's distribution read at every position.
@@ -809,6 +816,7 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
             drafter.confidence.set_sts_temperature(sts.temperatures)
             reliability_diagram(z, acc, sts.temperatures, folder / "reliability.png")
             (folder / "sts.md").write_text(sts.summary())
+            drafter.cfg.heldout_survival = [float(n) / max(int(z.shape[0]), 1) for n in sts.positives.tolist()]
             info["sts"] = {"temperatures": [float(t) for t in sts.temperatures],
                            "ece_before": [float(e) for e in sts.ece_before], "ece_after": [float(e) for e in sts.ece_after],
                            "mean_ece_before": sts.mean_ece_before, "mean_ece_after": sts.mean_ece_after,

@@ -621,17 +621,28 @@ def test_feature_standardization():
 def test_drafting_logits_through_skinny_linear():
     """A drafting round's few rows on CPU take the packed LM head (dspark::skinny_linear): the
     same logits as the GEMM within float32 rounding, or within bfloat16's when the head is
-    bfloat16; training (grad enabled) and many rows keep the GEMM."""
+    bfloat16 (float32 rows, the head widened exactly); a bfloat16 head past
+    SKINNY_BFLOAT16_MAX_ROWS rows takes the bfloat16 GEMM (rows rounded to bfloat16 too);
+    training (grad enabled) and many rows keep the GEMM."""
+    from dspark_ext.drafters.dspark import SKINNY_BFLOAT16_MAX_ROWS
+
+    F = torch.nn.functional
     drafter = small_drafter(seed=3)
     head = drafter.lm_head
     g = torch.Generator().manual_seed(6)
-    for rows in (1, 7, 32):
+    for rows in (1, 7, SKINNY_BFLOAT16_MAX_ROWS, SKINNY_BFLOAT16_MAX_ROWS + 1, 32):
         h = torch.randn(rows, head.shape[1], generator=g)
         with torch.no_grad():
             fp32 = drafter.logits(h)
             bf16 = drafter.logits(h, torch.bfloat16)
-        torch.testing.assert_close(fp32, torch.nn.functional.linear(h, head), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(bf16, torch.nn.functional.linear(h, head.bfloat16().float()), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fp32, F.linear(h, head), rtol=1e-5, atol=1e-4)
+        skinny = F.linear(h, head.bfloat16().float())
+        gemm = F.linear(h.bfloat16(), head.bfloat16()).float()
+        if rows <= SKINNY_BFLOAT16_MAX_ROWS:
+            torch.testing.assert_close(bf16, skinny, rtol=1e-5, atol=1e-4)
+        else:
+            torch.testing.assert_close(bf16, gemm)
+            assert not torch.allclose(bf16, skinny, rtol=1e-5, atol=1e-4)  # the rows were rounded: the GEMM ran
         assert not torch.allclose(bf16, fp32, rtol=1e-6, atol=1e-6)  # the bfloat16 head is really used
     assert drafter.packed_lm_head(torch.bfloat16) is drafter.packed_lm_head(torch.bfloat16)  # packed once
 

@@ -252,3 +252,95 @@ def test_a_request_ahead_of_the_batch_drafts_nothing():
         assert state.draft_caps(torch.ones(4, dtype=torch.bool)).tolist() == expected
         state.done = torch.tensor([True, False, False, False])  # it finished: 37 left is the most, 36 within K + 1
         assert state.draft_caps(~state.done).tolist() == ([0, K, K, 0] if cost is not None else [0, K, K, 2])
+
+
+def _context(tokens, lengths, new_from, temperature=1.0):
+    B = tokens.shape[0]
+    return DraftContext(tokens=tokens, lengths=lengths, anchor_hidden=None, temperature=torch.full((B,), temperature),
+                        seed=torch.arange(B), offset=torch.zeros(B, dtype=torch.int64), new_from=new_from)
+
+
+def test_dspark_forecast_pools_a_request_with_every_request():
+    """DSpark's forecast of a request: its own mean survival over the rounds DSpark drafted for
+    it, pooled with the mean over every request (PRIOR_ROUNDS rounds' weight), which starts at
+    the drafter's held-out survival when its config has one (else 1: try it once). A new
+    request in a row starts from the pooled prior again."""
+    from dspark_ext.drafters import hybrid as hybrid_module
+
+    held_out = [0.4, 0.2, 0.1]
+    tokens = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([5, 3])
+    for heldout_survival in (None, held_out):
+        dspark = toy_markov()
+        dspark.cfg = type("Cfg", (), {"heldout_survival": heldout_survival})()
+        drafter = HybridDrafter(dspark, hybrid().lookup)
+        drafter._state_for(_context(tokens, lengths, torch.zeros(2, dtype=torch.int64)))
+        expected_first = torch.tensor(held_out if heldout_survival else [1.0] * K).expand(2, K)
+        assert torch.allclose(drafter.dspark_forecast(), expected_first)
+        rounds = 3
+        for r in range(rounds):
+            ctx = _context(tokens, lengths + r, (lengths + r - 1) if r else torch.zeros(2, dtype=torch.int64))
+            ctx.plan = "hybrid"
+            drafter.propose(ctx)
+        own = drafter._dspark_survival_sum / rounds
+        expected = (rounds * own + hybrid_module.PRIOR_ROUNDS * drafter._dspark_prior.double()) / (
+            rounds + hybrid_module.PRIOR_ROUNDS)
+        assert torch.allclose(drafter.dspark_forecast(), expected.float())
+        forecast = drafter.dspark_forecast()
+        assert not torch.allclose(forecast[0], forecast[1])  # per request
+        # The request of row 0 is replaced: it starts from the pooled prior.
+        drafter._state_for(_context(tokens, lengths + rounds, torch.tensor([0, int(lengths[1]) + rounds - 1])))
+        assert torch.allclose(drafter.dspark_forecast()[0], drafter._dspark_prior)
+        assert torch.allclose(drafter.dspark_forecast()[1], forecast[1])
+
+
+def test_dspark_forecast_prior_follows_every_round():
+    """The mean over every request is a running mean of the rounds' batch means (after the
+    held-out prior's PRIOR_ROUNDS), then an exponential one with weight PRIOR_DECAY."""
+    from dspark_ext.drafters import hybrid as hybrid_module
+
+    drafter = hybrid()
+    tokens = torch.randint(0, V, (1, 100), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([5])
+    means = []
+    for r in range(80):
+        ctx = _context(tokens, lengths + r, torch.tensor([int(lengths[0]) + r - 1 if r else 0]))
+        ctx.plan = "hybrid"
+        drafter._state_for(ctx)
+        before = drafter._dspark_survival_sum.clone()
+        drafter.propose(ctx)
+        means.append((drafter._dspark_survival_sum - before)[0].float())
+    expected = means[0]
+    for n, m in enumerate(means[1:], start=2):
+        w = max(1.0 / n, hybrid_module.PRIOR_DECAY)
+        expected = (1 - w) * expected + w * m
+    assert torch.allclose(drafter._dspark_prior, expected, atol=1e-6)
+
+
+def test_a_lagged_plan_needs_no_margin():
+    """A fresh plan must promise PLAN_MARGIN x the rate of drafting nothing; a lagged plan
+    (a mean of its drafter's own confidences on this text, a lower bound of what the round's
+    own lengths achieve) only has to beat it."""
+    from dspark_ext.generate import LAGGED_PLAN_MARGIN, PLAN_MARGIN, _Generation
+    from dspark_ext.protocols import DraftPlan
+
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    cost = ToyCost(base=1.0, per_token=0.0, draft={"a": 0.0})
+    # With free verification and drafting, tau = 1 + s: a rate of 1.03x drafting nothing.
+    survival = torch.tensor([[0.03, 0.0, 0.0]])
+
+    class Planned:
+        num_draft = K
+
+        def __init__(self, fresh):
+            self.fresh = fresh
+
+        def plans(self, context):
+            return [DraftPlan("p", survival=survival, parts=("a",), fresh=self.fresh)]
+
+    assert LAGGED_PLAN_MARGIN < 1.03 < PLAN_MARGIN
+    for fresh, chosen in ((True, None), (False, "p")):
+        state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])], [10], 1.0, 0, None, None, cost, None)
+        active = torch.ones(1, dtype=torch.bool)
+        plan = state.choose_plan(state.draft_context(), torch.tensor([K]), active)
+        assert (None if plan is None else plan.name) == chosen

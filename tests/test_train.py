@@ -403,6 +403,34 @@ def test_warm_restart_trains_a_finished_run_longer(dataset, tmp_path, monkeypatc
         assert torch.equal(value, both.state_dict()[name]), name
 
 
+def test_a_second_warm_restart_resumes_a_restarted_run(dataset, tmp_path, monkeypatch):
+    """restart_budget_s = [20, 12]: a run that finished its first restart (35 steps) resumes
+    into a third cycle of 12 steps, with its own warmup; done in one call, the three cycles
+    give the same weights."""
+    target, prompts, records, paths, data, root = dataset
+    cfg = dict(steps=100, warmup_steps=2, checkpoint_every=1000, sequences_per_step=1, anchors_per_sequence=4,
+               time_budget_s=15.0, restart_lr=5e-4)
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    out = train_drafter(new_drafter(target, seed=4), data, TrainConfig(**cfg, restart_budget_s=20.0),
+                        tmp_path / "ckpt.pt")
+    assert (out["steps"], out["cycles"]) == (35, 2)
+    lrs = []
+    real_lr_at = train._lr_at
+    monkeypatch.setattr(train, "_lr_at", lambda *a: lrs.append(real_lr_at(*a)) or lrs[-1])
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    resumed = new_drafter(target, seed=7)
+    out = train_drafter(resumed, data, TrainConfig(**cfg, restart_budget_s=[20.0, 12.0]), tmp_path / "ckpt.pt")
+    assert (out["steps"], out["restart_step"], out["stopped_early"], out["cycles"]) == (47, 35, False, 3)
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(5e-4 / 2) and max(lrs) == pytest.approx(5e-4)
+    monkeypatch.setattr(train, "_lr_at", real_lr_at)
+    monkeypatch.setattr(train, "time", FakeClock(lambda step: 1.0))
+    at_once = new_drafter(target, seed=4)
+    out = train_drafter(at_once, data, TrainConfig(**cfg, restart_budget_s=[20.0, 12.0]), tmp_path / "one.pt")
+    assert (out["steps"], out["cycles"]) == (47, 3)
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, at_once.state_dict()[name]), name
+
+
 def test_time_budget_real_clock(dataset, tmp_path):
     target, prompts, records, paths, data, root = dataset
     out = train_drafter(new_drafter(target), data, TrainConfig(steps=50, time_budget_s=1e-6, sequences_per_step=1,

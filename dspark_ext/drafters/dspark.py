@@ -32,6 +32,12 @@ from dspark_ext.ops import pack_skinny_weight
 from dspark_ext.packed_linear import SKINNY_MAX_ROWS
 from dspark_ext.protocols import Draft, DraftContext
 
+#: A bfloat16 LM head drafts through ``dspark::skinny_linear`` up to this many rows (one
+#: request's K); past it the machine's bfloat16 GEMM (AMX / AVX512-BF16) overtakes one read of
+#: the packed head, which turns compute-bound (SmolLM2's head, 2 cores: 7 rows 1.7 ms against
+#: 2.4 ms; 14 rows 3.0 against 2.6; 28 rows 6.4 against 3.4).
+SKINNY_BFLOAT16_MAX_ROWS = 8
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -63,6 +69,9 @@ class DrafterConfig:
     max_position: Optional[int] = None
     sps: Optional[List[float]] = None  # measured steps/s of the target at 1..N tokens (scheduler)
     sts_temperature: Optional[List[float]] = None
+    # Per position k: the fraction of the held-out rollouts (the STS set) whose first k drafts
+    # were all accepted; where a scheduler's forecast starts before it has seen this drafter draft.
+    heldout_survival: Optional[List[float]] = None
     notes: dict = field(default_factory=dict)
 
     @classmethod
@@ -316,9 +325,11 @@ class DSparkDrafter(nn.Module):
     def logits(self, hidden: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The target's LM head on ``hidden`` [..., D] -> float32 logits [..., V]. A drafting
         round's few rows on CPU go through ``dspark::skinny_linear`` on the head packed once in
-        ``dtype`` (float32 or bfloat16): one read of it, where the GEMM costs ~2-3x that."""
+        ``dtype`` (float32 or bfloat16): one read of it, where the GEMM costs ~2-3x that. Past
+        ``SKINNY_BFLOAT16_MAX_ROWS`` rows a bfloat16 head goes to the GEMM."""
         rows = hidden.numel() // max(hidden.shape[-1], 1)
-        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and rows <= SKINNY_MAX_ROWS
+        max_rows = SKINNY_BFLOAT16_MAX_ROWS if dtype == torch.bfloat16 else SKINNY_MAX_ROWS
+        if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and rows <= max_rows
                 and dtype in (None, torch.float32, torch.bfloat16)):
             packed = self.packed_lm_head(dtype or torch.float32)
             return torch.ops.dspark.skinny_linear(hidden.float(), packed, self.lm_head.shape[0], None)
