@@ -133,7 +133,7 @@ def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
 _MINIMUM_VALUES = {"max_new_tokens": 1, "num_draft": 1, "min_ngram": 1, "max_ngram": 1, "batch_size": 1,
                    "num_prompts": 1, "generation_batch_size": 1, "steps": 1, "layers": 1,
                    "sequences_per_step": 1, "anchors_per_sequence": 1, "sharegpt_answer_tokens": 0,
-                   "threads": 0, "sweep_minutes": 0.1, "noise_token_id": 0}
+                   "threads": 0, "sweep_minutes": 0.1, "noise_token_id": 0, "sts_prompts": 0}
 
 
 def _flag(name: str) -> str:
@@ -414,7 +414,7 @@ def cmd_train(args) -> int:
                           anchors_per_sequence=args.anchors_per_sequence, seed=args.seed,
                           compile=not args.no_compile, restart_lr=args.restart_lr),
         time_budget_s=budgets, restart_budget_s=restarts, seed=args.seed, sharegpt_answer_tokens=args.sharegpt_answer_tokens,
-        layout=args.layout, noise_token_id=args.noise_token_id, init_from_target=args.init_from_target,
+        layout=args.layout, noise_token_id=args.noise_token_id, init_from_target=args.init_from_target, sts_prompts=args.sts_prompts,
         sweep_lrs=[float(x) for x in args.sweep_lrs.split(",") if x],
         sweep_inits=[{"random": False, "target": True}[x] for x in args.sweep_inits.split(",") if x],
         sweep_minutes=args.sweep_minutes)
@@ -598,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--noise-token-id", type=int, default=None,
                    help="query token of draft positions 2..K in the vllm layout "
                         "(default: the tokenizer's highest special token id that is not bos/eos/pad)")
+    t.add_argument("--sts-prompts", type=int, default=0,
+                   help="more ShareGPT prompts (from the end of its shuffle, never trained on) whose answers, "
+                        "written by the target, only calibrate STS")
     t.add_argument("--init-from-target", action="store_true",
                    help="start the backbone layer as a copy of the target's last layer (the sweep can decide instead)")
     t.add_argument("--sweep-lrs", default="",

@@ -69,13 +69,19 @@ def iter_sharegpt(path: Optional[Path] = None):
 
 
 def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: int = 192,
-                    min_prompt_tokens: int = 4, seed: int = 0) -> List[List[int]]:
+                    min_prompt_tokens: int = 4, seed: int = 0, from_end: bool = False,
+                    exclude: Optional[set] = None) -> List[List[int]]:
     """Token ids of ``num_prompts`` chat-templated first user turns from ShareGPT (shuffled with
-    ``seed``; prompts longer than ``max_prompt_tokens`` are skipped). Cached in ``out``."""
+    ``seed``; prompts longer than ``max_prompt_tokens`` are skipped), from the start of the
+    shuffle, or with ``from_end`` from its end backwards (the STS prompts: far from the
+    training prompts and ShareGPT answers, which take its first few thousand); prompts whose ids
+    are in ``exclude`` (tuples) are skipped (ShareGPT repeats some prompts). Cached in ``out``."""
     if out.is_file():
         return json.loads(out.read_text())
     conversations = list(iter_sharegpt())
     random.Random(seed).shuffle(conversations)
+    if from_end:
+        conversations.reverse()
     prompts: List[List[int]] = []
     for conv in conversations:
         turns = conv.get("conversations") or []
@@ -85,7 +91,7 @@ def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: i
         ids = tokenizer.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True)
         if not isinstance(ids, list):
             ids = ids["input_ids"]
-        if min_prompt_tokens <= len(ids) <= max_prompt_tokens:
+        if min_prompt_tokens <= len(ids) <= max_prompt_tokens and not (exclude and tuple(ids) in exclude):
             prompts.append([int(i) for i in ids])
         if len(prompts) >= num_prompts:
             break
@@ -590,6 +596,8 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         ok = batch["valid"].all(-1)[0]  # whole blocks only
         zs.append(z[0][ok])
         accs.append((acc & batch["valid"])[0][ok].float())
+    if not zs:  # no held-out answer the target wrote
+        return torch.zeros(0, drafter.num_draft), torch.zeros(0, drafter.num_draft)
     return torch.cat(zs), torch.cat(accs)
 
 
@@ -643,6 +651,10 @@ class RecipeConfig:
     # "vllm": the layout `dspark export --format vllm` writes exactly; "v1": the first shipped one.
     layout: str = "vllm"
     noise_token_id: Optional[int] = None  # None: the tokenizer's highest special token id (not bos/eos/pad)
+    # More held-out answers the target writes, for STS only: prompts from the end of the ShareGPT
+    # shuffle (the held-out part of the regenerated answers is small, and ECE's noise floor
+    # falls as 1 / sqrt(rollouts)).
+    sts_prompts: int = 0
     init_from_target: bool = False  # the backbone layer starts as a copy of the target's last layer
     # Learning-rate sweep before the real runs: each (lr, init_from_target) arm trains DSpark for
     # sweep_minutes; the best held-out teacher-forced acceptance picks lr and init for every variant.
@@ -774,6 +786,17 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     paths = cache_features(data_target, records, out / "features", cfg.feature_batch_size)
     if extra:
         paths += cache_features(data_target, extra, out / "features_sharegpt", 8)
+    sts_data, sts_records = None, []
+    if cfg.sts_prompts > 0:
+        training_prompts = {tuple(p) for p in prompts} | {tuple(r["prompt"]) for r in extra}
+        sts_prompts = prepare_prompts(tokenizer, cfg.sts_prompts, out / "sts_prompts.json", seed=cfg.seed,
+                                      from_end=True, exclude=training_prompts)
+        data_target.hidden_layers = saved_layers
+        sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
+                                 cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
+        data_target.hidden_layers = list(cfg.context_layers) + [-1]
+        sts_paths = cache_features(data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
+        sts_data = FeatureCache(sts_paths, heldout_every=1)  # all held out
     data_target.hidden_layers = saved_layers
     summary["features_seconds"] = time.perf_counter() - t1
     data = FeatureCache(paths)
@@ -786,6 +809,8 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         "train_sequences": len(data.train_ids), "train_answer_tokens": data.answer_tokens(data.train_ids),
         "heldout_sequences": len(data.heldout_ids), "heldout_answer_tokens": data.answer_tokens(data.heldout_ids),
         "feature_bytes": sum(p.stat().st_size for p in paths),
+        **({"sts_sequences": len(sts_data.heldout_ids), "sts_answer_tokens": sts_data.answer_tokens(sts_data.heldout_ids)}
+           if sts_data is not None else {}),
     }
     log(f"data: {summary['data']}")
     feature_stats = data.feature_statistics()
@@ -812,6 +837,10 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         drafter.training_lm_head_dtype = None  # calibrate on the float32 LM head that drafting uses
         if drafter.confidence is not None:
             z, acc = heldout_rollouts(drafter, data, temperature_of=temperature_of_seq.get)
+            if sts_data is not None:
+                sts_z, sts_acc = heldout_rollouts(drafter, sts_data,
+                                                  temperature_of=lambda i: sts_records[i]["temperature"])
+                z, acc = torch.cat([z, sts_z]), torch.cat([acc, sts_acc])
             sts = calibrate_sts(z, acc)
             drafter.confidence.set_sts_temperature(sts.temperatures)
             reliability_diagram(z, acc, sts.temperatures, folder / "reliability.png")

@@ -181,3 +181,57 @@ def test_lr_sweep_picks_the_best_arm_and_flags_the_grid_edge(mixed, monkeypatch)
     # Resumable: the arms' results are read back, nothing retrains.
     monkeypatch.setattr(train, "train_drafter", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
     assert lr_sweep(cfg, target, data, data.feature_statistics(), 3, root / "sweep-run", log=lambda m: None)["lr"] == 1e-2
+
+
+def test_prepare_prompts_from_the_end_skips_excluded_prompts(tmp_path, monkeypatch):
+    convs = [sharegpt(i, f"question number {'x ' * i}", "answer") for i in range(8)]
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: iter(convs))
+    monkeypatch.setattr(train.random, "Random", lambda seed: type("R", (), {"shuffle": lambda self, x: None})())
+    tok = ChatTokenizer()
+
+    def ids(i):
+        return tok.apply_chat_template([{"role": "user", "content": convs[i]["conversations"][0]["value"]}],
+                                       add_generation_prompt=True)
+
+    assert train.prepare_prompts(tok, 3, tmp_path / "first.json") == [ids(0), ids(1), ids(2)]
+    got = train.prepare_prompts(tok, 3, tmp_path / "last.json", from_end=True, exclude={tuple(ids(6))})
+    assert got == [ids(7), ids(5), ids(4)]
+
+
+def test_recipe_calibrates_sts_on_the_extra_heldout_answers(tmp_path, monkeypatch):
+    """``sts_prompts``: the target answers that many more ShareGPT prompts (from the end of the
+    shuffle, none of the training prompts); every one of them is held out and only calibrates
+    STS, next to the held-out part of the regenerated answers; the drafter's config keeps the
+    held-out survival (accepted prefixes / rollouts)."""
+    from dspark_ext.drafters.dspark import DSparkDrafter
+    from dspark_ext.llama import Llama
+    from dspark_ext.targets import LlamaTarget
+
+    convs = [sharegpt(i, " ".join(["w" * (1 + (i * 7 + j) % 9) for j in range(3)]), "a b") for i in range(12)]
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: iter(convs))
+    rollouts = []
+    real_rollouts = train.heldout_rollouts
+
+    def counting_rollouts(drafter, data, **kw):
+        z, acc = real_rollouts(drafter, data, **kw)
+        rollouts.append(z.shape[0])
+        return z, acc
+
+    monkeypatch.setattr(train, "heldout_rollouts", counting_rollouts)
+    target = LlamaTarget(Llama.from_hf(tiny_llama()))
+    tok = ChatTokenizer()
+    tok.eos_token_id = None  # every answer runs to max_new_tokens
+    cfg = RecipeConfig(out_dir=tmp_path / "run", num_prompts=4, max_new_tokens=12, generation_batch_size=4,
+                       context_layers=CONTEXT_LAYERS, variants=["dspark"], sts_prompts=3, sps_max_tokens=4,
+                       train=TrainConfig(steps=2, sequences_per_step=1, anchors_per_sequence=2, checkpoint_every=100))
+    summary = train.run_recipe(cfg, target, tok, log=lambda m: None)
+    sts_prompts = json.loads((tmp_path / "run" / "sts_prompts.json").read_text())
+    training = json.loads((tmp_path / "run" / "prompts.json").read_text())
+    assert len(sts_prompts) == 3 and not {tuple(p) for p in sts_prompts} & {tuple(p) for p in training}
+    assert summary["data"]["sts_sequences"] == 3
+    assert len(rollouts) == 2 and rollouts[1] > 0  # the regenerated held-out part, then the STS answers
+    info = summary["variants"]["dspark"]["sts"]
+    assert info["rollouts"] == sum(rollouts)
+    saved = DSparkDrafter.load(tmp_path / "run" / "dspark" / "drafter", target.model.weights.embed.float(),
+                               target.model.weights.lm_head.float())
+    assert saved.cfg.heldout_survival == pytest.approx([p / info["rollouts"] for p in info["positives"]])
