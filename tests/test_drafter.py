@@ -202,6 +202,29 @@ def test_block_forward_blocks_are_independent():
 # --------------------------------------------------------------------------- incremental context cache
 
 
+def test_bfloat16_drafting_runs_the_markov_head_in_bfloat16():
+    """With a bfloat16 LM head (machines with native bfloat16), the Markov head drafts in
+    bfloat16 too: the reported logits are markov_draft's bfloat16 l_k widened exactly (what
+    drew the drafts, so verify sees the law that sampled them), the greedy drafts are their
+    argmax, and the converted weights follow in-place updates of the head."""
+    drafter = small_drafter(seed=5)
+    drafter.inference_lm_head_dtype = torch.bfloat16
+    lengths = [9, 4]
+    tokens, features = random_batch(lengths, seed=3)
+    draft = drafter.propose(context_of(tokens, lengths, features, 0.0))
+    assert draft.logits.dtype == torch.float32
+    assert torch.equal(draft.logits, draft.logits.bfloat16().float())  # bfloat16 values
+    assert torch.equal(draft.token_ids, draft.logits.argmax(-1))
+    fp32 = small_drafter(seed=5).propose(context_of(tokens, lengths, features, 0.0))
+    assert not torch.equal(draft.logits, fp32.logits)
+    torch.testing.assert_close(draft.logits, fp32.logits, rtol=0.02, atol=0.1)
+    w1_bf16, _ = drafter.markov_weights(torch.bfloat16)
+    assert drafter.markov_weights(torch.bfloat16)[0] is w1_bf16  # cached
+    with torch.no_grad():
+        drafter.markov.w1.weight.mul_(2.0)
+    assert torch.equal(drafter.markov_weights(torch.bfloat16)[0], drafter.markov.w1.weight.bfloat16())
+
+
 def test_incremental_context_cache_matches_fresh_drafter():
     """Rounds of growing ragged lengths with new_from = previous lengths - 1 (as in generate), a
     request that restarts (new_from = 0, new content, shorter), a request that does not grow, and
