@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from dspark_ext.forecast import SurvivalForecast
 from dspark_ext.protocols import Draft, DraftContext, DraftPlan, Drafter, Target
 from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
 
@@ -199,9 +200,11 @@ class _Generation:
         # read); features_shown[b] = how many of them the drafter has been given so far.
         self.features: Optional[torch.Tensor] = None
         self.features_shown = torch.zeros(B, dtype=torch.int64, device=device)
-        # The survival the drafter's confidences gave each request's last drafts: the loop's own
-        # forecast for drafters without ``plans`` (NaN = never drafted for it).
-        self.lagged_survival = torch.full((B, K), float("nan"))
+        # The loop's own forecast for drafters that report confidences but no ``plans``: the
+        # survival their confidences gave each request so far (``dspark_ext.forecast``).
+        self.lagged_survival = SurvivalForecast(K, getattr(getattr(drafter, "cfg", None), "heldout_survival", None))
+        self.lagged_survival.resize(B)
+        self.lagged_updates = 0
         self.rounds_without: Dict[str, int] = {}
         self.probe_interval: Dict[str, int] = {}
         self._step_seconds: Dict[int, torch.Tensor] = {}
@@ -299,9 +302,9 @@ class _Generation:
         confidences but no plans (none for the others: they always draft)."""
         if hasattr(self.drafter, "plans"):
             return list(self.drafter.plans(context))
-        if self.result.num_rounds > 0 and bool(self.lagged_survival[active.cpu()].isnan().all()):
+        if self.result.num_rounds > 0 and self.lagged_updates == 0:
             return []  # no confidences seen yet after a round of drafting: nothing to forecast
-        return [DraftPlan("lagged", survival=torch.nan_to_num(self.lagged_survival, nan=1.0).to(self.device),
+        return [DraftPlan("lagged", survival=self.lagged_survival.forecast().to(self.device),
                           parts=(getattr(self.drafter, "cost_name", type(self.drafter).__name__),), fresh=False)]
 
     def choose_plan(self, context: DraftContext, caps: torch.Tensor, active: torch.Tensor) -> Optional[DraftPlan]:
@@ -347,7 +350,8 @@ class _Generation:
         if tuple(draft.token_ids.shape) != (B, K):
             raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
         if draft.confidence is not None:
-            self.lagged_survival = draft.confidence.detach().float().cumprod(1).cpu()
+            self.lagged_survival.update(draft.confidence.float().cumprod(1))
+            self.lagged_updates += 1
         return draft
 
     def verification_lengths(self, draft: Draft, plan: Optional[DraftPlan], caps: torch.Tensor,

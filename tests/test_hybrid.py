@@ -260,61 +260,83 @@ def _context(tokens, lengths, new_from, temperature=1.0):
                         seed=torch.arange(B), offset=torch.zeros(B, dtype=torch.int64), new_from=new_from)
 
 
-def test_dspark_forecast_pools_a_request_with_every_request():
-    """DSpark's forecast of a request: its own mean survival over the rounds DSpark drafted for
-    it, pooled with the mean over every request (PRIOR_ROUNDS rounds' weight), which starts at
-    the drafter's held-out survival when its config has one (else 1: try it once). A new
-    request in a row starts from the pooled prior again."""
-    from dspark_ext.drafters import hybrid as hybrid_module
+def test_survival_forecast_pools_a_request_with_every_request():
+    """A request's forecast is its own mean survival pooled with the mean over every request,
+    weighted as PRIOR_ROUNDS of its rounds; that mean starts at the prior (PRIOR_ROUNDS rounds'
+    weight) and follows every round's batch mean; without a prior, 1 until the first round.
+    A restarted row (a new request) starts from the pooled mean again."""
+    from dspark_ext.forecast import PRIOR_ROUNDS, SurvivalForecast
+
+    assert torch.equal(SurvivalForecast(K).forecast(), torch.ones(0, K))
+    no_prior = SurvivalForecast(K)
+    no_prior.resize(2)
+    assert torch.equal(no_prior.forecast(), torch.ones(2, K))
+    prior = [0.4, 0.2, 0.1]
+    forecast = SurvivalForecast(K, prior)
+    forecast.resize(2)
+    assert torch.allclose(forecast.forecast(), torch.tensor(prior).expand(2, K))
+    rounds = [torch.tensor([[0.9, 0.5, 0.2], [0.1, 0.0, 0.0]]), torch.tensor([[0.7, 0.3, 0.1], [0.3, 0.1, 0.0]])]
+    pooled_prior = torch.tensor(prior, dtype=torch.float64)
+    for n, survival in enumerate(rounds, start=PRIOR_ROUNDS + 1):
+        forecast.update(survival)
+        pooled_prior = (1 - 1 / n) * pooled_prior + survival.double().mean(0) / n
+    own = sum(r.double() for r in rounds) / len(rounds)
+    expected = (len(rounds) * own + PRIOR_ROUNDS * pooled_prior) / (len(rounds) + PRIOR_ROUNDS)
+    assert torch.allclose(forecast.forecast(), expected.float())
+    forecast.restart(torch.tensor([True, False]))
+    assert torch.allclose(forecast.forecast()[0], pooled_prior.float())
+    assert torch.allclose(forecast.forecast()[1], expected[1].float())
+    with pytest.raises(ValueError, match="the survival prior has 2 positions, expected K = 3"):
+        SurvivalForecast(K, [0.5, 0.2])
+
+
+def test_survival_forecast_prior_follows_every_round():
+    """The mean over every request: a running mean of the rounds' batch means, then an
+    exponential one with weight PRIOR_DECAY."""
+    from dspark_ext.forecast import PRIOR_DECAY, SurvivalForecast
+
+    g = torch.Generator().manual_seed(1)
+    forecast = SurvivalForecast(K)
+    forecast.resize(3)
+    expected = None
+    for n in range(1, 120):
+        survival = torch.rand(3, K, generator=g).cumprod(1)
+        forecast.update(survival)
+        weight = max(1.0 / n, PRIOR_DECAY)
+        mean = survival.mean(0)
+        expected = mean if expected is None else (1 - weight) * expected + weight * mean
+    assert torch.allclose(forecast.prior, expected, atol=1e-6)
+
+
+def test_lagged_forecasts_start_from_the_drafters_heldout_survival():
+    """Both lagged forecasts, the hybrid's of DSpark and the loop's own for a drafter with
+    confidences and no plans, start from the drafter's held-out survival (its config's
+    ``heldout_survival``), follow what it drafts, and restart a request that takes a row."""
+    from dspark_ext.generate import _Generation
 
     held_out = [0.4, 0.2, 0.1]
+    dspark = toy_markov()
+    dspark.cfg = type("Cfg", (), {"heldout_survival": held_out})()
+    drafter = HybridDrafter(dspark, hybrid().lookup)
     tokens = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([5, 3])
-    for heldout_survival in (None, held_out):
-        dspark = toy_markov()
-        dspark.cfg = type("Cfg", (), {"heldout_survival": heldout_survival})()
-        drafter = HybridDrafter(dspark, hybrid().lookup)
-        drafter._state_for(_context(tokens, lengths, torch.zeros(2, dtype=torch.int64)))
-        expected_first = torch.tensor(held_out if heldout_survival else [1.0] * K).expand(2, K)
-        assert torch.allclose(drafter.dspark_forecast(), expected_first)
-        rounds = 3
-        for r in range(rounds):
-            ctx = _context(tokens, lengths + r, (lengths + r - 1) if r else torch.zeros(2, dtype=torch.int64))
-            ctx.plan = "hybrid"
-            drafter.propose(ctx)
-        own = drafter._dspark_survival_sum / rounds
-        expected = (rounds * own + hybrid_module.PRIOR_ROUNDS * drafter._dspark_prior.double()) / (
-            rounds + hybrid_module.PRIOR_ROUNDS)
-        assert torch.allclose(drafter.dspark_forecast(), expected.float())
-        forecast = drafter.dspark_forecast()
-        assert not torch.allclose(forecast[0], forecast[1])  # per request
-        # The request of row 0 is replaced: it starts from the pooled prior.
-        drafter._state_for(_context(tokens, lengths + rounds, torch.tensor([0, int(lengths[1]) + rounds - 1])))
-        assert torch.allclose(drafter.dspark_forecast()[0], drafter._dspark_prior)
-        assert torch.allclose(drafter.dspark_forecast()[1], forecast[1])
-
-
-def test_dspark_forecast_prior_follows_every_round():
-    """The mean over every request is a running mean of the rounds' batch means (after the
-    held-out prior's PRIOR_ROUNDS), then an exponential one with weight PRIOR_DECAY."""
-    from dspark_ext.drafters import hybrid as hybrid_module
-
-    drafter = hybrid()
-    tokens = torch.randint(0, V, (1, 100), generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([5])
-    means = []
-    for r in range(80):
-        ctx = _context(tokens, lengths + r, torch.tensor([int(lengths[0]) + r - 1 if r else 0]))
+    drafter._state_for(_context(tokens, lengths, torch.zeros(2, dtype=torch.int64)))
+    assert torch.allclose(drafter.dspark_survival.forecast(), torch.tensor(held_out).expand(2, K))
+    for r in range(3):
+        ctx = _context(tokens, lengths + r, (lengths + r - 1) if r else torch.zeros(2, dtype=torch.int64))
         ctx.plan = "hybrid"
-        drafter._state_for(ctx)
-        before = drafter._dspark_survival_sum.clone()
         drafter.propose(ctx)
-        means.append((drafter._dspark_survival_sum - before)[0].float())
-    expected = means[0]
-    for n, m in enumerate(means[1:], start=2):
-        w = max(1.0 / n, hybrid_module.PRIOR_DECAY)
-        expected = (1 - w) * expected + w * m
-    assert torch.allclose(drafter._dspark_prior, expected, atol=1e-6)
+    assert drafter.dspark_survival.rounds.tolist() == [3, 3]
+    moved = drafter.dspark_survival.forecast()
+    assert not torch.allclose(moved[0], torch.tensor(held_out)) and not torch.allclose(moved[0], moved[1])
+    drafter._state_for(_context(tokens, lengths + 3, torch.tensor([0, int(lengths[1]) + 2])))
+    assert drafter.dspark_survival.rounds.tolist() == [0, 3]
+
+    state = _Generation(law_target(), dspark, [LAW_PROMPT, LAW_PROMPT], [10, 10], 1.0, 0, None, None,
+                        COSTS["cheap"], None)
+    (plan,) = state.plans(state.draft_context(), torch.ones(2, dtype=torch.bool))
+    assert plan.name == "lagged" and not plan.fresh
+    assert torch.allclose(plan.survival, torch.tensor(held_out).expand(2, K))
 
 
 def test_a_lagged_plan_needs_no_margin():

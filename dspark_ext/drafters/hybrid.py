@@ -3,14 +3,11 @@ decoding with its model speculator).
 
 Each round, before anything is drafted, every request gets two forecasts of how many of its
 drafts will survive verification: the lookup's, from its calibrated confidences (a function of
-the sequence so far: match length and record, see ``lookup.py``), and DSpark's, *lagged*: the
-mean survival its confidence head gave the drafts it proposed for that request so far, pooled
-with DSpark's mean over every request it drafted for (``PRIOR_ROUNDS`` rounds' worth), which
+the sequence so far: match length and record, see ``lookup.py``), and DSpark's, *lagged*
+(``dspark_ext.forecast.SurvivalForecast``): the mean survival its confidence head gave the
+drafts it proposed for that request so far, pooled with its mean over every request, which
 starts from the survival the drafter's held-out rollouts measured (its config's
-``heldout_survival``; without it, 1 until DSpark has run: try it once). One round's confidences barely predict the next round's (lag-1 correlation
-0.13 on MT-Bench): forecasting from the last round alone switched DSpark off after one unlucky
-round, until the next probe. A request takes the proposal with the higher expected accepted
-length.
+``heldout_survival``). A request takes the proposal with the higher expected accepted length.
 Neither forecast looks at a token this round samples, so the choice cannot bias what verify
 accepts (choosing on DSpark's sampled drafts would: ``tests/test_hybrid.py`` shows it).
 
@@ -21,20 +18,13 @@ only refreshes when DSpark runs, so the loop probes it every few rounds (``Draft
 """
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from dspark_ext.drafters.lookup import NgramDrafter
+from dspark_ext.forecast import SurvivalForecast
 from dspark_ext.protocols import Draft, DraftContext, DraftPlan
-
-
-#: A request's DSpark forecast is its own mean survival pooled with DSpark's mean over every
-#: request, weighted as this many of its own rounds.
-PRIOR_ROUNDS = 8
-#: DSpark's mean over every request follows the rounds with this weight once it has seen
-#: 1 / PRIOR_DECAY rounds (a plain running mean before).
-PRIOR_DECAY = 0.02
 
 
 class HybridDrafter:
@@ -48,49 +38,23 @@ class HybridDrafter:
         self.lookup = lookup
         self.num_draft = int(dspark.num_draft)
         self.dspark_cost_name = getattr(dspark, "cost_name", "dspark")
-        # Per request: the sum and number of the survival vectors DSpark's confidences gave it.
-        self._dspark_survival_sum = torch.zeros(0, self.num_draft, dtype=torch.float64)
-        self._dspark_rounds = torch.zeros(0, dtype=torch.int64)
+        self.dspark_survival = SurvivalForecast(self.num_draft, getattr(getattr(dspark, "cfg", None),
+                                                                        "heldout_survival", None))
         self._dspark_fed = torch.zeros(0, dtype=torch.int64)  # context features DSpark has been given
         self.rounds = {"lookup": 0, "hybrid": 0}
         self.chose_dspark = 0
         self.chose_lookup = 0
         self._cached_choice = None
-        # DSpark's mean survival over every request it drafted for, and the rounds behind it:
-        # the forecast of a request it has not drafted for yet (before any, 1: try it once).
-        # Before that, the survival its held-out rollouts measured (when its config has it),
-        # counted as PRIOR_ROUNDS rounds.
-        self._dspark_prior: Optional[torch.Tensor] = None
-        self._prior_rounds = 0
-        heldout = getattr(getattr(dspark, "cfg", None), "heldout_survival", None)
-        if heldout:
-            if len(heldout) != self.num_draft:
-                raise ValueError(f"the DSpark drafter's heldout_survival has {len(heldout)} positions, "
-                                 f"expected K = {self.num_draft}")
-            self._dspark_prior = torch.tensor(heldout, dtype=torch.float32)
-            self._prior_rounds = PRIOR_ROUNDS
 
     def _state_for(self, context: DraftContext) -> None:
         B = context.tokens.shape[0]
-        if self._dspark_rounds.shape[0] != B:
-            self._dspark_survival_sum = torch.zeros(B, self.num_draft, dtype=torch.float64)
-            self._dspark_rounds = torch.zeros(B, dtype=torch.int64)
+        if self._dspark_fed.shape[0] != B:
             self._dspark_fed = torch.zeros(B, dtype=torch.int64)
+        self.dspark_survival.resize(B)
         if context.new_from is not None:
             fresh = context.new_from.cpu() == 0
-            self._dspark_survival_sum[fresh] = 0.0
-            self._dspark_rounds[fresh] = 0
+            self.dspark_survival.restart(fresh)
             self._dspark_fed[fresh] = 0
-
-    def dspark_forecast(self) -> torch.Tensor:
-        """[B, K] float32: each request's mean DSpark survival so far, pooled with the mean over
-        every request (``PRIOR_ROUNDS`` rounds' weight); without a held-out prior, 1 before DSpark
-        has run at all."""
-        if self._dspark_prior is None:
-            return torch.ones(self._dspark_rounds.shape[0], self.num_draft)
-        prior = self._dspark_prior.double()
-        pooled = (self._dspark_survival_sum + PRIOR_ROUNDS * prior) / (self._dspark_rounds[:, None] + PRIOR_ROUNDS)
-        return pooled.float()
 
     def _choice(self, context: DraftContext):
         """(use DSpark [B] bool, lookup survival [B, K], DSpark lagged survival [B, K]), once per
@@ -100,7 +64,7 @@ class HybridDrafter:
         self._state_for(context)
         (lookup_plan,) = self.lookup.plans(context)
         lookup_survival = lookup_plan.survival
-        dspark_survival = self.dspark_forecast().to(lookup_survival.device)
+        dspark_survival = self.dspark_survival.forecast().to(lookup_survival.device)
         use_dspark = dspark_survival.sum(1) > lookup_survival.sum(1)
         self._cached_choice = (context, (use_dspark, lookup_survival, dspark_survival))
         return use_dspark, lookup_survival, dspark_survival
@@ -134,13 +98,7 @@ class HybridDrafter:
             raise ValueError("the hybrid's DSpark drafter must report its drafting logits and confidences "
                              "(a DSparkDrafter with a confidence head)")
         self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
-        survival = drafted.confidence.float().cumprod(1).cpu()
-        self._dspark_survival_sum += survival.double()
-        self._dspark_rounds += 1
-        self._prior_rounds += 1
-        mean = survival.mean(0)
-        weight = max(1.0 / self._prior_rounds, PRIOR_DECAY)
-        self._dspark_prior = mean if self._dspark_prior is None else (1 - weight) * self._dspark_prior + weight * mean
+        self.dspark_survival.update(drafted.confidence.float().cumprod(1))
         self.chose_dspark += int(use_dspark.sum())
         self.chose_lookup += int((~use_dspark).sum())
         # Lookup rows verify as one-hot proposals: log-probability 0 at the draft, -inf elsewhere.
