@@ -342,7 +342,8 @@ def test_lagged_forecasts_start_from_the_drafters_heldout_survival():
 def test_a_lagged_plan_needs_no_margin():
     """A fresh plan must promise PLAN_MARGIN x the rate of drafting nothing; a lagged plan
     (a mean of its drafter's own confidences on this text, a lower bound of what the round's
-    own lengths achieve) only has to beat it."""
+    own lengths achieve) only has to beat it in a round of one request; with several, whose
+    uneven lengths the profile under-prices, it needs the margin too."""
     from dspark_ext.generate import LAGGED_PLAN_MARGIN, PLAN_MARGIN, _Generation
     from dspark_ext.protocols import DraftPlan
 
@@ -366,3 +367,9 @@ def test_a_lagged_plan_needs_no_margin():
         active = torch.ones(1, dtype=torch.bool)
         plan = state.choose_plan(state.draft_context(), torch.tensor([K]), active)
         assert (None if plan is None else plan.name) == chosen
+    survival = torch.tensor([[0.03, 0.0, 0.0], [0.03, 0.0, 0.0]])  # two requests: 1.03x again
+    for fresh in (True, False):
+        state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost,
+                            None)
+        active = torch.ones(2, dtype=torch.bool)
+        assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active) is None
