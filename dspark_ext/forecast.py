@@ -40,6 +40,12 @@ class SurvivalForecast:
             self.prior = torch.tensor([float(p) for p in prior], dtype=torch.float32)
             self.prior_rounds = PRIOR_ROUNDS
 
+    @classmethod
+    def for_drafter(cls, drafter) -> "SurvivalForecast":
+        """The forecast of ``drafter``'s drafts, from its config's ``heldout_survival`` when it
+        has one."""
+        return cls(int(drafter.num_draft), getattr(getattr(drafter, "cfg", None), "heldout_survival", None))
+
     def resize(self, num_requests: int) -> None:
         """Forget every request when the batch size changes (a new batch)."""
         if self.rounds.shape[0] != num_requests:

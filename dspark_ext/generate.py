@@ -205,9 +205,8 @@ class _Generation:
         self.features_shown = torch.zeros(B, dtype=torch.int64, device=device)
         # The loop's own forecast for drafters that report confidences but no ``plans``: the
         # survival their confidences gave each request so far (``dspark_ext.forecast``).
-        self.lagged_survival = SurvivalForecast(K, getattr(getattr(drafter, "cfg", None), "heldout_survival", None))
+        self.lagged_survival = SurvivalForecast.for_drafter(drafter)
         self.lagged_survival.resize(B)
-        self.lagged_updates = 0
         self.rounds_without: Dict[str, int] = {}
         self.probe_interval: Dict[str, int] = {}
         self._step_seconds: Dict[int, torch.Tensor] = {}
@@ -305,7 +304,7 @@ class _Generation:
         confidences but no plans (none for the others: they always draft)."""
         if hasattr(self.drafter, "plans"):
             return list(self.drafter.plans(context))
-        if self.result.num_rounds > 0 and self.lagged_updates == 0:
+        if self.result.num_rounds > 0 and not bool(self.lagged_survival.rounds.any()):
             return []  # no confidences seen yet after a round of drafting: nothing to forecast
         return [DraftPlan("lagged", survival=self.lagged_survival.forecast().to(self.device),
                           parts=(getattr(self.drafter, "cost_name", type(self.drafter).__name__),), fresh=False)]
@@ -355,7 +354,6 @@ class _Generation:
             raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
         if draft.confidence is not None:
             self.lagged_survival.update(draft.confidence.float().cumprod(1))
-            self.lagged_updates += 1
         return draft
 
     def verification_lengths(self, draft: Draft, plan: Optional[DraftPlan], caps: torch.Tensor,

@@ -38,8 +38,7 @@ class HybridDrafter:
         self.lookup = lookup
         self.num_draft = int(dspark.num_draft)
         self.dspark_cost_name = getattr(dspark, "cost_name", "dspark")
-        self.dspark_survival = SurvivalForecast(self.num_draft, getattr(getattr(dspark, "cfg", None),
-                                                                        "heldout_survival", None))
+        self.dspark_survival = SurvivalForecast.for_drafter(dspark)
         self._dspark_fed = torch.zeros(0, dtype=torch.int64)  # context features DSpark has been given
         self.rounds = {"lookup": 0, "hybrid": 0}
         self.chose_dspark = 0
