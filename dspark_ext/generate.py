@@ -4,7 +4,8 @@ One round, for every unfinished request b (finished requests send nothing):
 
 1. **plan** (with a cost profile): from forecasts that only look at earlier rounds, pick how to
    draft, or not to draft at all, whichever promises the most tokens per second once the
-   drafting is paid for (``choose_plan``);
+   drafting is paid for (``choose_plan``; in a batch, a request's drafts count by its chance
+   of being the last to finish, since the call ends with it: ``draft_worth``);
 2. the drafter proposes K tokens (skipped when K = 0 or the plan is not to draft);
 3. n_b of them are kept: K capped by the tokens left (``max_new - generated - 1``), or, with a
    draft confidence and a throughput table, what ``dspark::schedule`` chooses under those caps
@@ -33,7 +34,7 @@ import torch
 
 from dspark_ext.forecast import SurvivalForecast
 from dspark_ext.protocols import Draft, DraftContext, DraftPlan, Drafter, Target
-from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
+from dspark_ext.scheduling import best_throughput, lead_discounts, plain_decoding_throughput
 
 PerRequestInt = Union[int, Sequence[int]]
 PerRequestFloat = Union[float, Sequence[float]]
@@ -210,6 +211,9 @@ class _Generation:
         self.rounds_without: Dict[str, int] = {}
         self.probe_interval: Dict[str, int] = {}
         self._step_seconds: Dict[int, torch.Tensor] = {}
+        self.plan_lengths: Optional[torch.Tensor] = None  # set by choose_plan
+        # Sum, sum of squares and count of the tokens a request made per round in this call.
+        self.round_tokens = (0.0, 0.0, 0)
         self._schedule_tables: Dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ helpers
@@ -309,9 +313,29 @@ class _Generation:
         return [DraftPlan("lagged", survival=self.lagged_survival.forecast().to(self.device),
                           parts=(getattr(self.drafter, "cost_name", type(self.drafter).__name__),), fresh=False)]
 
+    def draft_worth(self, active: torch.Tensor) -> Optional[List[float]]:
+        """What a draft token of each active request is worth to the call (``lead_discounts``),
+        or None in a round of one request: from how far each request is ahead of the one with
+        the most tokens left, and how much the tokens a request makes per round have varied in
+        this call (its mean m and variance v, over the max(left) / m rounds the call has left:
+        a spread of sqrt(rounds x v) tokens)."""
+        left = (self.max_new - self.generated)[active].tolist()
+        if len(left) <= 1:
+            return None
+        total, squares, count = self.round_tokens
+        spread = 0.0
+        if count:
+            mean = total / count
+            spread = (max(left) / mean * max(squares / count - mean * mean, 0.0)) ** 0.5
+        return lead_discounts([max(left) - r_left for r_left in left], spread)
+
     def choose_plan(self, context: DraftContext, caps: torch.Tensor, active: torch.Tensor) -> Optional[DraftPlan]:
-        """The plan with the most expected tokens per second, or None (draft nothing). Every
-        input is fixed before this round draws a token: earlier rounds and the sequence so far."""
+        """The plan with the most expected tokens per second, or None (draft nothing). A draft
+        counts as much as it can bring the call's end closer (``draft_worth``); in a round of
+        several requests this also sets ``plan_lengths``, the lengths the plan was priced at.
+        Every input is fixed before this round draws a token: earlier rounds, the sequence so far
+        and the tokens each request has made."""
+        self.plan_lengths = None
         if self.K == 0 or not bool((caps > 0).any()):
             return None
         plans = self.plans(context, active) if self.cost is not None else []
@@ -320,15 +344,16 @@ class _Generation:
         R = int(active.sum())
         step_seconds = self.step_seconds(R)
         plain = plain_decoding_throughput(R, step_seconds)
-        best, best_rate = None, 0.0
+        worth = self.draft_worth(active)
+        best, best_rate, best_lengths = None, 0.0, None
         for plan in plans:
             survival = plan.survival[active]
             if not bool((survival > 0).any()):
                 continue  # nothing to gain: it cannot beat drafting nothing
-            rate = best_throughput(survival, caps[active], step_seconds, self.draft_seconds(plan, R))
+            rate, lengths = best_throughput(survival, caps[active], step_seconds, self.draft_seconds(plan, R), worth)
             margin = LAGGED_PLAN_MARGIN if not plan.fresh and R == 1 else PLAN_MARGIN
             if rate > margin * plain and rate > best_rate:
-                best, best_rate = plan, rate
+                best, best_rate, best_lengths = plan, rate, lengths
         for plan in plans:  # probe forecasts that only refresh when their plan runs
             if plan.fresh:
                 continue
@@ -338,9 +363,12 @@ class _Generation:
                 self.probe_interval[plan.name] = PROBE_INTERVAL
             elif waited + 1 >= interval:
                 self.probe_interval[plan.name] = min(2 * interval, MAX_PROBE_INTERVAL)
-                best = plan
+                best, best_lengths = plan, None
         for plan in plans:
             self.rounds_without[plan.name] = 0 if best is plan else self.rounds_without.get(plan.name, 0) + 1
+        if best_lengths is not None and worth is not None:
+            self.plan_lengths = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+            self.plan_lengths[active] = torch.tensor(best_lengths, dtype=torch.int64, device=self.device)
         return best
 
     def propose(self, context: DraftContext, plan: Optional[DraftPlan]) -> Draft:
@@ -410,6 +438,9 @@ class _Generation:
             target_logits, draft_ids, draft_logits, _cumsum0(n_active), self.temperatures[rows], self.seeds[rows],
             self.generated[rows], K)
         num_accepted = num_accepted.long()
+        made = num_accepted.double() + 1.0
+        total, squares, count = self.round_tokens
+        self.round_tokens = (total + float(made.sum()), squares + float((made * made).sum()), count + int(made.numel()))
 
         if out.hidden_states is not None:
             # The anchor and the accepted drafts are now context: their rows keep their features.
@@ -454,6 +485,8 @@ class _Generation:
         self.result.time_draft += self.clock() - t0
         name = "none" if plan is None else plan.name
         self.result.plan_rounds[name] = self.result.plan_rounds.get(name, 0) + 1
+        if self.plan_lengths is not None:  # drafts past the priced lengths were worth less than they cost
+            caps = torch.minimum(caps, self.plan_lengths)
         num_draft = self.verification_lengths(draft, plan, caps, active)
         self.verify_round(draft, num_draft, active)
 

@@ -8,7 +8,7 @@ Algorithm 1 composed from torch ops (bitwise equal to the op, the baseline of
 bench/bench_schedule.py).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -125,25 +125,77 @@ def schedule_async(
 
 
 def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: torch.Tensor,
-                    draft_seconds: float) -> float:
+                    draft_seconds: float, weights: Optional[Sequence[float]] = None) -> Tuple[float, List[int]]:
     """The best expected tokens per second of one round in which R requests draft with
     forecast ``survival`` [R, K] (P(first j + 1 drafts accepted)), at most ``caps`` [R] drafts
     each, the drafting costs ``draft_seconds`` and verifying n tokens costs ``step_seconds[n]``
     (a 1-D CPU float64 table): the maximum over Algorithm 1's admission order of
-    tau(n) / (draft_seconds + step_seconds[n]), tau(n) = R + the admitted survivals. The whole
-    order is searched: forecasts are fixed before the round, as in ``schedule_async``."""
+    tau(n) / (draft_seconds + step_seconds[n]), tau(n) = R + the admitted survivals; and the
+    draft lengths [R] that reach it. The whole order is searched: forecasts are fixed before the
+    round, as in ``schedule_async``.
+
+    ``weights`` [R] in [0, 1] (default all 1): what a draft token of each request is worth
+    (e.g. ``lead_discounts``). Request r's drafts count ``weights[r] * survival[r, j]``, still
+    falling with j, so the admitted drafts stay a prefix of each request; the R tokens every
+    round makes count 1 each, so all weights 1 is the plain tokens-per-second objective."""
     num_requests, num_draft = survival.shape
     # Plain Python: a round plans over a few dozen candidates, where tensor ops cost more in
     # dispatch than in work (the loop calls this every round).
     caps_list, step = caps.tolist(), step_seconds.tolist()
-    ordered = sorted((value for row, cap in zip(survival.tolist(), caps_list) for value in row[:max(cap, 0)]
-                      if value > 0), reverse=True)[: max(len(step) - 1 - num_requests, 0)]  # NaN > 0 is False
+    weight_list = [1.0] * num_requests if weights is None else [float(w) for w in weights]
+    ordered = sorted(((weight * value, row) for row, (values, cap, weight)
+                      in enumerate(zip(survival.tolist(), caps_list, weight_list))
+                      for value in values[:max(cap, 0)] if value > 0 and weight > 0),  # NaN > 0 is False
+                     key=lambda candidate: -candidate[0])[: max(len(step) - 1 - num_requests, 0)]
+    lengths, best_lengths = [0] * num_requests, [0] * num_requests
     best = tau = float(num_requests)
     best /= draft_seconds + step[num_requests]
-    for admitted, value in enumerate(ordered, start=1):
+    for admitted, (value, row) in enumerate(ordered, start=1):
         tau += value
-        best = max(best, tau / (draft_seconds + step[num_requests + admitted]))
-    return best
+        lengths[row] += 1
+        rate = tau / (draft_seconds + step[num_requests + admitted])
+        if rate > best:
+            best, best_lengths = rate, list(lengths)
+    return best, best_lengths
+
+
+#: ``lead_discounts``: a request more than this many spreads ahead counts 0 (its chance of
+#: being last is then below 1e-17 of the leader's), and the quadrature grid of shortfalls
+#: reaches this far past the others, in spreads, at ``_GRID_STEP`` spreads per point.
+_IRRELEVANT_LEAD = 12.0
+_GRID_REACH = 8.0
+_GRID_STEP = 0.05
+
+
+def lead_discounts(ahead: Sequence[float], spread: float) -> List[float]:
+    """What a token of each request of a batch call is worth to the call, in [0, 1]: its chance
+    of being the last to finish (the call ends with that one), relative to the likeliest last.
+
+    ``ahead[r]``: how many tokens request r is ahead of the one with the most left (>= 0).
+    ``spread``: the standard deviation, in tokens, of how far a request gets by the time the
+    call would end. Model: each request's shortfall then is normal, mean -ahead[r], sd
+    ``spread``, independent; r is last when its shortfall is the largest, with probability
+    integral f_r(x) prod_{c != r} F_c(x) dx (f, F: its density and distribution). With all
+    requests level every token is worth 1 (tokens per second); a lead that the others' luck is
+    unlikely to erase makes that request's drafts worth little. ``spread`` 0: 1 for the
+    requests with the most left, 0 for the others. Cost O(distinct leads x grid), whatever R."""
+    ahead = [float(a) for a in ahead]
+    if not ahead or min(ahead) == max(ahead):
+        return [1.0] * len(ahead)
+    if not spread > 0:
+        return [1.0 if a <= min(ahead) else 0.0 for a in ahead]
+    lead = torch.tensor(ahead, dtype=torch.float64)
+    lead = lead - lead.min()
+    values, inverse, counts = torch.unique(lead, return_inverse=True, return_counts=True)
+    x = torch.arange(-(_IRRELEVANT_LEAD + _GRID_REACH), _GRID_REACH + _GRID_STEP / 2, _GRID_STEP,
+                     dtype=torch.float64) * spread  # shortfalls
+    standardised = (x[None, :] + values[:, None]) / spread  # [distinct, grid]
+    log_below = torch.special.log_ndtr(standardised)
+    log_all_below = (counts[:, None].double() * log_below).sum(0)  # log prod over every request
+    density = torch.exp(-0.5 * standardised**2)
+    last = (density * torch.exp(log_all_below[None, :] - log_below)).sum(1)  # the others below r's
+    last = torch.where(values <= _IRRELEVANT_LEAD * spread, last, 0.0)
+    return (last / last.max())[inverse].tolist()
 
 
 def plain_decoding_throughput(num_requests: int, step_seconds: torch.Tensor) -> float:

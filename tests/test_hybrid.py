@@ -16,7 +16,7 @@ from dspark_ext.drafters.hybrid import HybridDrafter
 from dspark_ext.drafters.lookup import NUM_RECORDS, LookupCalibration
 from dspark_ext.generate import generate
 from dspark_ext.protocols import Draft, DraftContext
-from dspark_ext.scheduling import best_throughput, plain_decoding_throughput
+from dspark_ext.scheduling import best_throughput, lead_discounts, plain_decoding_throughput
 from helpers import assert_matches_distribution, check_distribution, sequence_codes
 from toy_targets import TrigramTarget
 
@@ -145,22 +145,45 @@ def test_greedy_equals_plain_decoding(cost):
 
 
 def test_best_throughput_is_the_best_prefix_of_the_admission_order():
+    """Unweighted and weighted (a draft of request r worth weights[r] of a token), against every
+    set of drafts that is a prefix per request; the lengths returned reach the rate returned."""
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):
+    for trial in range(80):
         R = int(torch.randint(1, 4, (1,), generator=g))
         survival = torch.rand(R, K, generator=g).cumprod(1)
         caps = torch.randint(0, K + 1, (R,), generator=g)
         step = torch.cat([torch.zeros(1), 1.0 + 0.1 * torch.rand(R * (K + 1), generator=g).cumsum(0)]).double()
         draft = float(torch.rand(1, generator=g))
-        got = best_throughput(survival, caps, step, draft)
-        # brute force over every set of admitted drafts that is a prefix per request
-        best = R / (draft + float(step[R]))
-        for lengths in itertools.product(*[range(int(c) + 1) for c in caps]):
-            n = R + sum(lengths)
-            tau = R + sum(float(survival[r, :l].sum()) for r, l in enumerate(lengths))
-            best = max(best, tau / (draft + float(step[n])))
+        weights = None if trial % 2 == 0 else torch.rand(R, generator=g).tolist()
+        got, lengths = best_throughput(survival, caps, step, draft, weights)
+        w = [1.0] * R if weights is None else weights
+
+        def rate(prefix):
+            tau = R + sum(w[r] * float(survival[r, :l].sum()) for r, l in enumerate(prefix))
+            return tau / (draft + float(step[R + sum(prefix)]))
+
+        best = max(rate(prefix) for prefix in itertools.product(*[range(int(c) + 1) for c in caps]))
         assert got == pytest.approx(best, rel=1e-6)  # float32 survivals summed in float64 or float32
+        assert rate(lengths) == pytest.approx(got, rel=1e-6)
+        assert all(0 <= l <= int(c) for l, c in zip(lengths, caps))
     assert plain_decoding_throughput(2, torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)) == 0.5
+
+
+def test_lead_discounts_are_the_chance_of_being_last_relative_to_the_likeliest():
+    """The quadrature against a Monte Carlo of the model it states (independent normal
+    shortfalls, mean -ahead, sd spread), and its limits."""
+    g = torch.Generator().manual_seed(3)
+    for ahead, spread in (([0.0, 0.0, 2.0, 5.0], 3.0), ([0.0, 1.0], 0.7), ([4.0, 0.0, 0.0], 10.0)):
+        shortfall = -torch.tensor(ahead, dtype=torch.float64) + spread * torch.randn(400_000, len(ahead), generator=g,
+                                                                                      dtype=torch.float64)
+        last = torch.bincount(shortfall.argmax(1), minlength=len(ahead)).double()
+        expected = (last / last.max()).tolist()
+        assert lead_discounts(ahead, spread) == pytest.approx(expected, abs=0.01)
+    assert lead_discounts([0.0, 0.0, 0.0], 2.0) == pytest.approx([1.0, 1.0, 1.0])  # level: tokens per second
+    assert lead_discounts([0.0, 3.0, 0.0], 0.0) == [1.0, 0.0, 1.0]  # no uncertainty: only the last count
+    falling = lead_discounts([0.0, 1.0, 2.0, 4.0, 8.0], 2.0)
+    assert all(a > b for a, b in zip(falling, falling[1:]))
+    assert lead_discounts([], 1.0) == []
 
 
 def test_lookup_calibration_fit_and_round_trip(tmp_path):
@@ -373,3 +396,37 @@ def test_a_lagged_plan_needs_no_margin():
                             None)
         active = torch.ones(2, dtype=torch.bool)
         assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active) is None
+
+
+def test_a_lead_nobody_can_catch_makes_drafts_worthless():
+    """A call ends with its last request: with a cost profile and several requests, a draft of a
+    request that is ahead counts by its chance of still being last (``lead_discounts``). When no
+    round has varied yet (spread 0), only the requests with the most tokens left are planned
+    drafts; once progress has varied, a small lead still counts."""
+    from dspark_ext.generate import _Generation
+    from dspark_ext.protocols import DraftPlan
+
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    cost = ToyCost(base=1.0, per_token=0.01, draft={"a": 0.0})
+    survival = torch.tensor([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]])
+
+    class Planned:
+        num_draft = K
+
+        def plans(self, context):
+            return [DraftPlan("p", survival=survival[:context.tokens.shape[0]], parts=("a",))]
+
+    state = _Generation(target, Planned(), [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
+    active = torch.ones(2, dtype=torch.bool)
+    state.generated = torch.tensor([3, 0])  # request 0 is 3 tokens ahead
+    state.round_tokens = (20.0, 20.0, 20)  # 20 request-rounds of one token each: no spread
+    assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active).name == "p"
+    assert state.plan_lengths.tolist() == [0, K]
+    assert state.draft_worth(active) == [0.0, 1.0]
+    state.round_tokens = (40.0, 100.0, 20)  # mean 2, variance 1: over ~20 rounds a spread of ~4.4 tokens
+    assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active).name == "p"
+    assert state.plan_lengths.tolist() == [K, K]
+    assert 0.3 < state.draft_worth(active)[0] < 1.0
+    one = _Generation(target, Planned(), [torch.tensor([1, 2])], [40], 1.0, 0, None, None, cost, None)
+    assert one.choose_plan(one.draft_context(), torch.tensor([K]), torch.ones(1, dtype=torch.bool)).name == "p"
+    assert one.plan_lengths is None and one.draft_worth(torch.ones(1, dtype=torch.bool)) is None
