@@ -7,7 +7,8 @@ head's Sequential Temperature Scaling (STS, paper Sec. 3.2.1).
 * ``calibrate_sts`` fits one temperature per draft position on held-out rollouts so that the
   cumulative confidence ``P_k = prod_{i<=k} sigmoid(z_i / T_i)`` matches the observed prefix
   acceptance ``y_k = 1[first k drafts accepted]``; ``STSCalibration.temperatures`` goes to
-  ``ConfidenceHead.set_sts_temperature``.
+  ``ConfidenceHead.set_sts_temperature``. With ``bias=True`` each position also gets an offset,
+  ``sigmoid(z_i / T_i + b_i)``: one temperature cannot remove a head's offset (bench/RESULTS.md).
 * ``reliability_diagram`` plots P_k against y_k before and after STS (needs matplotlib).
 
 Everything here is plain torch on the CPU in float64; nothing needs the compiled library.
@@ -243,7 +244,8 @@ def _check_num_bins(num_bins: int) -> None:
 class STSCalibration:
     """What ``calibrate_sts`` returns. ``temperatures`` float32 [K] goes to
     ``ConfidenceHead.set_sts_temperature``; the metrics are float64 [K], per position k, of the
-    cumulative confidence P_k against the prefix acceptance y_k, before (all T = 1) and after STS."""
+    cumulative confidence P_k against the prefix acceptance y_k, before (all T = 1) and after STS.
+    ``biases`` float32 [K] (``calibrate_sts(bias=True)``; None without) goes with them."""
 
     temperatures: torch.Tensor
     ece_before: torch.Tensor
@@ -259,6 +261,7 @@ class STSCalibration:
     at_grid_edge: Optional[torch.Tensor] = None
     #: int [K]: held-out rollouts whose first k drafts were all accepted (the positives of P_k).
     positives: Optional[torch.Tensor] = None
+    biases: Optional[torch.Tensor] = None
 
     @property
     def edge_positions(self) -> list:
@@ -284,8 +287,9 @@ class STSCalibration:
         for k in range(self.temperatures.numel()):
             edge = " (grid edge)" if k + 1 in self.edge_positions else ""
             count = "" if self.positives is None else str(int(self.positives[k]))
+            offset = "" if self.biases is None else f", b = {self.biases[k].item():+.3f}"
             lines.append(
-                f"| {k + 1} | {self.temperatures[k].item():.3f}{edge} "
+                f"| {k + 1} | {self.temperatures[k].item():.3f}{offset}{edge} "
                 f"| {self.ece_before[k].item():.4f} → {self.ece_after[k].item():.4f} "
                 f"| {self.auroc_before[k].item():.4f} / {self.auroc_after[k].item():.4f} "
                 f"| {self.brier_before[k].item():.4f} / {self.brier_after[k].item():.4f} | {count} |"
@@ -298,13 +302,17 @@ class STSCalibration:
         return "\n".join(lines)
 
 
-def cumulative_confidence(conf_logits: torch.Tensor, temperatures: Optional[Temperatures] = None) -> torch.Tensor:
-    """``P`` [N, K] float64: ``P[:, k] = prod_{i<=k} sigmoid(z_i / T_i)``, the probability that the
-    first k + 1 drafts are all accepted, from raw confidence logits ``conf_logits`` [N, K]
-    (``temperatures`` [K], default all 1)."""
+def cumulative_confidence(conf_logits: torch.Tensor, temperatures: Optional[Temperatures] = None,
+                          biases: Optional[Temperatures] = None) -> torch.Tensor:
+    """``P`` [N, K] float64: ``P[:, k] = prod_{i<=k} sigmoid(z_i / T_i + b_i)``, the probability
+    that the first k + 1 drafts are all accepted, from raw confidence logits ``conf_logits``
+    [N, K] (``temperatures`` [K], default all 1; ``biases`` [K], default all 0)."""
     z = _check_conf_logits(conf_logits)
     t = _check_temperatures(temperatures, z.shape[1])
-    return torch.sigmoid(z / t).cumprod(dim=1)
+    b = torch.zeros(z.shape[1], dtype=torch.float64) if biases is None else torch.as_tensor(biases).detach().double()
+    if tuple(b.shape) != (z.shape[1],) or not bool(torch.isfinite(b).all()):
+        raise ValueError(f"biases must be finite with shape [K] = [{z.shape[1]}], got {b.tolist()}")
+    return torch.sigmoid(z / t + b).cumprod(dim=1)
 
 
 def prefix_acceptance(accepted: torch.Tensor, num_rollouts: int, num_draft: int) -> torch.Tensor:
@@ -327,7 +335,8 @@ def prefix_acceptance(accepted: torch.Tensor, num_rollouts: int, num_draft: int)
 
 
 def calibrate_sts(
-    conf_logits: torch.Tensor, accepted: torch.Tensor, *, num_bins: int = 20, grid_size: int = 241
+    conf_logits: torch.Tensor, accepted: torch.Tensor, *, num_bins: int = 20, grid_size: int = 241,
+    bias: bool = False,
 ) -> STSCalibration:
     """Sequential Temperature Scaling on held-out rollouts.
 
@@ -338,6 +347,12 @@ def calibrate_sts(
     among them), then a finer log grid between the best one's neighbours. Ties go to the T
     closest to 1 in log space. A temperature keeps each position's ranking, so P_1's AUROC
     does not change.
+
+    ``bias``: each position then also gets an offset b_k, fitted with T_k in the same order:
+    (1 / T_k, b_k) minimise the binary cross-entropy of P_{k-1} sigmoid(z_k / T_k + b_k)
+    against y_k (Platt scaling inside the product, from the ECE-best T_k and b_k = 0; T_k kept
+    in [STS_MIN_T, STS_MAX_T]). An offset can move a position's ranking only together with the
+    earlier positions' product, so P_1's AUROC still does not change.
     """
     z = _check_conf_logits(conf_logits)
     num_rollouts, num_draft = z.shape
@@ -349,6 +364,7 @@ def calibrate_sts(
     coarse = torch.linspace(math.log(STS_MIN_T), math.log(STS_MAX_T), grid_size, dtype=torch.float64).exp()
     coarse = torch.cat([coarse, torch.ones(1, dtype=torch.float64)]).unique()  # sorted
     temperatures = torch.ones(num_draft, dtype=torch.float32)  # what the head applies: later positions see it
+    biases = torch.zeros(num_draft, dtype=torch.float32)
     at_edge = torch.zeros(num_draft, dtype=torch.bool)
     prev = torch.ones(num_rollouts, dtype=torch.float64)  # P_{k-1} with the temperatures found so far
     for k in range(num_draft):
@@ -362,11 +378,37 @@ def calibrate_sts(
         temperatures[k] = _pick(torch.cat([coarse, fine]), eces)
         # An end of the range that is as good as the choice: the ECE is flat or still falling there.
         at_edge[k] = bool(torch.minimum(coarse_ece[0], coarse_ece[-1]) <= eces.min() + _ECE_TIE)
-        prev = prev * torch.sigmoid(z[:, k] / temperatures[k].double())
+        if bias:
+            temperatures[k], biases[k] = _fit_offset(prev, z[:, k], y[:, k], float(temperatures[k]))
+            at_edge[k] = bool(temperatures[k] <= STS_MIN_T * (1 + 1e-6) or temperatures[k] >= STS_MAX_T * (1 - 1e-6))
+        prev = prev * torch.sigmoid(z[:, k] / temperatures[k].double() + biases[k].double())
 
-    before, after = _position_metrics(z, y, None, num_bins), _position_metrics(z, y, temperatures, num_bins)
+    before = _position_metrics(z, y, None, num_bins)
+    after = _position_metrics(z, y, temperatures, num_bins, biases if bias else None)
     return STSCalibration(temperatures, before[0], after[0], before[1], after[1], before[2], after[2], num_bins,
-                          at_edge, y.sum(dim=0).to(torch.int64))
+                          at_edge, y.sum(dim=0).to(torch.int64), biases.clone() if bias else None)
+
+
+def _fit_offset(prev: torch.Tensor, z: torch.Tensor, y: torch.Tensor, temperature: float) -> Tuple[float, float]:
+    """(T, b) minimising the binary cross-entropy of ``prev * sigmoid(z / T + b)`` against ``y``,
+    from (``temperature``, 0), T clamped to [STS_MIN_T, STS_MAX_T] (LBFGS in float64)."""
+    low, high = math.log(1 / STS_MAX_T), math.log(1 / STS_MIN_T)
+    params = torch.tensor([math.log(1 / temperature), 0.0], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
+
+    def loss():
+        optimizer.zero_grad()
+        scale = params[0].clamp(low, high).exp()
+        p = (prev * torch.sigmoid(z * scale + params[1])).clamp(1e-12, 1 - 1e-12)
+        value = torch.nn.functional.binary_cross_entropy(p, y)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(loss)
+    scale = float(params[0].detach().clamp(low, high).exp())
+    return 1.0 / scale, float(params[1].detach())
 
 
 def _ece_over_temperatures(
@@ -385,10 +427,11 @@ def _pick(temperatures: torch.Tensor, eces: torch.Tensor) -> torch.Tensor:
 
 
 def _position_metrics(
-    z: torch.Tensor, y: torch.Tensor, temperatures: Optional[torch.Tensor], num_bins: int
+    z: torch.Tensor, y: torch.Tensor, temperatures: Optional[torch.Tensor], num_bins: int,
+    biases: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position (ECE, AUROC, Brier), float64 [K] each, of P_k against y_k."""
-    p = cumulative_confidence(z, temperatures)
+    p = cumulative_confidence(z, temperatures, biases)
     ece = torch.cat([_ece(p[None, :, k], y[:, k], num_bins) for k in range(z.shape[1])])
     roc = torch.tensor([_auroc(p[:, k], y[:, k]) for k in range(z.shape[1])], dtype=torch.float64)
     brier = (p - y).square().mean(dim=0)
@@ -442,14 +485,15 @@ def reliability_diagram(
     num_rollouts, num_draft = z.shape
     y = prefix_acceptance(accepted, num_rollouts, num_draft)
     _check_num_bins(num_bins)
+    biases = None
     if isinstance(calibration_or_temperatures, STSCalibration):
-        temperatures = calibration_or_temperatures.temperatures
+        temperatures, biases = calibration_or_temperatures.temperatures, calibration_or_temperatures.biases
     else:
         temperatures = calibration_or_temperatures
     temperatures = _check_temperatures(temperatures, num_draft)
     curves = {
         "before (T = 1)": ("tab:red", cumulative_confidence(z)),
-        "after STS": ("tab:blue", cumulative_confidence(z, temperatures)),
+        "after STS": ("tab:blue", cumulative_confidence(z, temperatures, biases)),
     }
 
     num_cols = min(4, num_draft)

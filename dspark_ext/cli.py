@@ -394,7 +394,7 @@ def _plot_acceptance(rates: dict, path: Path, title: str) -> None:
 def cmd_train(args) -> int:
     import shutil
 
-    from dspark_ext.train import RecipeConfig, TrainConfig, run_recipe
+    from dspark_ext.train import RecipeConfig, TrainConfig, recalibrate_saved, run_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -415,13 +415,20 @@ def cmd_train(args) -> int:
                           compile=not args.no_compile, restart_lr=args.restart_lr),
         time_budget_s=budgets, restart_budget_s=restarts, seed=args.seed, sharegpt_answer_tokens=args.sharegpt_answer_tokens,
         layout=args.layout, noise_token_id=args.noise_token_id, init_from_target=args.init_from_target, sts_prompts=args.sts_prompts,
+        sts_bias=args.sts_bias,
         sweep_lrs=[float(x) for x in args.sweep_lrs.split(",") if x],
         sweep_inits=[{"random": False, "target": True}[x] for x in args.sweep_inits.split(",") if x],
         sweep_minutes=args.sweep_minutes)
     data_target = None
     if args.data_dtype != "float32":
         data_target, _ = _load_target(args, dtype=getattr(torch, args.data_dtype))
-    summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr), data_target=data_target)
+    if args.recalibrate:
+        if not (Path(args.out) / "dspark" / "drafter" / "config.json").is_file():
+            raise CliError(f"--recalibrate needs a trained DSpark drafter in {Path(args.out) / 'dspark' / 'drafter'}")
+        summary = {"variants": {"dspark": {"sts": recalibrate_saved(cfg, target, tokenizer, log=lambda m: print(
+            m, file=sys.stderr), data_target=data_target)}}}
+    else:
+        summary = run_recipe(cfg, target, tokenizer, log=lambda m: print(m, file=sys.stderr), data_target=data_target)
     if args.install:
         if "dspark" not in summary["variants"]:
             raise CliError("--install needs the dspark variant")
@@ -601,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sts-prompts", type=int, default=0,
                    help="more ShareGPT prompts (from the end of its shuffle, never trained on) whose answers, "
                         "written by the target, only calibrate STS")
+    t.add_argument("--sts-bias", action="store_true",
+                   help="calibrate each draft position with an offset beside its STS temperature, "
+                        "sigmoid(z / T + b): one temperature cannot remove a confidence head's offset")
+    t.add_argument("--recalibrate", action="store_true",
+                   help="train nothing: refit the confidence calibration of the DSpark drafter already in "
+                        "--out (as saved) on the recipe's held-out and --sts-prompts answers, regenerating "
+                        "any the folder lacks")
     t.add_argument("--init-from-target", action="store_true",
                    help="start the backbone layer as a copy of the target's last layer (the sweep can decide instead)")
     t.add_argument("--sweep-lrs", default="",

@@ -141,9 +141,12 @@ class ConfidenceHead(nn.Module):
     ``linear`` holds ``[w_h, w_prev]`` and ``bias``; ``h_k`` [H] is the backbone's hidden state
     at position k and ``W1`` the Markov head's embedding. ``sts_temperature`` [K] holds the
     per-position calibration temperatures (shape [0]: uncalibrated, all 1); it is saved in
-    the state dict."""
+    the state dict. ``sts_bias`` [K] (shape [0]: none) adds a per-position offset after the
+    temperature, ``sigmoid(z / T_k + b_k)`` (``calibrate_sts(bias=True)``); it travels in the
+    drafter's config, not the state dict, so checkpoints without it load unchanged."""
 
     sts_temperature: torch.Tensor
+    sts_bias: torch.Tensor
 
     def __init__(self, hidden_size: int, rank: int):
         super().__init__()
@@ -151,15 +154,24 @@ class ConfidenceHead(nn.Module):
         self.rank = rank
         self.linear = nn.Linear(hidden_size + rank, 1)
         self.register_buffer("sts_temperature", torch.ones(0))
+        self.register_buffer("sts_bias", torch.zeros(0), persistent=False)
 
-    def set_sts_temperature(self, temperature: Optional[Union[torch.Tensor, Sequence[float]]]) -> None:
-        """Installs the calibrated per-position temperatures [K] (None or [] = uncalibrated)."""
+    def set_sts_temperature(self, temperature: Optional[Union[torch.Tensor, Sequence[float]]],
+                            bias: Optional[Union[torch.Tensor, Sequence[float]]] = None) -> None:
+        """Installs the calibrated per-position temperatures [K] (None or [] = uncalibrated) and,
+        optionally, per-position biases [K] (None or [] = none; only with temperatures)."""
         t = torch.as_tensor([] if temperature is None else temperature, dtype=torch.float32).detach()
         if t.dim() != 1:
             raise ValueError(f"sts temperature must have shape [K], got {list(t.shape)}")
         if not bool((torch.isfinite(t) & (t > 0)).all()):
             raise ValueError(f"sts temperatures must be finite and > 0, got {t.tolist()}")
+        b = torch.as_tensor([] if bias is None else bias, dtype=torch.float32).detach()
+        if b.numel() and tuple(b.shape) != tuple(t.shape):
+            raise ValueError(f"sts bias must have the temperatures' shape {list(t.shape)}, got {list(b.shape)}")
+        if not bool(torch.isfinite(b).all()):
+            raise ValueError(f"sts biases must be finite, got {b.tolist()}")
         self.sts_temperature = t.to(self.sts_temperature.device).clone()
+        self.sts_bias = b.to(self.sts_temperature.device).clone()
 
     def forward(self, hidden_states: torch.Tensor, prev_embedding: torch.Tensor) -> torch.Tensor:
         """Confidence logits z [B, K] float32 (before STS and sigmoid), for BCE-with-logits training.
@@ -179,7 +191,9 @@ class ConfidenceHead(nn.Module):
         """Calibrated confidence [B, K] float32: ``sigmoid(forward(...) / sts_temperature)``."""
         z = self(hidden_states, prev_embedding)
         sts = self._sts_for(z.shape[-1])
-        return torch.sigmoid(z if sts is None else z / sts)
+        if sts is None:
+            return torch.sigmoid(z)
+        return torch.sigmoid(z / sts + self.sts_bias.float()) if self.sts_bias.numel() else torch.sigmoid(z / sts)
 
     def op_arguments(self, hidden_states: torch.Tensor):
         """``(conf_base [B, K], conf_w_prev [r], conf_temperature [K] or None)``, float32, for
@@ -191,6 +205,9 @@ class ConfidenceHead(nn.Module):
         conf_base = hidden_states.detach().float() @ weight[: self.hidden_size] + bias
         sts = self._sts_for(hidden_states.shape[1])
         conf_temperature = None if sts is None else sts.to(hidden_states.device)
+        if conf_temperature is not None and self.sts_bias.numel():
+            # sigmoid((z + b T) / T) = sigmoid(z / T + b): the op's temperature scaling, offset.
+            conf_base = conf_base + (self.sts_bias.float() * sts).to(conf_base.device)
         return conf_base.contiguous(), weight[self.hidden_size :].contiguous(), conf_temperature
 
     def draft(

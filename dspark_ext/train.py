@@ -655,6 +655,8 @@ class RecipeConfig:
     # shuffle (the held-out part of the regenerated answers is small, and ECE's noise floor
     # falls as 1 / sqrt(rollouts)).
     sts_prompts: int = 0
+    # STS with a per-position offset beside each temperature (``calibrate_sts(bias=True)``).
+    sts_bias: bool = False
     init_from_target: bool = False  # the backbone layer starts as a copy of the target's last layer
     # Learning-rate sweep before the real runs: each (lr, init_from_target) arm trains DSpark for
     # sweep_minutes; the best held-out teacher-forced acceptance picks lr and init for every variant.
@@ -763,8 +765,6 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     ``out_dir/<variant>/drafter`` saved. ``data_target`` (default ``target``) answers the prompts
     and computes the features, e.g. a bfloat16 copy: ~3x faster on CPUs with AMX, and the
     features are stored in float16 anyway. Returns a summary (also ``out_dir/summary.json``)."""
-    from dspark_ext.calibration import calibrate_sts, reliability_diagram
-
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"target": getattr(target, "name", "SmolLM2-135M-Instruct"), "variants": {}}
@@ -786,18 +786,8 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     paths = cache_features(data_target, records, out / "features", cfg.feature_batch_size)
     if extra:
         paths += cache_features(data_target, extra, out / "features_sharegpt", 8)
-    sts_data, sts_records = None, []
-    if cfg.sts_prompts > 0:
-        training_prompts = {tuple(p) for p in prompts} | {tuple(r["prompt"]) for r in extra}
-        sts_prompts = prepare_prompts(tokenizer, cfg.sts_prompts, out / "sts_prompts.json", seed=cfg.seed,
-                                      from_end=True, exclude=training_prompts)
-        data_target.hidden_layers = saved_layers
-        sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
-                                 cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
-        data_target.hidden_layers = list(cfg.context_layers) + [-1]
-        sts_paths = cache_features(data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
-        sts_data = FeatureCache(sts_paths, heldout_every=1)  # all held out
     data_target.hidden_layers = saved_layers
+    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
     summary["features_seconds"] = time.perf_counter() - t1
     data = FeatureCache(paths)
     all_records = records + extra
@@ -834,27 +824,9 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         info["final"] = run["history"][-1] if run["history"] else None
         info["parameters"] = sum(p.numel() for p in drafter.parameters())
         (folder / "history.json").write_text(json.dumps(run["history"]))
-        drafter.training_lm_head_dtype = None  # calibrate on the float32 LM head that drafting uses
         if drafter.confidence is not None:
-            z, acc = heldout_rollouts(drafter, data, temperature_of=temperature_of_seq.get)
-            if sts_data is not None:
-                sts_z, sts_acc = heldout_rollouts(drafter, sts_data,
-                                                  temperature_of=lambda i: sts_records[i]["temperature"])
-                z, acc = torch.cat([z, sts_z]), torch.cat([acc, sts_acc])
-            sts = calibrate_sts(z, acc)
-            drafter.confidence.set_sts_temperature(sts.temperatures)
-            reliability_diagram(z, acc, sts.temperatures, folder / "reliability.png")
-            (folder / "sts.md").write_text(sts.summary())
-            drafter.cfg.heldout_survival = [float(n) / max(int(z.shape[0]), 1) for n in sts.positives.tolist()]
-            info["sts"] = {"temperatures": [float(t) for t in sts.temperatures],
-                           "ece_before": [float(e) for e in sts.ece_before], "ece_after": [float(e) for e in sts.ece_after],
-                           "mean_ece_before": sts.mean_ece_before, "mean_ece_after": sts.mean_ece_after,
-                           "rollouts": int(z.shape[0]), "positives": sts.positives.tolist(),
-                           "at_grid_edge": sts.edge_positions}
-            log(sts.summary())
-            if sts.edge_positions:
-                log(f"STS: the temperatures of positions {sts.edge_positions} are at an end of the search range "
-                    "[0.02, 50] (the ECE kept falling towards it): not a real optimum")
+            info["sts"] = calibrate_confidence(drafter, data, temperature_of_seq.get, sts_data,
+                                               (lambda i: sts_records[i]["temperature"]), cfg.sts_bias, folder, log)
             drafter.cfg.sps = [float(v) for v in profile_target_sps(target, cfg.sps_max_tokens)]
         drafter.cfg.notes = {"train_steps": run["steps"], "train_seconds": round(run["train_seconds"], 1),
                              "train_answer_tokens": summary["data"]["train_answer_tokens"], "lr": lr,
@@ -869,6 +841,84 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     summary["total_seconds"] = time.perf_counter() - t0
     _write_summary(out / "summary.json", summary)
     return summary
+
+
+def calibrate_confidence(drafter, data: "FeatureCache", temperature_of, sts_data: Optional["FeatureCache"],
+                         sts_temperature_of, bias: bool, folder: Path, log=print) -> dict:
+    """The recipe's calibration stage: STS (``bias``: with a per-position offset) fitted on the
+    drafter's rollouts over the held-out target-written answers of ``data`` and every answer of
+    ``sts_data``; installs it and the held-out survival in the drafter, writes
+    ``folder/reliability.png`` and ``folder/sts.md``, returns what the summary records."""
+    from dspark_ext.calibration import calibrate_sts, reliability_diagram
+
+    drafter.training_lm_head_dtype = None  # calibrate on the float32 LM head that drafting uses
+    z, acc = heldout_rollouts(drafter, data, temperature_of=temperature_of)
+    if sts_data is not None:
+        sts_z, sts_acc = heldout_rollouts(drafter, sts_data, temperature_of=sts_temperature_of)
+        z, acc = torch.cat([z, sts_z]), torch.cat([acc, sts_acc])
+    sts = calibrate_sts(z, acc, bias=bias)
+    drafter.confidence.set_sts_temperature(sts.temperatures, sts.biases)
+    reliability_diagram(z, acc, sts, folder / "reliability.png")
+    (folder / "sts.md").write_text(sts.summary())
+    drafter.cfg.heldout_survival = [float(n) / max(int(z.shape[0]), 1) for n in sts.positives.tolist()]
+    log(sts.summary())
+    if sts.edge_positions:
+        log(f"STS: the temperatures of positions {sts.edge_positions} are at an end of the search range "
+            "[0.02, 50] (the ECE kept falling towards it): not a real optimum")
+    return {"temperatures": [float(t) for t in sts.temperatures],
+            **({"biases": [float(b) for b in sts.biases]} if sts.biases is not None else {}),
+            "ece_before": [float(e) for e in sts.ece_before], "ece_after": [float(e) for e in sts.ece_after],
+            "mean_ece_before": sts.mean_ece_before, "mean_ece_after": sts.mean_ece_after,
+            "rollouts": int(z.shape[0]), "positives": sts.positives.tolist(), "at_grid_edge": sts.edge_positions}
+
+
+def sts_answers(cfg: "RecipeConfig", tokenizer, data_target, prompts, extra: Sequence[dict], out: Path):
+    """The recipe's STS-only answers: ``cfg.sts_prompts`` prompts from the end of the ShareGPT
+    shuffle (none of the training prompts or ShareGPT answers), answered by ``data_target``, with
+    their features; (FeatureCache with every answer held out, records), or (None, []) without."""
+    if cfg.sts_prompts <= 0:
+        return None, []
+    saved_layers = data_target.hidden_layers
+    training_prompts = {tuple(p) for p in prompts} | {tuple(r["prompt"]) for r in extra}
+    sts_prompts = prepare_prompts(tokenizer, cfg.sts_prompts, out / "sts_prompts.json", seed=cfg.seed,
+                                  from_end=True, exclude=training_prompts)
+    try:
+        sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
+                                 cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
+        data_target.hidden_layers = list(cfg.context_layers) + [-1]
+        sts_paths = cache_features(data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
+    finally:
+        data_target.hidden_layers = saved_layers
+    return FeatureCache(sts_paths, heldout_every=1), sts_records
+
+
+def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_target=None) -> dict:
+    """Refits the confidence calibration of the DSpark drafter a recipe saved in
+    ``cfg.out_dir/dspark/drafter``, as loaded from disk (what a user gets), on the rollouts the
+    recipe's calibration stage uses: the held-out part of its regenerated answers and its STS
+    answers (each regenerated here if the folder lacks it, as the recipe would). Saves the
+    drafter back; returns the calibration summary (``dspark calibrate-confidence``)."""
+    from dspark_ext.drafters.dspark import DSparkDrafter
+
+    out = Path(cfg.out_dir)
+    data_target = data_target or target
+    drafter = DSparkDrafter.for_target(out / "dspark" / "drafter", target)
+    prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed)
+    records = regenerate(data_target, prompts, out / "answers", cfg.max_new_tokens, cfg.generation_batch_size,
+                         tokenizer.eos_token_id, seed=cfg.seed)
+    extra = (prepare_sharegpt_answers(tokenizer, cfg.sharegpt_answer_tokens, out / "sharegpt_answers.json",
+                                      seed=cfg.seed) if cfg.sharegpt_answer_tokens > 0 else [])
+    saved_layers = data_target.hidden_layers
+    data_target.hidden_layers = list(cfg.context_layers) + [-1]
+    try:  # the regenerated answers come first in the recipe's cache: the same held-out ids
+        data = FeatureCache(cache_features(data_target, records, out / "features", cfg.feature_batch_size))
+    finally:
+        data_target.hidden_layers = saved_layers
+    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
+    info = calibrate_confidence(drafter, data, lambda i: records[i]["temperature"], sts_data,
+                                lambda i: sts_records[i]["temperature"], cfg.sts_bias, out / "dspark", log)
+    drafter.save(out / "dspark" / "drafter")
+    return info
 
 
 def _write_summary(path: Path, summary: dict) -> None:

@@ -377,3 +377,52 @@ def test_sts_reports_temperatures_at_the_edge_of_the_search_range():
     assert 2 in cal.edge_positions, cal.summary()
     assert "(grid edge)" in cal.summary() and cal.positives.tolist()[1:] == [0, 0]
     assert 1 not in cal.edge_positions and 0.5 < cal.temperatures[0].item() < 2.0
+
+
+def test_sts_with_a_bias_removes_an_offset_one_temperature_cannot():
+    """A head whose logits are the true ones scaled by 2 and shifted by +1.5: a temperature alone
+    leaves an error (it can only scale), an offset per position removes it; the fit recovers
+    T = 2, b = -0.75 (sigmoid(z / T + b) = sigmoid(z_true)), and the metrics it reports are
+    those of the helpers on P_k with the fitted temperatures and biases."""
+    z_true, _, lengths = synthetic_rollouts(40000, seed=3)
+    z = 2.0 * z_true + 1.5
+    plain = calibrate_sts(z, lengths)
+    fitted = calibrate_sts(z, lengths, bias=True)
+    assert plain.biases is None and fitted.biases.dtype == torch.float32 and tuple(fitted.biases.shape) == (5,)
+    assert bool((fitted.ece_after < 0.015).all()), fitted.summary()
+    assert fitted.ece_after[0].item() < 0.5 * plain.ece_after[0].item(), (plain.summary(), fitted.summary())
+    # Later positions see fewer rollouts (their prefix must survive first): looser there.
+    assert fitted.temperatures.tolist()[:3] == pytest.approx([2.0] * 3, rel=0.1)
+    assert fitted.biases.tolist()[:3] == pytest.approx([-0.75] * 3, abs=0.1)
+    assert fitted.biases.tolist() == pytest.approx([-0.75] * 5, abs=0.3)
+    assert fitted.auroc_after[0].item() == pytest.approx(fitted.auroc_before[0].item(), abs=1e-12)
+    p, y = cumulative_confidence(z, fitted.temperatures, fitted.biases), prefix_acceptance(lengths, 40000, 5)
+    for k in range(5):
+        assert fitted.ece_after[k].item() == pytest.approx(expected_calibration_error(p[:, k], y[:, k]), abs=1e-12)
+    assert "b = " in fitted.summary() and "b = " not in plain.summary()
+    with pytest.raises(ValueError, match="biases"):
+        cumulative_confidence(z, fitted.temperatures, [0.0, 1.0])
+
+
+def test_confidence_head_applies_the_bias_in_the_op_arguments():
+    """``op_arguments`` folds b_k into ``conf_base`` (times T_k), so the op's
+    sigmoid((conf_base + w_prev . e) / T) is ``probability``'s sigmoid(z / T + b); a bias needs
+    the temperatures' shape; without one both are plain STS."""
+    from dspark_ext.heads import ConfidenceHead
+
+    torch.manual_seed(0)
+    head = ConfidenceHead(8, 3)
+    h, e = torch.randn(2, 4, 8), torch.randn(2, 4, 3)
+    temperatures, biases = torch.tensor([0.5, 1.0, 2.0, 3.0]), torch.tensor([-1.0, 0.5, 0.0, 2.0])
+    for bias in (None, biases):
+        head.set_sts_temperature(temperatures, bias)
+        conf_base, w_prev, conf_temperature = head.op_arguments(h)
+        from_op = torch.sigmoid((conf_base + e @ w_prev) / conf_temperature)
+        z = head(h, e)
+        expected = torch.sigmoid(z / temperatures + (0.0 if bias is None else biases))
+        assert torch.allclose(from_op, expected, atol=1e-6)
+        assert torch.allclose(head.probability(h, e), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="sts bias must have the temperatures' shape"):
+        head.set_sts_temperature(temperatures, [0.0, 1.0])
+    with pytest.raises(ValueError, match="sts biases must be finite"):
+        head.set_sts_temperature(temperatures, [0.0, float("nan"), 0.0, 0.0])

@@ -11,6 +11,7 @@ learning-rate sweep and the vLLM layout), on a tiny random Llama target:
 * ``lr_sweep``: every arm trained, the best held-out one chosen, a best lr at the grid's edge said.
 """
 
+from dataclasses import replace
 import json
 
 import pytest
@@ -235,3 +236,17 @@ def test_recipe_calibrates_sts_on_the_extra_heldout_answers(tmp_path, monkeypatc
     saved = DSparkDrafter.load(tmp_path / "run" / "dspark" / "drafter", target.model.weights.embed.float(),
                                target.model.weights.lm_head.float())
     assert saved.cfg.heldout_survival == pytest.approx([p / info["rollouts"] for p in info["positives"]])
+    assert saved.cfg.sts_bias is None
+
+    # --recalibrate --sts-bias: the saved drafter, refitted on the same held-out and STS answers
+    # (read from the folder, nothing regenerated), keeps its weights and gains per-position biases.
+    weights = {k: v.clone() for k, v in saved.state_dict().items() if k != "confidence.sts_temperature"}
+    rollouts.clear()
+    info = train.recalibrate_saved(replace(cfg, sts_bias=True), target, tok, log=lambda m: None)
+    assert len(rollouts) == 2 and info["rollouts"] == sum(rollouts) and len(info["biases"]) == len(info["temperatures"])
+    again = DSparkDrafter.load(tmp_path / "run" / "dspark" / "drafter", target.model.weights.embed.float(),
+                               target.model.weights.lm_head.float())
+    assert again.cfg.sts_bias == pytest.approx(info["biases"]) and again.confidence.sts_bias.tolist() == pytest.approx(
+        info["biases"])
+    assert again.cfg.sts_temperature == pytest.approx(info["temperatures"])
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in weights.items())

@@ -69,6 +69,7 @@ class DrafterConfig:
     max_position: Optional[int] = None
     sps: Optional[List[float]] = None  # measured steps/s of the target at 1..N tokens (scheduler)
     sts_temperature: Optional[List[float]] = None
+    sts_bias: Optional[List[float]] = None  # per position, after the temperature: sigmoid(z / T + b)
     # Per position k: the fraction of the held-out rollouts (the STS set) whose first k drafts
     # were all accepted; where a scheduler's forecast starts before it has seen this drafter draft.
     heldout_survival: Optional[List[float]] = None
@@ -269,7 +270,7 @@ class DSparkDrafter(nn.Module):
         self.markov = MarkovHead(cfg.vocab_size, cfg.markov_rank) if cfg.markov_rank > 0 else None
         self.confidence = ConfidenceHead(cfg.hidden_size, cfg.markov_rank) if cfg.confidence else None
         if self.confidence is not None and cfg.sts_temperature:
-            self.confidence.set_sts_temperature(cfg.sts_temperature)
+            self.confidence.set_sts_temperature(cfg.sts_temperature, cfg.sts_bias)
         self.register_buffer("embedding", embedding.detach().float(), persistent=False)
         self.register_buffer("lm_head", (embedding if lm_head is None else lm_head).detach().float(),
                              persistent=False)
@@ -459,6 +460,7 @@ class DSparkDrafter(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         if self.confidence is not None and self.confidence.sts_temperature.numel():
             self.cfg.sts_temperature = [float(t) for t in self.confidence.sts_temperature]
+            self.cfg.sts_bias = [float(b) for b in self.confidence.sts_bias] or None
         state = {k: (v.to(dtype) if v.is_floating_point() and k != "confidence.sts_temperature" else v)
                  .detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE))

@@ -84,6 +84,7 @@ def vllm_config(drafter, dtype: torch.dtype) -> dict:
         raise ValueError("the drafter's config lacks target_num_layers (the target's decoder layer count); "
                          "set it in config.json")
     sts = [float(t) for t in drafter.confidence.sts_temperature] if drafter.confidence is not None else []
+    sts_bias = [float(b) for b in drafter.confidence.sts_bias] if drafter.confidence is not None else []
     return {
         "architectures": ["Qwen3DSparkModel"],
         "model_type": "qwen3",
@@ -121,6 +122,7 @@ def vllm_config(drafter, dtype: torch.dtype) -> dict:
             "target": cfg.target,
             "context_layers_hf_numbering": list(cfg.context_layers),
             "sts_temperature_not_applied_by_vllm": sts,
+            **({"sts_bias_not_applied_by_vllm": sts_bias} if sts_bias else {}),
             "notes": cfg.notes,
         },
     }
