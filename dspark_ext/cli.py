@@ -396,6 +396,8 @@ def cmd_train(args) -> int:
 
     from dspark_ext.train import RecipeConfig, TrainConfig, recalibrate_saved, run_recipe
 
+    if args.recalibrate and not (Path(args.out) / "dspark" / "drafter" / "config.json").is_file():
+        raise CliError(f"--recalibrate needs a trained DSpark drafter in {Path(args.out) / 'dspark' / 'drafter'}")
     if args.threads:
         torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args)
@@ -423,8 +425,6 @@ def cmd_train(args) -> int:
     if args.data_dtype != "float32":
         data_target, _ = _load_target(args, dtype=getattr(torch, args.data_dtype))
     if args.recalibrate:
-        if not (Path(args.out) / "dspark" / "drafter" / "config.json").is_file():
-            raise CliError(f"--recalibrate needs a trained DSpark drafter in {Path(args.out) / 'dspark' / 'drafter'}")
         summary = {"variants": {"dspark": {"sts": recalibrate_saved(cfg, target, tokenizer, log=lambda m: print(
             m, file=sys.stderr), data_target=data_target)}}}
     else:

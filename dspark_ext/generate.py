@@ -440,7 +440,8 @@ class _Generation:
         num_accepted = num_accepted.long()
         made = num_accepted.double() + 1.0
         total, squares, count = self.round_tokens
-        self.round_tokens = (total + float(made.sum()), squares + float((made * made).sum()), count + int(made.numel()))
+        made_sum, made_squares = torch.stack([made.sum(), (made * made).sum()]).tolist()  # one sync
+        self.round_tokens = (total + made_sum, squares + made_squares, count + int(made.numel()))
 
         if out.hidden_states is not None:
             # The anchor and the accepted drafts are now context: their rows keep their features.

@@ -191,9 +191,9 @@ class ConfidenceHead(nn.Module):
         """Calibrated confidence [B, K] float32: ``sigmoid(forward(...) / sts_temperature)``."""
         z = self(hidden_states, prev_embedding)
         sts = self._sts_for(z.shape[-1])
-        if sts is None:
-            return torch.sigmoid(z)
-        return torch.sigmoid(z / sts + self.sts_bias.float()) if self.sts_bias.numel() else torch.sigmoid(z / sts)
+        if sts is not None:
+            z = z / sts + self.sts_bias.float() if self.sts_bias.numel() else z / sts
+        return torch.sigmoid(z)
 
     def op_arguments(self, hidden_states: torch.Tensor):
         """``(conf_base [B, K], conf_w_prev [r], conf_temperature [K] or None)``, float32, for

@@ -780,13 +780,10 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         # Similar lengths in a batch pad less.
         extra = sorted(extra, key=lambda r: len(r["prompt"]) + len(r["answer"]))
     summary["regenerate_seconds"] = time.perf_counter() - t0
-    saved_layers = data_target.hidden_layers
-    data_target.hidden_layers = list(cfg.context_layers) + [-1]
     t1 = time.perf_counter()
-    paths = cache_features(data_target, records, out / "features", cfg.feature_batch_size)
+    paths = context_features(cfg, data_target, records, out / "features", cfg.feature_batch_size)
     if extra:
-        paths += cache_features(data_target, extra, out / "features_sharegpt", 8)
-    data_target.hidden_layers = saved_layers
+        paths += context_features(cfg, data_target, extra, out / "features_sharegpt", 8)
     sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
     summary["features_seconds"] = time.perf_counter() - t1
     data = FeatureCache(paths)
@@ -843,6 +840,18 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     return summary
 
 
+def context_features(cfg: "RecipeConfig", data_target, records: Sequence[dict], out_dir: Path,
+                     batch_size: int) -> List[Path]:
+    """``cache_features`` with ``data_target`` returning the recipe's context layers and the final
+    norm for the call (its own ``hidden_layers`` restored after)."""
+    saved_layers = data_target.hidden_layers
+    data_target.hidden_layers = list(cfg.context_layers) + [-1]
+    try:
+        return cache_features(data_target, records, out_dir, batch_size)
+    finally:
+        data_target.hidden_layers = saved_layers
+
+
 def calibrate_confidence(drafter, data: "FeatureCache", temperature_of, sts_data: Optional["FeatureCache"],
                          sts_temperature_of, bias: bool, folder: Path, log=print) -> dict:
     """The recipe's calibration stage: STS (``bias``: with a per-position offset) fitted on the
@@ -878,17 +887,12 @@ def sts_answers(cfg: "RecipeConfig", tokenizer, data_target, prompts, extra: Seq
     their features; (FeatureCache with every answer held out, records), or (None, []) without."""
     if cfg.sts_prompts <= 0:
         return None, []
-    saved_layers = data_target.hidden_layers
     training_prompts = {tuple(p) for p in prompts} | {tuple(r["prompt"]) for r in extra}
     sts_prompts = prepare_prompts(tokenizer, cfg.sts_prompts, out / "sts_prompts.json", seed=cfg.seed,
                                   from_end=True, exclude=training_prompts)
-    try:
-        sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
-                                 cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
-        data_target.hidden_layers = list(cfg.context_layers) + [-1]
-        sts_paths = cache_features(data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
-    finally:
-        data_target.hidden_layers = saved_layers
+    sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
+                             cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
+    sts_paths = context_features(cfg, data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
     return FeatureCache(sts_paths, heldout_every=1), sts_records
 
 
@@ -897,7 +901,7 @@ def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_ta
     ``cfg.out_dir/dspark/drafter``, as loaded from disk (what a user gets), on the rollouts the
     recipe's calibration stage uses: the held-out part of its regenerated answers and its STS
     answers (each regenerated here if the folder lacks it, as the recipe would). Saves the
-    drafter back; returns the calibration summary (``dspark calibrate-confidence``)."""
+    drafter back; returns the calibration summary (``dspark train --recalibrate``)."""
     from dspark_ext.drafters.dspark import DSparkDrafter
 
     out = Path(cfg.out_dir)
@@ -908,12 +912,8 @@ def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_ta
                          tokenizer.eos_token_id, seed=cfg.seed)
     extra = (prepare_sharegpt_answers(tokenizer, cfg.sharegpt_answer_tokens, out / "sharegpt_answers.json",
                                       seed=cfg.seed) if cfg.sharegpt_answer_tokens > 0 else [])
-    saved_layers = data_target.hidden_layers
-    data_target.hidden_layers = list(cfg.context_layers) + [-1]
-    try:  # the regenerated answers come first in the recipe's cache: the same held-out ids
-        data = FeatureCache(cache_features(data_target, records, out / "features", cfg.feature_batch_size))
-    finally:
-        data_target.hidden_layers = saved_layers
+    # The regenerated answers come first in the recipe's cache: the same held-out ids.
+    data = FeatureCache(context_features(cfg, data_target, records, out / "features", cfg.feature_batch_size))
     sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
     info = calibrate_confidence(drafter, data, lambda i: records[i]["temperature"], sts_data,
                                 lambda i: sts_records[i]["temperature"], cfg.sts_bias, out / "dspark", log)

@@ -315,3 +315,13 @@ def test_extension_objects_are_built_in_a_persistent_ignored_folder(tmp_path):
     assert build_temp.parent == ROOT / "build", build_temp
     ignored = subprocess.run(["git", "check-ignore", "-q", str(build_temp / "x.o")], cwd=ROOT)
     assert ignored.returncode == 0, "build/ is not git-ignored"
+
+
+def test_recalibrate_without_a_trained_drafter_fails_before_loading_the_model(monkeypatch, capsys, tmp_path):
+    def load_target(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(targets, "load_target", load_target)
+    assert cli.main(["train", "--out", str(tmp_path), "--recalibrate"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"dspark: error: --recalibrate needs a trained DSpark drafter in {tmp_path / 'dspark' / 'drafter'}"
