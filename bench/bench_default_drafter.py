@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--eos", action="store_true",
                         help="stop at eos (by default every request generates --max-new-tokens tokens, so that "
                              "at T > 0, where the drafters sample different texts, they still do equal work)")
+    parser.add_argument("--whole-vocabulary", action="store_true",
+                        help="also run the default with its DSpark drafter drafting from every id (its draft "
+                             "vocabulary off), interleaved with the others")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -61,6 +64,12 @@ def main() -> None:
     eos = tokenizer.eos_token_id if args.eos else None
     default = default_hybrid_drafter(target)
     layers = list(default.dspark.cfg.context_layers)
+    names = DRAFTERS
+    whole = None
+    if args.whole_vocabulary:
+        whole = default_hybrid_drafter(target)
+        whole.dspark.set_draft_vocabulary(None, 0)
+        names = DRAFTERS + ("whole",)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`
     started = time.perf_counter()
     cells = []
@@ -70,17 +79,19 @@ def main() -> None:
                 texts = load_eval_prompts(dataset, args.batches * batch_size)
                 prompts = [_encode(tokenizer, t, True) for t in texts]
                 cost = default.cost_profile(target, requests=[batch_size])
+                whole_cost = None if whole is None else whole.cost_profile(target, requests=[batch_size])
                 totals = {name: {"tokens": 0, "wall": 0.0, "prefill": 0.0, "draft": 0.0, "target": 0.0,
                                  "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}}
-                          for name in DRAFTERS}
+                          for name in names}
                 for i in range(args.batches):
                     batch = prompts[i * batch_size:(i + 1) * batch_size]
-                    order = DRAFTERS[i % 3:] + DRAFTERS[:i % 3]
+                    order = names[i % len(names):] + names[:i % len(names)]
                     for name in order:
-                        if name == "default":
+                        if name in ("default", "whole"):
                             target.hidden_layers = layers
-                            result = generate(target, default, batch, args.max_new_tokens, temperature=temperature,
-                                              seed=i, eos_token_id=eos, cost=cost)
+                            hybrid, plan_cost = (default, cost) if name == "default" else (whole, whole_cost)
+                            result = generate(target, hybrid, batch, args.max_new_tokens, temperature=temperature,
+                                              seed=i, eos_token_id=eos, cost=plan_cost)
                         else:
                             target.hidden_layers = None
                             drafter = AutoregressiveDrafter() if name == "ar" else lookup
@@ -110,7 +121,8 @@ def main() -> None:
                 cells.append(cell)
                 d = cell["drafters"]
                 print(f"{dataset:9s} T={temperature:g} B={batch_size}: ngram {d['ngram']['speedup']:.2f}x, "
-                      f"default {d['default']['speedup']:.2f}x (plans {d['default']['plans']})", flush=True)
+                      f"default {d['default']['speedup']:.2f}x (plans {d['default']['plans']})"
+                      + (f", whole vocabulary {d['whole']['speedup']:.2f}x" if "whole" in d else ""), flush=True)
 
     lines = [f"`dspark generate`'s default drafter vs plain decoding and prompt lookup; "
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
@@ -118,19 +130,28 @@ def main() -> None:
              f"Run time {time.perf_counter() - started:.0f} s.", "",
              "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none / lookup / hybrid |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    speedups = []
+    if whole is not None:
+        lines[-2] += " whole vocabulary: default | tau | draft share |"
+        lines[-1] += "---:|---:|---:|"
+    speedups, whole_speedups = [], []
     for c in cells:
         d = c["drafters"]
         p = d["default"]["plans"]
         speedups.append(d["default"]["speedup"])
-        lines.append(
+        line = (
             f"| {c['dataset']} | {c['temperature']:g} | {c['batch']} | {d['ar']['tokens_per_s']:.1f} | "
             f"{d['ngram']['speedup']:.2f}x | {d['default']['speedup']:.2f}x | "
             f"{d['default']['speedup'] / d['ngram']['speedup']:.2f} | {d['default']['tau']:.2f} | "
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
             f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} / {p.get('lookup', 0)} / {p.get('hybrid', 0)} |")
+        if "whole" in d:
+            whole_speedups.append(d["whole"]["speedup"])
+            line += f" {d['whole']['speedup']:.2f}x | {d['whole']['tau']:.2f} | {100 * d['whole']['draft_share']:.0f}% |"
+        lines.append(line)
     lines += ["", f"default: mean {statistics.mean(speedups):.2f}x, min {min(speedups):.2f}x over {len(speedups)} cells; "
               f"cost profile: {cells[0]['cost_profile'] if cells else '-'}"]
+    if whole_speedups:
+        lines.append(f"whole vocabulary: mean {statistics.mean(whole_speedups):.2f}x, min {min(whole_speedups):.2f}x")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -133,7 +133,8 @@ def _encode(tokenizer, text: str, chat: bool) -> torch.Tensor:
 _MINIMUM_VALUES = {"max_new_tokens": 1, "num_draft": 1, "min_ngram": 1, "max_ngram": 1, "batch_size": 1,
                    "num_prompts": 1, "generation_batch_size": 1, "steps": 1, "layers": 1,
                    "sequences_per_step": 1, "anchors_per_sequence": 1, "sharegpt_answer_tokens": 0,
-                   "threads": 0, "sweep_minutes": 0.1, "noise_token_id": 0, "sts_prompts": 0}
+                   "threads": 0, "sweep_minutes": 0.1, "noise_token_id": 0, "sts_prompts": 0,
+                   "size": 0, "answer_tokens": 1}
 
 
 def _flag(name: str) -> str:
@@ -496,6 +497,47 @@ def cmd_calibrate_lookup(args) -> int:
     return 0
 
 
+def cmd_draft_vocab(args) -> int:
+    """Ranks token ids by frequency in the recipe's ShareGPT answers and makes the drafter draft
+    from the most frequent ``--size`` of them."""
+    import shutil
+
+    from dspark_ext.drafters.dspark import CONFIG_FILE, DRAFT_VOCAB_FILE
+    from dspark_ext.train import draft_vocabulary_ranking, prepare_sharegpt_answers
+
+    folder = Path(args.drafter)
+    if not (folder / CONFIG_FILE).is_file():
+        raise CliError(f"no drafter at {folder} (a folder with config.json and model.safetensors)")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if args.size > config["vocab_size"]:
+        raise CliError(f"--size {args.size} exceeds the drafter's vocabulary of {config['vocab_size']} ids")
+    ranking = None
+    if args.size > 0:
+        _, tokenizer = _load_target(args)
+        records = prepare_sharegpt_answers(tokenizer, args.answer_tokens, Path(args.cache), seed=args.seed)
+        ranking = draft_vocabulary_ranking(records)
+        ranking["notes"].update({"source": "ShareGPT answers of the training recipe (prepare_sharegpt_answers)",
+                                 "seed": args.seed})
+        if len(ranking["ranked_ids"]) < args.size:
+            raise CliError(f"--size {args.size}: the answers hold only {len(ranking['ranked_ids'])} distinct ids")
+    config["draft_vocab_size"] = int(args.size)
+    if ranking is not None:
+        (folder / DRAFT_VOCAB_FILE).write_text(json.dumps(ranking))
+    elif (folder / DRAFT_VOCAB_FILE).is_file():
+        (folder / DRAFT_VOCAB_FILE).unlink()
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    _log(f"{folder}: drafts from {'every id' if not args.size else f'the {args.size} most frequent ids'}")
+    if args.install:
+        dest = default_drafter_path()
+        for name in (CONFIG_FILE, DRAFT_VOCAB_FILE):
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, dest / name)
+            elif (dest / name).is_file():
+                (dest / name).unlink()
+        _log(f"installed it into the default drafter: {dest}")
+    return 0
+
+
 def cmd_export(args) -> int:
     """Writes a trained DSpark drafter in another engine's checkpoint format."""
     from dspark_ext.drafters.dspark import CONFIG_FILE
@@ -657,6 +699,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0, help="prompt shuffle (as `dspark train`) and sampling seed")
     c.add_argument("--install", action="store_true", help="make it the calibration the hybrid drafter ships with")
     c.set_defaults(func=cmd_calibrate_lookup)
+    v = command("draft-vocab", "make a DSpark drafter draft from the most frequent ids of its training text only "
+                "(its LM and Markov heads then read that many rows; 0 = every id); the output law is unchanged")
+    v.add_argument("drafter", help="drafter folder (config.json + model.safetensors, as `dspark train` writes)")
+    v.add_argument("--size", type=int, default=8192, help="ids to draft from (0 = the whole vocabulary)")
+    v.add_argument("--answer-tokens", type=int, default=1_000_000,
+                   help="ShareGPT answer tokens to count (the recipe's prefill-only training text)")
+    v.add_argument("--cache", default="runs/smollm2/sharegpt_answers.json",
+                   help="where the selected answers are cached (the recipe's own file)")
+    v.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle (as `dspark train`)")
+    v.add_argument("--model", default=None, help="target whose tokenizer counts (default: SmolLM2-135M-Instruct)")
+    v.add_argument("--device", default="cpu", help="torch device of the target (only its tokenizer is used)")
+    v.add_argument("--install", action="store_true", help="copy the choice into the default drafter")
+    v.set_defaults(func=cmd_draft_vocab)
     e = command("export", "write a trained DSpark drafter as a checkpoint another engine serves "
                 "(vLLM 0.32: Qwen3DSparkModel, config.json + model.safetensors)")
     e.add_argument("drafter", help="drafter folder (config.json + model.safetensors, as `dspark train` writes)")

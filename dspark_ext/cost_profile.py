@@ -145,13 +145,15 @@ def machine_description(device) -> str:
 
 
 def drafter_identity(drafter) -> str:
-    """What a drafter's cost depends on: its class and, for a DSpark drafter, its shape (a retrained
-    drafter with the same shape keeps the profile; another architecture gets its own)."""
+    """What a drafter's cost depends on: its class and, for a DSpark drafter, its shape and draft
+    vocabulary (a retrained drafter with the same shape keeps the profile; another architecture
+    or draft vocabulary size gets its own)."""
     cfg = getattr(drafter, "cfg", None)
     if cfg is None:
         return type(drafter).__name__
     shape = {k: getattr(cfg, k, None) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
-                                                 "num_kv_heads", "markov_rank", "num_draft", "confidence", "qk_norm")}
+                                                 "num_kv_heads", "markov_rank", "num_draft", "confidence", "qk_norm",
+                                                 "draft_vocab_size")}
     return type(drafter).__name__ + json.dumps(shape, sort_keys=True)
 
 

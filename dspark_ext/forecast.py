@@ -34,6 +34,7 @@ class SurvivalForecast:
         self.rounds = torch.zeros(0, dtype=torch.int64)  # per request: rounds behind the sum
         self.prior: Optional[torch.Tensor] = None  # [K] float32: the mean over every request
         self.prior_rounds = 0
+        self._forecast: Optional[torch.Tensor] = None
         if prior is not None:
             if len(prior) != self.num_draft:
                 raise ValueError(f"the survival prior has {len(prior)} positions, expected K = {self.num_draft}")
@@ -51,12 +52,15 @@ class SurvivalForecast:
         if self.rounds.shape[0] != num_requests:
             self.sums = torch.zeros(num_requests, self.num_draft, dtype=torch.float64)
             self.rounds = torch.zeros(num_requests, dtype=torch.int64)
+            self._forecast = None
 
     def restart(self, rows: torch.Tensor) -> None:
         """A new request takes each row in ``rows`` ([B] bool): it starts from the pooled mean."""
         rows = rows.cpu()
-        self.sums[rows] = 0.0
-        self.rounds[rows] = 0
+        if bool(rows.any()):
+            self.sums[rows] = 0.0
+            self.rounds[rows] = 0
+            self._forecast = None
 
     def update(self, survival: torch.Tensor) -> None:
         """One drafting round's survival [B, K] (cumulative products of its confidences)."""
@@ -67,6 +71,7 @@ class SurvivalForecast:
         mean = survival.mean(0)
         weight = max(1.0 / self.prior_rounds, PRIOR_DECAY)
         self.prior = mean if self.prior is None else (1 - weight) * self.prior + weight * mean
+        self._forecast = None
 
     def forecast(self) -> torch.Tensor:
         """[B, K] float32: each request's mean survival so far, pooled with the mean over every
@@ -74,5 +79,7 @@ class SurvivalForecast:
         a prior."""
         if self.prior is None:
             return torch.ones(self.rounds.shape[0], self.num_draft)
-        pooled = (self.sums + PRIOR_ROUNDS * self.prior.double()) / (self.rounds[:, None] + PRIOR_ROUNDS)
-        return pooled.float()
+        if self._forecast is None:  # kept until a round, a restart or a resize changes it
+            pooled = (self.sums + PRIOR_ROUNDS * self.prior.double()) / (self.rounds[:, None] + PRIOR_ROUNDS)
+            self._forecast = pooled.float()
+        return self._forecast.clone()

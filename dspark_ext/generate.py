@@ -344,14 +344,21 @@ class _Generation:
         R = int(active.sum())
         step_seconds = self.step_seconds(R)
         plain = plain_decoding_throughput(R, step_seconds)
-        worth = self.draft_worth(active)
+        active_caps = caps[active]
+        worth = None
         best, best_rate, best_lengths = None, 0.0, None
         for plan in plans:
             survival = plan.survival[active]
-            if not bool((survival > 0).any()):
-                continue  # nothing to gain: it cannot beat drafting nothing
-            rate, lengths = best_throughput(survival, caps[active], step_seconds, self.draft_seconds(plan, R), worth)
             margin = LAGGED_PLAN_MARGIN if not plan.fresh and R == 1 else PLAN_MARGIN
+            draft_seconds = self.draft_seconds(plan, R)
+            # Every draft weighted 1 bounds the weighted rate from above (weights are <= 1), so a
+            # plan that loses unweighted loses weighted: most rounds that draft nothing stop here.
+            rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds)
+            if not rate > margin * plain:
+                continue
+            if R > 1:
+                worth = self.draft_worth(active) if worth is None else worth
+                rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds, worth)
             if rate > margin * plain and rate > best_rate:
                 best, best_rate, best_lengths = plan, rate, lengths
         for plan in plans:  # probe forecasts that only refresh when their plan runs

@@ -147,6 +147,20 @@ def prepare_sharegpt_answers(tokenizer, answer_tokens: int, out: Path, max_promp
     return records
 
 
+def draft_vocabulary_ranking(records: Sequence[dict]) -> dict:
+    """Token ids ranked by how often they occur in the answers of ``records`` (most frequent
+    first, ties by id; ids that never occur are left out): what ``DSparkDrafter.
+    set_draft_vocabulary`` takes (``dspark draft-vocab``; FR-Spec's frequency-ranked draft
+    vocabulary). Training text only, never an evaluation set."""
+    counts: dict = {}
+    for record in records:
+        for token in record["answer"]:
+            counts[token] = counts.get(token, 0) + 1
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    return {"ranked_ids": [int(t) for t in ranked],
+            "notes": {"answers": len(records), "answer_tokens": sum(counts.values()), "distinct_ids": len(ranked)}}
+
+
 def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_tokens: int,
                batch_size: int, eos_token_id, temperatures: Sequence[float] = (0.0, 1.0),
                seed: int = 0) -> List[dict]:

@@ -149,3 +149,18 @@ def test_each_batch_size_is_cached_on_its_own(tmp_path):
     assert set(more.step_seconds) == {2, 3} and more.step_seconds[2] == both.step_seconds[2]
     assert measured_sizes == 2 + len(cost_profile._measured_sizes(3, 3)) * 3  # batch 3 only: warm-up + timed
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
+
+
+def test_a_draft_vocabulary_gets_its_own_profile():
+    """A DSpark drafter's cost depends on its shape and on how many ids it drafts from."""
+    from types import SimpleNamespace
+
+    from dspark_ext.cost_profile import drafter_identity
+
+    def drafter(size):
+        return SimpleNamespace(cfg=SimpleNamespace(num_layers=1, hidden_size=8, intermediate_size=16, num_heads=2,
+                                                   num_kv_heads=1, markov_rank=4, num_draft=3, confidence=True,
+                                                   qk_norm=True, draft_vocab_size=size))
+
+    assert drafter_identity(drafter(0)) != drafter_identity(drafter(8192))
+    assert drafter_identity(drafter(8192)) == drafter_identity(drafter(8192))

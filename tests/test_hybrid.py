@@ -166,6 +166,8 @@ def test_best_throughput_is_the_best_prefix_of_the_admission_order():
         assert got == pytest.approx(best, rel=1e-6)  # float32 survivals summed in float64 or float32
         assert rate(lengths) == pytest.approx(got, rel=1e-6)
         assert all(0 <= l <= int(c) for l, c in zip(lengths, caps))
+        if weights is not None:  # the loop skips weighting a plan that loses unweighted: a bound
+            assert got <= best_throughput(survival, caps, step, draft)[0] * (1 + 1e-12)
     assert plain_decoding_throughput(2, torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)) == 0.5
 
 

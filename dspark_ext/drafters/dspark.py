@@ -40,6 +40,8 @@ SKINNY_BFLOAT16_MAX_ROWS = 8
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+#: Token ids ranked by frequency in the drafter's training text: {"ranked_ids": [...], "notes": {...}}.
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class DrafterConfig:
     # Per position k: the fraction of the held-out rollouts (the STS set) whose first k drafts
     # were all accepted; where a scheduler's forecast starts before it has seen this drafter draft.
     heldout_survival: Optional[List[float]] = None
+    # Drafting samples from the draft_vocab_size most frequent ids of DRAFT_VOCAB_FILE (0: the
+    # whole vocabulary); training and the exported weights always cover the whole vocabulary.
+    draft_vocab_size: int = 0
     notes: dict = field(default_factory=dict)
 
     @classmethod
@@ -278,6 +283,8 @@ class DSparkDrafter(nn.Module):
         self._cache_k: list = []
         self._cache_v: list = []
         self._cache_len = torch.zeros(0, dtype=torch.int64)
+        self.draft_vocab: Optional[torch.Tensor] = None  # sorted ids drafting samples from (None: all)
+        self.draft_vocab_ranking: Optional[dict] = None  # DRAFT_VOCAB_FILE's content, saved with the drafter
 
     def _init_weights(self) -> None:
         for name, p in self.named_parameters():
@@ -369,6 +376,66 @@ class DSparkDrafter(nn.Module):
             self._lm_head_lowp = cached
         return cached
 
+    # ---------------------------------------------------------------- draft vocabulary
+    def set_draft_vocabulary(self, ranking: Optional[dict], size: int) -> None:
+        """Draft from the ``size`` first ids of ``ranking["ranked_ids"]`` (ids ranked by frequency
+        in the training text), or from the whole vocabulary (``size`` 0 or no ranking). The LM
+        head and the Markov head then read only those rows (FR-Spec's frequency-ranked draft
+        vocabulary; the shipped drafter's round reads ~40% of the bytes at 8k of SmolLM2's 49k ids). The
+        drafts' law q is zero elsewhere, which verification handles like any q: the output law
+        is unchanged, and a target token outside the set is simply never drafted."""
+        if ranking is None or size <= 0:
+            self.draft_vocab, self.draft_vocab_ranking, self.cfg.draft_vocab_size = None, ranking, 0
+            return
+        ranked = ranking.get("ranked_ids")
+        if not isinstance(ranked, list) or len(ranked) < size:
+            raise ValueError(f"draft vocabulary: need at least {size} ranked ids, got "
+                             f"{len(ranked) if isinstance(ranked, list) else type(ranked).__name__}")
+        ids = torch.tensor(ranked[:size], dtype=torch.int64)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size or ids.unique().numel() != size:
+            raise ValueError(f"draft vocabulary: ids must be distinct and in [0, {self.cfg.vocab_size})")
+        self.draft_vocab = ids.sort().values.to(self.lm_head.device)
+        self.draft_vocab_ranking, self.cfg.draft_vocab_size = ranking, int(size)
+
+    def _drafting_vocabulary_key(self) -> tuple:
+        return (None if self.draft_vocab is None else (self.draft_vocab.data_ptr(), self.draft_vocab.numel()),)
+
+    def drafting_markov_weights(self, dtype: torch.dtype):
+        """(W1, W2) as ``dspark::markov_draft`` reads them while drafting: the whole [V, r] head,
+        or over the draft vocabulary its rows plus one zero row (id N: the "previous token" of
+        position 1, whose transition from the anchor, any id, is added before the op)."""
+        w1, w2 = self.markov_weights(dtype)
+        if self.draft_vocab is None:
+            return w1, w2
+        key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version, dtype, self._drafting_vocabulary_key())
+        if getattr(self, "_drafting_markov_key", None) != key:
+            zero = w1.new_zeros(1, w1.shape[1])
+            self._drafting_markov = (torch.cat([w1[self.draft_vocab], zero]), torch.cat([w2[self.draft_vocab], zero]))
+            self._drafting_markov_key = key
+        return self._drafting_markov
+
+    def drafting_head(self, dtype: torch.dtype):
+        """(the LM head's rows of the draft vocabulary in ``dtype``, the same packed for
+        ``skinny_linear`` on CPU or None), built once per vocabulary."""
+        key = (self.lm_head.data_ptr(), dtype, self._drafting_vocabulary_key())
+        if getattr(self, "_drafting_head_key", None) != key:
+            rows = self.lm_head[self.draft_vocab].to(dtype)
+            self._drafting_head = (rows, pack_skinny_weight(rows) if rows.device.type == "cpu" else None)
+            self._drafting_head_key = key
+        return self._drafting_head
+
+    def drafting_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Base logits U [..., V] of a drafting round, or [..., N] over the draft vocabulary."""
+        if self.draft_vocab is None:
+            return self.logits(hidden, self.inference_lm_head_dtype)
+        dtype = self.inference_lm_head_dtype or torch.float32
+        rows, packed = self.drafting_head(dtype)
+        count = hidden.numel() // max(hidden.shape[-1], 1)
+        max_rows = SKINNY_BFLOAT16_MAX_ROWS if dtype == torch.bfloat16 else SKINNY_MAX_ROWS
+        if packed is not None and count <= max_rows:
+            return torch.ops.dspark.skinny_linear(hidden.float(), packed, rows.shape[0], None)
+        return F.linear(hidden.to(dtype), rows).float()
+
     # ---------------------------------------------------------------- Drafter protocol
     def reset(self, batch_size: int) -> None:
         """Drops every request's context cache (``propose`` does it per request on new_from == 0)."""
@@ -429,23 +496,50 @@ class DSparkDrafter(nn.Module):
         mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
         kv = [(k[:, :S], v[:, :S]) for k, v in zip(self._cache_k, self._cache_v)]
         h = self.backbone(x, positions, kv, mask)
-        base = self.logits(h, self.inference_lm_head_dtype).contiguous()
+        return self.draft_from_hidden(h, anchors, context)
+
+    def draft_from_hidden(self, h: torch.Tensor, anchors: torch.Tensor, context: DraftContext) -> Draft:
+        """The block's hidden states h [B, K, D] -> base logits, then the K drafts through
+        ``dspark::markov_draft`` (Markov head and confidence)."""
+        device = h.device
+        base = self.drafting_logits(h).contiguous()
+        vocab = self.draft_vocab
+        previous = anchors.to(torch.int64)
+        markov_dtype = torch.bfloat16 if self.inference_lm_head_dtype == torch.bfloat16 else torch.float32
         if self.markov is not None:
             # A bfloat16 Markov head reads half the bytes of W2 at each of the K steps (one
             # request: 1.0 ms against 2.0); l_k is then rounded to bfloat16, and verify is shown
             # exactly those logits, widened.
-            markov_dtype = torch.bfloat16 if self.inference_lm_head_dtype == torch.bfloat16 else torch.float32
-            w1, w2 = self.markov_weights(markov_dtype)
-            base = base.to(markov_dtype)
+            w1, w2 = self.drafting_markov_weights(markov_dtype)
         else:  # parallel-only: a zero Markov head = independent draws per position
-            w1 = w2 = torch.zeros(self.cfg.vocab_size, 1, device=device)
+            markov_dtype = torch.float32
+            w1 = w2 = torch.zeros(base.shape[-1] + (vocab is not None), 1, device=device)
         conf_args = (None, None, None)
         if self.confidence is not None:
             conf_args = self.confidence.op_arguments(h)
             if self.markov is None:
                 conf_args = (conf_args[0], torch.zeros(1, device=device), conf_args[2])
+        if vocab is not None:
+            # Over the draft vocabulary the anchor (any id) has no row: its transition and
+            # confidence terms join position 1's base here, and the op sees the zero row N.
+            N = vocab.numel()
+            if self.markov is not None:
+                anchor_w1 = self.markov_weights(markov_dtype)[0][previous]  # [B, r]
+                base[:, 0] += (anchor_w1 @ w2[:N].T).float()
+                anchor_w1 = anchor_w1.float()
+                if conf_args[1] is not None:
+                    conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
+                    conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
+            base = torch.cat([base, base.new_full((*base.shape[:-1], 1), float("-inf"))], dim=-1)
+            previous = torch.full_like(previous, N)
         token_ids, logits, confidence = torch.ops.dspark.markov_draft(
-            base, anchors.to(torch.int64), w1, w2, context.temperature.float(), context.seed, context.offset, *conf_args)
+            base.to(markov_dtype), previous, w1, w2, context.temperature.float(), context.seed, context.offset,
+            *conf_args)
+        if vocab is not None:  # back to vocabulary ids, and q = 0 outside the draft vocabulary
+            token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # N only if every logit is NaN or -inf
+            full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"), dtype=torch.float32)
+            full[..., vocab] = logits[..., :-1].float()
+            logits = full
         return Draft(token_ids=token_ids, logits=logits.float(),
                      confidence=confidence if self.confidence is not None else None)
 
@@ -465,6 +559,8 @@ class DSparkDrafter(nn.Module):
                  .detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_FILE))
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=1))
+        if self.draft_vocab_ranking is not None:
+            (folder / DRAFT_VOCAB_FILE).write_text(json.dumps(self.draft_vocab_ranking))
 
     @classmethod
     def load(cls, folder, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] = None,
@@ -479,8 +575,13 @@ class DSparkDrafter(nn.Module):
         drafter.load_state_dict(state)
         drafter = drafter.to(device or embedding.device).eval()
         drafter.inference_lm_head_dtype = fast_lm_head_dtype(drafter.embedding.device)
+        if (folder / DRAFT_VOCAB_FILE).is_file():
+            drafter.set_draft_vocabulary(json.loads((folder / DRAFT_VOCAB_FILE).read_text()), cfg.draft_vocab_size)
+        elif cfg.draft_vocab_size:
+            raise ValueError(f"{folder}: config.json drafts from {cfg.draft_vocab_size} ids, but {DRAFT_VOCAB_FILE} is missing")
         if drafter.lm_head.device.type == "cpu":  # pack now (~60 ms), not in the first drafting round
-            drafter.packed_lm_head(drafter.inference_lm_head_dtype or torch.float32)
+            dtype = drafter.inference_lm_head_dtype or torch.float32
+            drafter.packed_lm_head(dtype) if drafter.draft_vocab is None else drafter.drafting_head(dtype)
         return drafter
 
     @classmethod

@@ -98,8 +98,11 @@ class HybridDrafter:
                              "(a DSparkDrafter with a confidence head)")
         self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
         self.dspark_survival.update(drafted.confidence.float().cumprod(1))
-        self.chose_dspark += int(use_dspark.sum())
-        self.chose_lookup += int((~use_dspark).sum())
+        chose_dspark = int(use_dspark.sum())
+        self.chose_dspark += chose_dspark
+        self.chose_lookup += int(use_dspark.numel()) - chose_dspark
+        if chose_dspark == use_dspark.numel():
+            return drafted
         # Lookup rows verify as one-hot proposals: log-probability 0 at the draft, -inf elsewhere.
         one_hot = torch.full_like(drafted.logits, float("-inf"))
         one_hot.scatter_(2, lookup.token_ids[:, :, None], 0.0)

@@ -1,0 +1,200 @@
+"""What a drafting round of ``dspark generate``'s default costs on this machine, by batch size:
+the DSpark drafter's ``propose`` and the loop's planning, on real contexts (the shipped drafter on
+SmolLM2-135M-Instruct, MT-Bench prompts, 24 rounds into a greedy generation).
+
+    python bench/bench_drafting_round.py [--batch-sizes 1,4] [--compile] [--markdown FILE]
+
+``propose`` (feed the round's new context row, draft one block of K) is timed interleaved as:
+
+* **draft vocabulary** (shipped): the drafter samples from its ``draft_vocab_size`` most frequent
+  ids, so its LM head and Markov head read that many rows;
+* **whole vocabulary** (the reference, and what it ran before): every id;
+* **compiled** (``--compile``): the shipped form with ``torch.compile(dynamic=True)`` of the
+  backbone's forward;
+* **read**: one pass over the weights the shipped round reads (backbone, LM head and Markov W2
+  rows of the draft vocabulary), the floor of a memory-bound round.
+
+A round drafts right after the target's step has streamed ~540 MB of weights through the caches,
+so every timed call starts from caches flushed the same way (a 1 GiB read); warm, the form timed
+after another would find the drafter's weights in the cache.
+
+Then the planning the loop adds to every round of the default (``choose_plan``, which runs the
+prompt lookup and the forecasts), measured inside a real call at T = 1 (``generate``'s own
+rounds), per round.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Table, machine_lines  # noqa: E402
+
+from dspark_ext.cli import _encode, load_eval_prompts  # noqa: E402
+from dspark_ext.drafters.dspark import DSparkDrafter  # noqa: E402
+from dspark_ext.drafters.hybrid import default_hybrid_drafter  # noqa: E402
+from dspark_ext.protocols import DraftContext  # noqa: E402
+from dspark_ext.targets import load_target  # noqa: E402
+
+generation = importlib.import_module("dspark_ext.generate")
+
+#: Bytes read before every timed call to evict the caches (these machines have up to 480 MiB of
+#: last-level cache).
+FLUSH_BYTES = 1 << 30
+
+
+def round_context(target, drafter, prompts, at_round: int) -> DraftContext:
+    """Round ``at_round`` of a greedy DSpark-only generation with ``drafter``, with its last
+    context row new again: a round after a rejection."""
+    captured = {}
+    propose = generation._Generation.propose
+
+    def spy(self, context, plan):
+        if self.result.num_rounds == at_round:
+            captured["context"], captured["features"] = context, self.features.clone()
+        return propose(self, context, plan)
+
+    generation._Generation.propose = spy
+    try:
+        generation.generate(target, drafter, prompts, 64, temperature=0.0, seed=0)
+    finally:
+        generation._Generation.propose = propose
+    c = captured["context"]
+    return DraftContext(tokens=c.tokens, lengths=c.lengths, anchor_hidden=c.anchor_hidden, temperature=c.temperature,
+                        seed=c.seed, offset=c.offset, hidden_states=captured["features"],
+                        new_from=(c.lengths - 2).clamp(min=0))
+
+
+def round_weights(drafter: DSparkDrafter):
+    """The weights a drafting round of ``drafter`` reads."""
+    dtype = drafter.inference_lm_head_dtype or torch.float32
+    weights = [p.detach() for p in drafter.backbone.parameters()]
+    if drafter.draft_vocab is None:
+        weights.append(drafter.packed_lm_head(dtype))
+    else:
+        weights.append(drafter.drafting_head(dtype)[1])
+    if drafter.markov is not None:
+        weights.append(drafter.drafting_markov_weights(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)[1])
+    return weights
+
+
+@torch.no_grad()
+def time_propose(target, shipped: DSparkDrafter, prompts, compile_backbone: bool, repeats: int):
+    """Median ms of each form, and the share of drafts the whole vocabulary proposes alike."""
+    whole = DSparkDrafter.for_target(shipped.cfg_folder, target)
+    whole.set_draft_vocabulary(None, 0)
+    drafters = {"draft vocabulary": shipped, "whole vocabulary": whole}
+    if compile_backbone:
+        compiled = DSparkDrafter.for_target(shipped.cfg_folder, target)
+        compiled.backbone.forward = torch.compile(compiled.backbone.forward, dynamic=True)
+        drafters["compiled"] = compiled
+    context = round_context(target, shipped, prompts, at_round=24)
+    everything = dataclasses.replace(context, new_from=torch.zeros_like(context.new_from))
+    for drafter in drafters.values():  # every drafter's context cache holds the same context
+        drafter.propose(everything)
+
+    def form(name):
+        drafter = drafters[name]
+
+        def propose():
+            drafter._cache_len = context.new_from.cpu().clone()  # the last context row is new again
+            return drafter.propose(context)
+        return propose
+
+    forms = {name: form(name) for name in drafters}
+    weights = round_weights(shipped)
+    forms["read"] = lambda: [w.sum() for w in weights]
+    for fn in forms.values():  # compile, pack, warm
+        fn()
+    agree = float((forms["draft vocabulary"]().token_ids == forms["whole vocabulary"]().token_ids).float().mean())
+    flush = torch.ones(FLUSH_BYTES // 4)
+    samples = {name: [] for name in forms}
+    for _ in range(repeats):
+        for name, fn in forms.items():
+            flush.sum()
+            start = time.perf_counter()
+            fn()
+            samples[name].append(1e3 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in samples.items()}, agree
+
+
+def planning_per_round(target, default, cost, prompts, repeats: int):
+    """Median over ``repeats`` calls of (ms of ``choose_plan`` per round, rounds) in a default
+    generation at T = 1."""
+    times, rounds = [], []
+    choose_plan = generation._Generation.choose_plan
+    spent = [0.0]
+
+    def timed(self, *args):
+        start = time.perf_counter()
+        try:
+            return choose_plan(self, *args)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    generation._Generation.choose_plan = timed
+    try:
+        for repeat in range(repeats):
+            spent[0] = 0.0
+            result = generation.generate(target, default, prompts, 96, temperature=1.0, seed=repeat, cost=cost)
+            times.append(1e3 * spent[0] / result.num_rounds)
+            rounds.append(result.num_rounds)
+    finally:
+        generation._Generation.choose_plan = choose_plan
+    return statistics.median(times), statistics.median(rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--planning-calls", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of the backbone")
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    target, tokenizer = load_target(None)
+    default = default_hybrid_drafter(target)
+    shipped = default.dspark
+    from dspark_ext.drafters.dspark import shipped_drafter_path
+
+    shipped.cfg_folder = shipped_drafter_path()
+    lines = machine_lines("cpu")
+    lines.append(f"draft vocabulary: {shipped.cfg.draft_vocab_size or 'every id'} of {shipped.cfg.vocab_size} ids")
+    propose_table = Table(["B", "draft vocabulary ms", "whole vocabulary ms", "compiled ms", "read ms",
+                           "whole / draft vocabulary", "compiled / draft vocabulary", "draft vocabulary / read",
+                           "same drafts"])
+    planning_table = Table(["B", "choose_plan ms per round", "rounds per call"])
+    for batch_size in map(int, args.batch_sizes.split(",")):
+        prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
+        target.hidden_layers = list(shipped.cfg.context_layers)
+        medians, agree = time_propose(target, shipped, prompts, args.compile, args.repeats)
+        mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
+        compiled = medians.get("compiled")
+        propose_table.add([batch_size, f"{mine:.2f}", f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}",
+                           f"{read:.2f}", f"{whole / mine:.2f}x", "-" if compiled is None else f"{compiled / mine:.2f}x",
+                           f"{mine / read:.2f}x", f"{agree:.0%}"])
+        cost = default.cost_profile(target, requests=[batch_size])
+        plan_ms, rounds = planning_per_round(target, default, cost, prompts, args.planning_calls)
+        planning_table.add([batch_size, f"{plan_ms:.3f}", f"{rounds:g}"])
+        print(propose_table.text(), "\n", planning_table.text(), flush=True)
+    report = "\n".join(["    " + line for line in lines] + [
+        f"    run time {time.perf_counter() - started:.0f} s", "",
+        "DSpark `propose`, one round after a flushed cache (context cache fed one row, K = 7 drafted):", "",
+        propose_table.markdown(), "",
+        "The loop's planning in a default generation at T = 1 (MT-Bench, 96 tokens per request):", "",
+        planning_table.markdown(), ""])
+    print(report)
+    if args.markdown:
+        Path(args.markdown).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
