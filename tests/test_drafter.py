@@ -215,6 +215,33 @@ def test_draft_vocabulary_drafts_only_its_ids(temperature):
     assert drafter.draft_vocab is None and drafter.cfg.draft_vocab_size == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_vocabulary_on_cuda(temperature):
+    """The same drafter on CUDA (F.linear over the vocabulary's rows, the CUDA markov_draft):
+    drafts only from its ids, q = 0 elsewhere, and greedy drafts equal the CPU's."""
+    drafter = small_drafter(seed=5)
+    drafter.inference_lm_head_dtype = torch.float32
+    drafter.set_draft_vocabulary(ranking_of([3, 17, 40, 8, 22, 31, 5, 11, 29, 47, 0, 36]), 12)
+    lengths = [9, 1, 5, 13]
+    tokens, features = random_batch(lengths, seed=6)
+    on_cpu = drafter.propose(context_of(tokens, lengths, features, temperature))
+    gpu = copy.deepcopy(drafter).to("cuda")
+    gpu.set_draft_vocabulary(drafter.draft_vocab_ranking, 12)
+    context = context_of(tokens, lengths, features, temperature)
+    context = DraftContext(tokens=context.tokens.cuda(), lengths=context.lengths.cuda(), anchor_hidden=None,
+                           temperature=context.temperature.cuda(), seed=context.seed.cuda(),
+                           offset=context.offset.cuda(), hidden_states=features.cuda(), new_from=None)
+    on_gpu = gpu.propose(context)
+    inside = torch.zeros(V, dtype=torch.bool, device="cuda")
+    inside[gpu.draft_vocab] = True
+    assert bool(inside[on_gpu.token_ids].all())
+    assert bool((on_gpu.logits[..., ~inside] == float("-inf")).all())
+    if temperature == 0:
+        assert torch.equal(on_gpu.token_ids.cpu(), on_cpu.token_ids)
+        torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-4, atol=1e-3)
+
+
 def test_draft_vocabulary_rejects_bad_rankings():
     drafter = small_drafter()
     for ranking, size, match in ((ranking_of([1, 2]), 3, "at least 3"), (ranking_of([1, V]), 2, "distinct and in"),

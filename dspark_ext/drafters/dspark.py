@@ -453,8 +453,8 @@ class DSparkDrafter(nn.Module):
         new_from = (context.new_from if context.new_from is not None
                     else torch.zeros(B, dtype=torch.int64)).to("cpu", torch.int64)
         ends = (context.lengths.to("cpu", torch.int64) - 1).clamp(min=0)
-        if self._cache_len.shape[0] != B or not self._cache_k:
-            self.reset(B)
+        if self._cache_len.shape[0] != B or not self._cache_k or self._cache_k[0].device != device:
+            self.reset(B)  # a new batch size, or the drafter moved to another device
         self._cache_len = torch.where(new_from == 0, torch.zeros_like(self._cache_len), self._cache_len)
         if bool((self._cache_len != new_from).any()):
             raise ValueError(f"context features skipped: cached up to {self._cache_len.tolist()}, "
