@@ -500,8 +500,6 @@ def cmd_calibrate_lookup(args) -> int:
 def cmd_draft_vocab(args) -> int:
     """Ranks token ids by frequency in the recipe's ShareGPT answers and makes the drafter draft
     from the most frequent ``--size`` of them."""
-    import shutil
-
     from dspark_ext.drafters.dspark import CONFIG_FILE, DRAFT_VOCAB_FILE
     from dspark_ext.train import draft_vocabulary_ranking, prepare_sharegpt_answers
 
@@ -514,27 +512,41 @@ def cmd_draft_vocab(args) -> int:
     ranking = None
     if args.size > 0:
         _, tokenizer = _load_target(args)
-        records = prepare_sharegpt_answers(tokenizer, args.answer_tokens, Path(args.cache), seed=args.seed)
+        cache = Path(args.cache)
+        cached = cache.is_file()  # the recipe's own selection, as `dspark train` made it
+        records = prepare_sharegpt_answers(tokenizer, args.answer_tokens, cache, seed=args.seed)
         ranking = draft_vocabulary_ranking(records)
         ranking["notes"].update({"source": "ShareGPT answers of the training recipe (prepare_sharegpt_answers)",
-                                 "seed": args.seed})
-        if len(ranking["ranked_ids"]) < args.size:
-            raise CliError(f"--size {args.size}: the answers hold only {len(ranking['ranked_ids'])} distinct ids")
-    config["draft_vocab_size"] = int(args.size)
-    if ranking is not None:
-        (folder / DRAFT_VOCAB_FILE).write_text(json.dumps(ranking))
-    elif (folder / DRAFT_VOCAB_FILE).is_file():
-        (folder / DRAFT_VOCAB_FILE).unlink()
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+                                 "answers_file": cache.name, "selected_here": not cached,
+                                 **({} if cached else {"seed": args.seed})})
+        ids = ranking["ranked_ids"]
+        if len(ids) < args.size:
+            raise CliError(f"--size {args.size}: the answers hold only {len(ids)} distinct ids")
+        if max(ids) >= config["vocab_size"]:
+            raise CliError(f"the answers hold id {max(ids)}, outside the drafter's vocabulary of {config['vocab_size']} "
+                           "ids: a tokenizer of another model?")
+
+    def apply(target_folder: Path) -> None:
+        """Only the draft vocabulary changes: its size in config.json and the ranking file."""
+        target_config = json.loads((target_folder / CONFIG_FILE).read_text())
+        target_config["draft_vocab_size"] = int(args.size)
+        if ranking is not None:
+            (target_folder / DRAFT_VOCAB_FILE).write_text(json.dumps(ranking))
+        elif (target_folder / DRAFT_VOCAB_FILE).is_file():
+            (target_folder / DRAFT_VOCAB_FILE).unlink()
+        (target_folder / CONFIG_FILE).write_text(json.dumps(target_config, indent=1))
+
+    apply(folder)
     _log(f"{folder}: drafts from {'every id' if not args.size else f'the {args.size} most frequent ids'}")
     if args.install:
         dest = default_drafter_path()
-        for name in (CONFIG_FILE, DRAFT_VOCAB_FILE):
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, dest / name)
-            elif (dest / name).is_file():
-                (dest / name).unlink()
-        _log(f"installed it into the default drafter: {dest}")
+        if dest.resolve() != folder.resolve():
+            installed = json.loads((dest / CONFIG_FILE).read_text())
+            if installed.get("vocab_size") != config["vocab_size"]:
+                raise CliError(f"the default drafter has a vocabulary of {installed.get('vocab_size')} ids, "
+                               f"{folder} of {config['vocab_size']}")
+            apply(dest)
+        _log(f"the default drafter ({dest}) drafts from the same ids")
     return 0
 
 
@@ -710,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle (as `dspark train`)")
     v.add_argument("--model", default=None, help="target whose tokenizer counts (default: SmolLM2-135M-Instruct)")
     v.add_argument("--device", default="cpu", help="torch device of the target (only its tokenizer is used)")
-    v.add_argument("--install", action="store_true", help="copy the choice into the default drafter")
+    v.add_argument("--install", action="store_true",
+                   help="give the default drafter the same draft vocabulary (its weights and calibration stay)")
     v.set_defaults(func=cmd_draft_vocab)
     e = command("export", "write a trained DSpark drafter as a checkpoint another engine serves "
                 "(vLLM 0.32: Qwen3DSparkModel, config.json + model.safetensors)")

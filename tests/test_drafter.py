@@ -178,14 +178,19 @@ def ranking_of(ids) -> dict:
     return {"ranked_ids": [int(i) for i in ids], "notes": {"source": "test"}}
 
 
-@pytest.mark.parametrize("variant", ["dspark", "parallel+confidence", "dspark-vllm-layout"])
+@pytest.mark.parametrize("variant", ["dspark", "parallel+confidence", "dspark-vllm-layout", "no-confidence"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_draft_vocabulary_of_every_id_drafts_as_the_whole_vocabulary(variant, temperature):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_draft_vocabulary_of_every_id_drafts_as_the_whole_vocabulary(variant, temperature, dtype):
     """Every id as the draft vocabulary (in a shuffled ranking) reproduces the whole-vocabulary
     drafts: the anchor's transition and confidence terms folded into position 1 outside the op
-    (its zero row N) are the op's own, and ids map back."""
-    drafter = small_drafter(seed=3, **VARIANTS[variant])
-    drafter.inference_lm_head_dtype = torch.float32
+    (its zero row N) are the op's own, with the same rounding in bfloat16, and ids map back."""
+    kwargs = dict(confidence=False) if variant == "no-confidence" else VARIANTS[variant]
+    drafter = small_drafter(seed=3, **kwargs)
+    drafter.inference_lm_head_dtype = dtype
+    if drafter.confidence is not None:
+        drafter.confidence.set_sts_temperature(torch.linspace(0.6, 1.8, drafter.num_draft),
+                                               torch.linspace(-0.5, 0.5, drafter.num_draft))
     lengths = [9, 1, 5, 13]
     tokens, features = random_batch(lengths, seed=4)
     whole = drafter.propose(context_of(tokens, lengths, features, temperature))
@@ -193,6 +198,30 @@ def test_draft_vocabulary_of_every_id_drafts_as_the_whole_vocabulary(variant, te
     assert drafter.cfg.draft_vocab_size == V and torch.equal(drafter.draft_vocab, torch.arange(V))
     drafter.reset(len(lengths))
     assert_drafts_equal(drafter.propose(context_of(tokens, lengths, features, temperature)), whole, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["dspark", "parallel+confidence"])
+def test_draft_vocabulary_logits_are_the_whole_vocabularys_on_its_ids(variant):
+    """A strict subset: at every position whose earlier drafts agree with the whole-vocabulary
+    drafter's (position 1 always), the logits on the subset's ids and the confidence are the
+    whole vocabulary's (so W1/W2 rows and the anchor's terms are looked up by the right ids)."""
+    drafter = small_drafter(seed=12, **VARIANTS[variant])
+    drafter.inference_lm_head_dtype = torch.float32
+    drafter.confidence.set_sts_temperature(torch.linspace(0.6, 1.8, drafter.num_draft),
+                                           torch.linspace(-0.5, 0.5, drafter.num_draft))
+    lengths = [9, 1, 5, 13]
+    tokens, features = random_batch(lengths, seed=13)
+    whole = drafter.propose(context_of(tokens, lengths, features, 0.0))
+    subset = torch.tensor([44, 2, 19, 7, 30, 11, 25, 38, 0, 15, 33, 5, 21, 9, 41, 27])
+    drafter.set_draft_vocabulary(ranking_of(subset), len(subset))
+    drafter.reset(len(lengths))
+    sub = drafter.propose(context_of(tokens, lengths, features, 0.0))
+    same_prefix = torch.cat([torch.ones(len(lengths), 1, dtype=torch.bool),
+                             (sub.token_ids == whole.token_ids).cumprod(1)[:, :-1].bool()], dim=1)
+    ids = subset.sort().values
+    torch.testing.assert_close(sub.logits[same_prefix][:, ids], whole.logits[same_prefix][:, ids], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sub.confidence[same_prefix], whole.confidence[same_prefix], rtol=1e-5, atol=1e-6)
+    assert int(same_prefix.sum()) > len(lengths)  # later positions were compared too
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -226,8 +255,7 @@ def test_draft_vocabulary_on_cuda(temperature):
     lengths = [9, 1, 5, 13]
     tokens, features = random_batch(lengths, seed=6)
     on_cpu = drafter.propose(context_of(tokens, lengths, features, temperature))
-    gpu = copy.deepcopy(drafter).to("cuda")
-    gpu.set_draft_vocabulary(drafter.draft_vocab_ranking, 12)
+    gpu = copy.deepcopy(drafter).to("cuda")  # the draft vocabulary moves with it
     context = context_of(tokens, lengths, features, temperature)
     context = DraftContext(tokens=context.tokens.cuda(), lengths=context.lengths.cuda(), anchor_hidden=None,
                            temperature=context.temperature.cuda(), seed=context.seed.cuda(),

@@ -283,7 +283,8 @@ class DSparkDrafter(nn.Module):
         self._cache_k: list = []
         self._cache_v: list = []
         self._cache_len = torch.zeros(0, dtype=torch.int64)
-        self.draft_vocab: Optional[torch.Tensor] = None  # sorted ids drafting samples from (None: all)
+        # Sorted ids drafting samples from (None: all); a buffer, so it moves with the drafter.
+        self.register_buffer("draft_vocab", None, persistent=False)
         self.draft_vocab_ranking: Optional[dict] = None  # DRAFT_VOCAB_FILE's content, saved with the drafter
 
     def _init_weights(self) -> None:
@@ -384,6 +385,7 @@ class DSparkDrafter(nn.Module):
         vocabulary; the shipped drafter's round reads ~40% of the bytes at 8k of SmolLM2's 49k ids). The
         drafts' law q is zero elsewhere, which verification handles like any q: the output law
         is unchanged, and a target token outside the set is simply never drafted."""
+        self._drafting_head_key = self._drafting_markov_key = None  # rebuilt for the new vocabulary
         if ranking is None or size <= 0:
             self.draft_vocab, self.draft_vocab_ranking, self.cfg.draft_vocab_size = None, ranking, 0
             return
@@ -403,14 +405,16 @@ class DSparkDrafter(nn.Module):
     def drafting_markov_weights(self, dtype: torch.dtype):
         """(W1, W2) as ``dspark::markov_draft`` reads them while drafting: the whole [V, r] head,
         or over the draft vocabulary its rows plus one zero row (id N: the "previous token" of
-        position 1, whose transition from the anchor, any id, is added before the op)."""
+        position 1, whose transition from the anchor, any id, is added before the op), and then
+        also W2's rows in float32 (that transition, computed as the op computes its own)."""
         w1, w2 = self.markov_weights(dtype)
         if self.draft_vocab is None:
             return w1, w2
         key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version, dtype, self._drafting_vocabulary_key())
         if getattr(self, "_drafting_markov_key", None) != key:
             zero = w1.new_zeros(1, w1.shape[1])
-            self._drafting_markov = (torch.cat([w1[self.draft_vocab], zero]), torch.cat([w2[self.draft_vocab], zero]))
+            rows = w2[self.draft_vocab]
+            self._drafting_markov = (torch.cat([w1[self.draft_vocab], zero]), torch.cat([rows, zero]), rows.float())
             self._drafting_markov_key = key
         return self._drafting_markov
 
@@ -510,7 +514,7 @@ class DSparkDrafter(nn.Module):
             # A bfloat16 Markov head reads half the bytes of W2 at each of the K steps (one
             # request: 1.0 ms against 2.0); l_k is then rounded to bfloat16, and verify is shown
             # exactly those logits, widened.
-            w1, w2 = self.drafting_markov_weights(markov_dtype)
+            w1, w2, *w2_rows = self.drafting_markov_weights(markov_dtype)
         else:  # parallel-only: a zero Markov head = independent draws per position
             markov_dtype = torch.float32
             w1 = w2 = torch.zeros(base.shape[-1] + (vocab is not None), 1, device=device)
@@ -523,10 +527,12 @@ class DSparkDrafter(nn.Module):
             # Over the draft vocabulary the anchor (any id) has no row: its transition and
             # confidence terms join position 1's base here, and the op sees the zero row N.
             N = vocab.numel()
+            # As the op does it: U rounded to the logits' dtype, plus the float32 transition,
+            # rounded once.
+            base = base.to(markov_dtype).float()
             if self.markov is not None:
-                anchor_w1 = self.markov_weights(markov_dtype)[0][previous]  # [B, r]
-                base[:, 0] += (anchor_w1 @ w2[:N].T).float()
-                anchor_w1 = anchor_w1.float()
+                anchor_w1 = self.markov_weights(markov_dtype)[0][previous].float()  # [B, r]
+                base[:, 0] += anchor_w1 @ w2_rows[0].T
                 if conf_args[1] is not None:
                     conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
                     conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
@@ -536,7 +542,7 @@ class DSparkDrafter(nn.Module):
             base.to(markov_dtype), previous, w1, w2, context.temperature.float(), context.seed, context.offset,
             *conf_args)
         if vocab is not None:  # back to vocabulary ids, and q = 0 outside the draft vocabulary
-            token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # N only if every logit is NaN or -inf
+            token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # a bounds guard: the -inf id N is never drawn
             full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"), dtype=torch.float32)
             full[..., vocab] = logits[..., :-1].float()
             logits = full
