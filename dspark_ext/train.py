@@ -586,7 +586,8 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
     are accepted. Anchors: ``anchors_per_sequence`` random answer positions per sequence, or
     (None) every answer position that starts a whole block. In sequences the target wrote
     greedily, draft k is accepted iff the drafter's argmax is the target's token; in sampled
-    ones, with probability 1 - TV(p_d, p_t) (drawn)."""
+    ones, with probability 1 - TV(p_d, p_t) (drawn). A drafter with a draft vocabulary drafts
+    from its ids only, here as in ``propose``."""
     if drafter.confidence is None:
         raise ValueError("this drafter has no confidence head")
     gen = torch.Generator().manual_seed(seed)
@@ -600,6 +601,10 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
             a = lo + torch.randint(hi - lo + 1, (anchors_per_sequence,), generator=gen)
         batch = data.batch([sid], [a], drafter.num_draft)
         logits, z = teacher_forced(drafter, batch)
+        if drafter.draft_vocab is not None:  # a drafter with a draft vocabulary never drafts outside it
+            outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            outside[drafter.draft_vocab] = False
+            logits = logits.masked_fill(outside, float("-inf"))
         p_t = torch.softmax(drafter.logits(batch["final"]), -1)
         greedy = temperature_of is None or temperature_of(sid) == 0
         if greedy:

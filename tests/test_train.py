@@ -498,3 +498,12 @@ def test_heldout_rollouts(dataset):
     assert z1.shape[1] == K and acc1.shape == z1.shape and set(acc1.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="confidence"):
         heldout_rollouts(new_drafter(target, confidence=False), data)
+
+    # A draft vocabulary: every id changes nothing; one id that no answer holds accepts nothing.
+    drafter.set_draft_vocabulary({"ranked_ids": list(range(drafter.cfg.vocab_size))}, drafter.cfg.vocab_size)
+    z_all, acc_all = heldout_rollouts(drafter, data, anchors_per_sequence=12, seed=3)
+    assert torch.equal(z_all, z) and torch.equal(acc_all, acc)
+    unused = min(set(range(drafter.cfg.vocab_size)) - {int(t) for tok, _ in seqs for t in tok})
+    drafter.set_draft_vocabulary({"ranked_ids": [unused]}, 1)
+    z_one, acc_one = heldout_rollouts(drafter, data, anchors_per_sequence=12, seed=3)
+    assert torch.equal(z_one, z) and not bool(acc_one.any())
