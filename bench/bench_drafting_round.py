@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Table, machine_lines  # noqa: E402
 
 from dspark_ext.cli import _encode, load_eval_prompts  # noqa: E402
-from dspark_ext.drafters.dspark import DSparkDrafter  # noqa: E402
+from dspark_ext.drafters.dspark import DSparkDrafter, shipped_drafter_path  # noqa: E402
 from dspark_ext.drafters.hybrid import default_hybrid_drafter  # noqa: E402
 from dspark_ext.protocols import DraftContext  # noqa: E402
 from dspark_ext.targets import load_target  # noqa: E402
@@ -85,13 +85,14 @@ def round_weights(drafter: DSparkDrafter):
 
 
 @torch.no_grad()
-def time_propose(target, shipped: DSparkDrafter, prompts, compile_backbone: bool, repeats: int):
-    """Median ms of each form, and the share of drafts the whole vocabulary proposes alike."""
-    whole = DSparkDrafter.for_target(shipped.cfg_folder, target)
+def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbone: bool, repeats: int):
+    """Median ms of each form (``shipped`` loaded from ``folder``), and the share of drafts the
+    whole vocabulary proposes alike."""
+    whole = DSparkDrafter.for_target(folder, target)
     whole.set_draft_vocabulary(None, 0)
     drafters = {"draft vocabulary": shipped, "whole vocabulary": whole}
     if compile_backbone:
-        compiled = DSparkDrafter.for_target(shipped.cfg_folder, target)
+        compiled = DSparkDrafter.for_target(folder, target)
         compiled.backbone.forward = torch.compile(compiled.backbone.forward, dynamic=True)
         drafters["compiled"] = compiled
     context = round_context(target, shipped, prompts, at_round=24)
@@ -163,9 +164,6 @@ def main() -> None:
     target, tokenizer = load_target(None)
     default = default_hybrid_drafter(target)
     shipped = default.dspark
-    from dspark_ext.drafters.dspark import shipped_drafter_path
-
-    shipped.cfg_folder = shipped_drafter_path()
     lines = machine_lines("cpu")
     lines.append(f"draft vocabulary: {shipped.cfg.draft_vocab_size or 'every id'} of {shipped.cfg.vocab_size} ids")
     propose_table = Table(["B", "draft vocabulary ms", "whole vocabulary ms", "compiled ms", "read ms",
@@ -175,7 +173,7 @@ def main() -> None:
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
         target.hidden_layers = list(shipped.cfg.context_layers)
-        medians, agree = time_propose(target, shipped, prompts, args.compile, args.repeats)
+        medians, agree = time_propose(target, shipped, shipped_drafter_path(), prompts, args.compile, args.repeats)
         mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
         compiled = medians.get("compiled")
         propose_table.add([batch_size, f"{mine:.2f}", f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}",

@@ -592,6 +592,10 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         raise ValueError("this drafter has no confidence head")
     gen = torch.Generator().manual_seed(seed)
     zs, accs = [], []
+    outside = None  # a drafter with a draft vocabulary never drafts outside it
+    if drafter.draft_vocab is not None:
+        outside = torch.ones(drafter.cfg.vocab_size, dtype=torch.bool, device=drafter.draft_vocab.device)
+        outside[drafter.draft_vocab] = False
     # Only answers the target wrote: acceptance is defined along the target's own path.
     for sid in (i for i in data.heldout_ids if bool(data.target_written[i])):
         lo, hi = int(data.prompt_lengths[sid]), int(data.lengths[sid]) - 2
@@ -601,9 +605,7 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
             a = lo + torch.randint(hi - lo + 1, (anchors_per_sequence,), generator=gen)
         batch = data.batch([sid], [a], drafter.num_draft)
         logits, z = teacher_forced(drafter, batch)
-        if drafter.draft_vocab is not None:  # a drafter with a draft vocabulary never drafts outside it
-            outside = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            outside[drafter.draft_vocab] = False
+        if outside is not None:
             logits = logits.masked_fill(outside, float("-inf"))
         p_t = torch.softmax(drafter.logits(batch["final"]), -1)
         greedy = temperature_of is None or temperature_of(sid) == 0

@@ -336,16 +336,24 @@ class DSparkDrafter(nn.Module):
         round's few rows on CPU go through ``dspark::skinny_linear`` on the head packed once in
         ``dtype`` (float32 or bfloat16): one read of it, where the GEMM costs ~2-3x that. Past
         ``SKINNY_BFLOAT16_MAX_ROWS`` rows a bfloat16 head goes to the GEMM."""
+        return self._head_logits(hidden, dtype, self.lm_head_as, self.packed_lm_head)
+
+    @staticmethod
+    def _head_logits(hidden: torch.Tensor, dtype: Optional[torch.dtype], weight_as, packed_as) -> torch.Tensor:
+        """``logits`` on a head given as ``weight_as(dtype)`` [N, D] and ``packed_as(dtype)`` (its
+        ``skinny_linear`` packing, asked for only when used): the whole LM head or the draft
+        vocabulary's rows."""
         rows = hidden.numel() // max(hidden.shape[-1], 1)
         max_rows = SKINNY_BFLOAT16_MAX_ROWS if dtype == torch.bfloat16 else SKINNY_MAX_ROWS
         if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and rows <= max_rows
                 and dtype in (None, torch.float32, torch.bfloat16)):
-            packed = self.packed_lm_head(dtype or torch.float32)
-            return torch.ops.dspark.skinny_linear(hidden.float(), packed, self.lm_head.shape[0], None)
+            packed = packed_as(dtype or torch.float32)
+            return torch.ops.dspark.skinny_linear(hidden.float(), packed, weight_as(dtype or torch.float32).shape[0],
+                                                  None)
         if dtype is None or dtype == torch.float32:
-            return lm_head_logits(hidden.float().reshape(-1, hidden.shape[-1]), self.lm_head).view(
+            return lm_head_logits(hidden.float().reshape(-1, hidden.shape[-1]), weight_as(torch.float32)).view(
                 *hidden.shape[:-1], -1)
-        return F.linear(hidden.to(dtype), self.lm_head_as(dtype)).float()
+        return F.linear(hidden.to(dtype), weight_as(dtype)).float()
 
     def packed_lm_head(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen LM head in ``dtype``, packed for ``skinny_linear`` (once, then cached)."""
@@ -403,13 +411,14 @@ class DSparkDrafter(nn.Module):
         return (None if self.draft_vocab is None else (self.draft_vocab.data_ptr(), self.draft_vocab.numel()),)
 
     def drafting_markov_weights(self, dtype: torch.dtype):
-        """(W1, W2) as ``dspark::markov_draft`` reads them while drafting: the whole [V, r] head,
-        or over the draft vocabulary its rows plus one zero row (id N: the "previous token" of
-        position 1, whose transition from the anchor, any id, is added before the op), and then
-        also W2's rows in float32 (that transition, computed as the op computes its own)."""
+        """(W1, W2, W2 rows in float32) as drafting uses them: (W1, W2) as ``dspark::markov_draft``
+        reads them, the whole [V, r] head (third item None), or over the draft vocabulary its
+        rows plus one zero row (id N: the "previous token" of position 1, whose transition from
+        the anchor, any id, is added before the op, from W2's rows in float32 as the op computes
+        its own)."""
         w1, w2 = self.markov_weights(dtype)
         if self.draft_vocab is None:
-            return w1, w2
+            return w1, w2, None
         key = (w1.data_ptr(), w1._version, w2.data_ptr(), w2._version, dtype, self._drafting_vocabulary_key())
         if getattr(self, "_drafting_markov_key", None) != key:
             zero = w1.new_zeros(1, w1.shape[1])
@@ -432,13 +441,8 @@ class DSparkDrafter(nn.Module):
         """Base logits U [..., V] of a drafting round, or [..., N] over the draft vocabulary."""
         if self.draft_vocab is None:
             return self.logits(hidden, self.inference_lm_head_dtype)
-        dtype = self.inference_lm_head_dtype or torch.float32
-        rows, packed = self.drafting_head(dtype)
-        count = hidden.numel() // max(hidden.shape[-1], 1)
-        max_rows = SKINNY_BFLOAT16_MAX_ROWS if dtype == torch.bfloat16 else SKINNY_MAX_ROWS
-        if packed is not None and count <= max_rows:
-            return torch.ops.dspark.skinny_linear(hidden.float(), packed, rows.shape[0], None)
-        return F.linear(hidden.to(dtype), rows).float()
+        return self._head_logits(hidden, self.inference_lm_head_dtype, lambda dtype: self.drafting_head(dtype)[0],
+                                 lambda dtype: self.drafting_head(dtype)[1])
 
     # ---------------------------------------------------------------- Drafter protocol
     def reset(self, batch_size: int) -> None:
@@ -514,7 +518,7 @@ class DSparkDrafter(nn.Module):
             # A bfloat16 Markov head reads half the bytes of W2 at each of the K steps (one
             # request: 1.0 ms against 2.0); l_k is then rounded to bfloat16, and verify is shown
             # exactly those logits, widened.
-            w1, w2, *w2_rows = self.drafting_markov_weights(markov_dtype)
+            w1, w2, w2_rows = self.drafting_markov_weights(markov_dtype)
         else:  # parallel-only: a zero Markov head = independent draws per position
             markov_dtype = torch.float32
             w1 = w2 = torch.zeros(base.shape[-1] + (vocab is not None), 1, device=device)
@@ -532,7 +536,7 @@ class DSparkDrafter(nn.Module):
             base = base.to(markov_dtype).float()
             if self.markov is not None:
                 anchor_w1 = self.markov_weights(markov_dtype)[0][previous].float()  # [B, r]
-                base[:, 0] += anchor_w1 @ w2_rows[0].T
+                base[:, 0] += anchor_w1 @ w2_rows.T
                 if conf_args[1] is not None:
                     conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
                     conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
