@@ -32,7 +32,7 @@ import torch
 
 from dspark_ext.protocols import DraftContext
 
-PROFILE_VERSION = 3  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16
+PROFILE_VERSION = 4  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512
 #: A profile whose median relative spread ((q3 - q1) / median of the repeats) exceeds this was
 #: measured on a busy machine: it serves the run that measured it but is not saved.
 BUSY_SPREAD = 0.25

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from dspark_ext.ops import SKINNY_BLOCK, pack_skinny_weight, skinny_linear
 
-# (M, N, K): tails of the register tile (8 or 3 rows), of the block (16 features) and of the
-# pair of blocks; K = 1 and odd K.
-SHAPES = [(1, 7, 5), (3, 33, 17), (8, 576, 64), (9, 192, 96), (13, 5, 31), (40, 100, 64), (2, 16, 1), (17, 48, 130)]
+# (M, N, K): tails of the register tiles (8 or 3 rows; past 8 rows on AVX-512, 12), of the block
+# (16 features) and of the pair of blocks; K = 1 and odd K.
+SHAPES = [(1, 7, 5), (3, 33, 17), (8, 576, 64), (9, 192, 96), (13, 5, 31), (40, 100, 64), (2, 16, 1), (17, 48, 130),
+          (12, 40, 9), (24, 80, 33), (25, 17, 3)]
 
 
 def _inputs(M, N, K, seed=0, bias=True):
