@@ -108,6 +108,7 @@ def main() -> None:
                         t["request_rounds"] += result.request_forwards - len(batch)
                         for plan, count in result.plan_rounds.items():
                             t["plans"][plan] = t["plans"].get(plan, 0) + count
+                        t["plans"]["unplanned"] = t["plans"].get("unplanned", 0) + result.unplanned_rounds
                 ar_rate = totals["ar"]["tokens"] / totals["ar"]["wall"]
                 cell = {"dataset": dataset, "temperature": temperature, "batch": batch_size,
                         "cost_profile": cost.source, "drafters": {}}
@@ -128,7 +129,7 @@ def main() -> None:
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
              f"({'up to eos' if args.eos else 'no eos stop'}) per cell, interleaved. Machine: {machine()}. "
              f"Run time {time.perf_counter() - started:.0f} s.", "",
-             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none / lookup / hybrid |",
+             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     if whole is not None:
         lines[-2] += " whole vocabulary: default | tau | draft share |"
@@ -143,7 +144,8 @@ def main() -> None:
             f"{d['ngram']['speedup']:.2f}x | {d['default']['speedup']:.2f}x | "
             f"{d['default']['speedup'] / d['ngram']['speedup']:.2f} | {d['default']['tau']:.2f} | "
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
-            f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} / {p.get('lookup', 0)} / {p.get('hybrid', 0)} |")
+            f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({p.get('unplanned', 0)}) / "
+            f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} |")
         if "whole" in d:
             whole_speedups.append(d["whole"]["speedup"])
             line += f" {d['whole']['speedup']:.2f}x | {d['whole']['tau']:.2f} | {100 * d['whole']['draft_share']:.0f}% |"

@@ -57,6 +57,15 @@ PLAN_MARGIN = 1.05
 #: (8 + 1 + 1 + 1 costs more than 3 + 3 + 3 + 2): there the margin stays (without it, MT-Bench
 #: at batch 4 ran DSpark in 99 of 348 rounds and fell to 0.91x plain decoding).
 LAGGED_PLAN_MARGIN = 1.0
+#: Planning backs off where drafting does not pay: after ``QUIET_ROUNDS`` planned rounds in a row
+#: drafted nothing, the next round drafts nothing without planning; each time planning then
+#: again finds nothing worth drafting, the unplanned stretch doubles (up to ``MAX_UNPLANNED``).
+#: A plan that drafts resets it. Planning a round (prompt lookup, forecasts, pricing) costs
+#: ~1 ms, ~3% of a batch-4 step, in every round of a call that never drafts; the backoff
+#: delays a lookup match that appears in such a stretch by at most ``MAX_UNPLANNED`` rounds.
+#: It reads only earlier rounds' plans, so it cannot bias the output law.
+QUIET_ROUNDS = 4
+MAX_UNPLANNED = 8
 
 
 @dataclass
@@ -71,7 +80,8 @@ class GenerationResult:
     out). ``position_verified[k]`` / ``position_reached[k]`` / ``position_accepted[k]`` [K]:
     drafts verified at draft position k, those whose k predecessors were all accepted (the
     conditional denominator), and those accepted. ``plan_rounds``: rounds per plan ("none":
-    nothing drafted). Times in seconds (``time.perf_counter``, CUDA synchronised):
+    nothing drafted); ``unplanned_rounds``: those of the "none" rounds that the planning backoff
+    left unplanned (``QUIET_ROUNDS``). Times in seconds (``time.perf_counter``, CUDA synchronised):
     ``time_target`` (prefill and forwards; ``time_prefill`` is the prefill's share),
     ``time_draft`` (the drafter, planning included), ``time_overhead`` (everything else:
     scheduling, verify, packing, bookkeeping, rewinds, callbacks)."""
@@ -85,6 +95,7 @@ class GenerationResult:
     position_reached: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     position_accepted: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     plan_rounds: Dict[str, int] = field(default_factory=dict)
+    unplanned_rounds: int = 0
     time_total: float = 0.0
     time_prefill: float = 0.0
     time_target: float = 0.0
@@ -109,7 +120,9 @@ class GenerationResult:
 
     def summary(self) -> str:
         rate = ", ".join(f"{r:.2f}" for r in self.acceptance_rate.tolist())
-        plans = ", ".join(f"{name} {count}" for name, count in self.plan_rounds.items())
+        plans = ", ".join(f"{name} {count}" + (f" ({self.unplanned_rounds} unplanned)" if name == "none" and
+                                                 self.unplanned_rounds else "")
+                          for name, count in self.plan_rounds.items())
         return (
             f"{self.num_generated} tokens, {self.num_rounds} rounds, {self.target_forwards} target forwards, "
             f"{self.mean_accepted_length:.2f} tokens/forward, acceptance per position [{rate}]"
@@ -215,6 +228,9 @@ class _Generation:
         # Sum, sum of squares and count of the tokens a request made per round in this call.
         self.round_tokens = (0.0, 0.0, 0)
         self._schedule_tables: Dict[tuple, torch.Tensor] = {}
+        # Planning backoff (QUIET_ROUNDS): planned rounds in a row that drafted nothing, the
+        # rounds left unplanned and the length of the next unplanned stretch.
+        self.quiet_rounds, self.unplanned_left, self.unplanned_stretch = 0, 0, 1
 
     # ------------------------------------------------------------------ helpers
     def clock(self) -> float:
@@ -483,12 +499,37 @@ class _Generation:
             caps = torch.where(remaining + self.K + 1 > remaining.max(), caps, 0)
         return caps
 
+    def planned(self) -> bool:
+        """Whether this round plans (``QUIET_ROUNDS``): always without a cost profile, where the
+        loop does not price rounds."""
+        if self.cost is None:
+            return True
+        if self.unplanned_left > 0:
+            self.unplanned_left -= 1
+            self.result.unplanned_rounds += 1
+            return False
+        return True
+
+    def back_off(self, plan: Optional[DraftPlan]) -> None:
+        if self.cost is None:
+            return
+        if plan is not None:
+            self.quiet_rounds, self.unplanned_stretch = 0, 1
+            return
+        self.quiet_rounds += 1
+        if self.quiet_rounds >= QUIET_ROUNDS:
+            self.unplanned_left = self.unplanned_stretch
+            self.unplanned_stretch = min(2 * self.unplanned_stretch, MAX_UNPLANNED)
+
     def round(self) -> None:
         active = ~self.done
         caps = self.draft_caps(active)
         t0 = self.clock()
-        context = self.draft_context()
-        plan = self.choose_plan(context, caps, active)
+        context, plan = None, None
+        if self.planned():
+            context = self.draft_context()
+            plan = self.choose_plan(context, caps, active)
+            self.back_off(plan)
         draft = self.propose(context, plan)
         self.result.time_draft += self.clock() - t0
         name = "none" if plan is None else plan.name

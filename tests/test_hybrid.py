@@ -432,3 +432,67 @@ def test_a_lead_nobody_can_catch_makes_drafts_worthless():
     one = _Generation(target, Planned(), [torch.tensor([1, 2])], [40], 1.0, 0, None, None, cost, None)
     assert one.choose_plan(one.draft_context(), torch.tensor([K]), torch.ones(1, dtype=torch.bool)).name == "p"
     assert one.plan_lengths is None and one.draft_worth(torch.ones(1, dtype=torch.bool)) is None
+
+
+def test_planning_backs_off_while_nothing_is_worth_drafting():
+    """After QUIET_ROUNDS planned rounds in a row drafted nothing, rounds go unplanned in
+    stretches of 1, 2, 4, ... up to MAX_UNPLANNED; a plan that drafts resets the stretch; no cost
+    profile, no backoff."""
+    import importlib
+
+    generation = importlib.import_module("dspark_ext.generate")
+    from dspark_ext.protocols import DraftPlan
+
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    worth = {"draft": False}
+
+    class Switchable:
+        num_draft = K
+
+        def plans(self, context):
+            value = 0.9 if worth["draft"] else 0.0  # a draft that never survives never pays
+            return [DraftPlan("p", survival=torch.full((context.tokens.shape[0], K), value), parts=("a",))]
+
+        def propose(self, context):
+            return Draft(token_ids=torch.zeros(context.tokens.shape[0], K, dtype=torch.int64),
+                         confidence=torch.full((context.tokens.shape[0], K), 0.9))
+
+    def planned_rounds(state, rounds):
+        pattern = []
+        for _ in range(rounds):
+            planned = state.planned()
+            pattern.append(planned)
+            if planned:
+                state.back_off(state.choose_plan(state.draft_context(), torch.tensor([K]), torch.ones(1, dtype=torch.bool)))
+        return pattern
+
+    cost = ToyCost(base=1.0, per_token=0.01, draft={"a": 0.0})
+    state = generation._Generation(target, Switchable(), [torch.tensor([1, 2])], [200], 1.0, 0, None, None, cost, None)
+    assert generation.QUIET_ROUNDS == 4 and generation.MAX_UNPLANNED == 8
+    pattern = planned_rounds(state, 4 + 1 + 1 + 2 + 1 + 4 + 1 + 8 + 1 + 8)
+    expected = [True] * 4 + [False] + [True] + [False] * 2 + [True] + [False] * 4 + [True] + [False] * 8 + [True] + [False] * 8
+    assert pattern == expected
+    assert state.result.unplanned_rounds == pattern.count(False)
+    worth["draft"] = True  # the text changes: the next planned round drafts, and planning resumes every round
+    assert planned_rounds(state, 6) == [True] * 6
+    worth["draft"] = False
+    assert planned_rounds(state, 6) == [True] * 4 + [False] + [True]
+    unplanned = generation._Generation(target, Switchable(), [torch.tensor([1, 2])], [200], 1.0, 0, None, None, None, None)
+    assert planned_rounds(unplanned, 12) == [True] * 12
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_planning_backoff_follows_target_law(monkeypatch, temperature):
+    """The backoff reads only earlier rounds' plans. Engaged after one quiet round, with drafting
+    dear enough that the second round plans nothing: the first round drafts (its accepted drafts
+    are tokens 2-3), the second plans nothing, the third goes unplanned; the joint law holds."""
+    import importlib
+
+    generation = importlib.import_module("dspark_ext.generate")
+    monkeypatch.setattr(generation, "QUIET_ROUNDS", 1)
+    monkeypatch.setattr(generation, "MAX_UNPLANNED", 1)
+    target = law_target()
+    cost = ToyCost(per_token=0.2, draft={"lookup": 0.15, "dspark": 0.3})
+    codes, result = sampled_codes(target, hybrid(), temperature, cost)
+    assert result.unplanned_rounds > 0 and int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.plan_rounds
+    assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, temperature))
