@@ -81,7 +81,7 @@ def main() -> None:
                 cost = default.cost_profile(target, requests=[batch_size])
                 whole_cost = None if whole is None else whole.cost_profile(target, requests=[batch_size])
                 totals = {name: {"tokens": 0, "wall": 0.0, "prefill": 0.0, "draft": 0.0, "target": 0.0,
-                                 "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}}
+                                 "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}, "unplanned": 0}
                           for name in names}
                 for i in range(args.batches):
                     batch = prompts[i * batch_size:(i + 1) * batch_size]
@@ -108,7 +108,7 @@ def main() -> None:
                         t["request_rounds"] += result.request_forwards - len(batch)
                         for plan, count in result.plan_rounds.items():
                             t["plans"][plan] = t["plans"].get(plan, 0) + count
-                        t["plans"]["unplanned"] = t["plans"].get("unplanned", 0) + result.unplanned_rounds
+                        t["unplanned"] += result.unplanned_rounds
                 ar_rate = totals["ar"]["tokens"] / totals["ar"]["wall"]
                 cell = {"dataset": dataset, "temperature": temperature, "batch": batch_size,
                         "cost_profile": cost.source, "drafters": {}}
@@ -118,7 +118,8 @@ def main() -> None:
                     cell["drafters"][name] = {
                         "tokens_per_s": rate, "speedup": rate / ar_rate, "tau": t["tokens"] / max(t["forwards"], 1),
                         "draft_share": t["draft"] / rounds_time, "target_share": t["target"] / rounds_time,
-                        "verified_per_round": t["verified"] / max(t["request_rounds"], 1), "plans": t["plans"]}
+                        "verified_per_round": t["verified"] / max(t["request_rounds"], 1), "plans": t["plans"],
+                        "unplanned_rounds": t["unplanned"]}
                 cells.append(cell)
                 d = cell["drafters"]
                 print(f"{dataset:9s} T={temperature:g} B={batch_size}: ngram {d['ngram']['speedup']:.2f}x, "
@@ -144,7 +145,7 @@ def main() -> None:
             f"{d['ngram']['speedup']:.2f}x | {d['default']['speedup']:.2f}x | "
             f"{d['default']['speedup'] / d['ngram']['speedup']:.2f} | {d['default']['tau']:.2f} | "
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
-            f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({p.get('unplanned', 0)}) / "
+            f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({d['default']['unplanned_rounds']}) / "
             f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} |")
         if "whole" in d:
             whole_speedups.append(d["whole"]["speedup"])

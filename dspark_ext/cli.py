@@ -273,7 +273,8 @@ def cmd_generate(args) -> int:
              f"{result.mean_accepted_length:.2f} tokens per target forward ({spec.label} drafter)"]
     if "cost" in scheduling:
         plans = ", ".join(f"{name} {count}" for name, count in result.plan_rounds.items())
-        lines.append(f"rounds by plan: {plans}; cost profile: {scheduling['cost'].source}")
+        unplanned = f" ({result.unplanned_rounds} of the none rounds unplanned)" if result.unplanned_rounds else ""
+        lines.append(f"rounds by plan: {plans}{unplanned}; cost profile: {scheduling['cost'].source}")
     if spec.kind != "ar" and not args.no_baseline:
         ar = DrafterSpec("ar")
         _with_features(target, ar, layers)

@@ -40,7 +40,7 @@ PerRequestInt = Union[int, Sequence[int]]
 PerRequestFloat = Union[float, Sequence[float]]
 
 #: A plan whose forecast only refreshes when it runs (``DraftPlan.fresh = False``) is run after
-#: this many rounds without it; every probe that does not win on its own doubles the interval
+#: this many planned rounds without it (rounds the planning backoff leaves unplanned do not count); every probe that does not win on its own doubles the interval
 #: (up to ``MAX_PROBE_INTERVAL``), so a drafter that never pays costs almost nothing.
 PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
@@ -60,10 +60,12 @@ LAGGED_PLAN_MARGIN = 1.0
 #: Planning backs off where drafting does not pay: after ``QUIET_ROUNDS`` planned rounds in a row
 #: drafted nothing, the next round drafts nothing without planning; each time planning then
 #: again finds nothing worth drafting, the unplanned stretch doubles (up to ``MAX_UNPLANNED``).
-#: A plan that drafts resets it. Planning a round (prompt lookup, forecasts, pricing) costs
-#: ~1 ms, ~3% of a batch-4 step, in every round of a call that never drafts; the backoff
-#: delays a lookup match that appears in such a stretch by at most ``MAX_UNPLANNED`` rounds.
-#: It reads only earlier rounds' plans, so it cannot bias the output law.
+#: A plan that drafts (a probe included) resets it. In a call that never drafts, planning (prompt
+#: lookup, forecasts, pricing: ~0.6 ms) and the probes of lagged plans cost 1.0-1.4 ms per round
+#: at batch 4, ~3% of a step; the backoff leaves most such rounds unplanned, which also spaces the
+#: probes out (they count planned rounds), and delays a lookup match that appears in an
+#: unplanned stretch by at most ``MAX_UNPLANNED`` rounds. It reads only earlier rounds' plans,
+#: so it cannot bias the output law.
 QUIET_ROUNDS = 4
 MAX_UNPLANNED = 8
 
@@ -507,6 +509,7 @@ class _Generation:
         if self.unplanned_left > 0:
             self.unplanned_left -= 1
             self.result.unplanned_rounds += 1
+            self.plan_lengths = None  # choose_plan's caps of a planned round never outlive it
             return False
         return True
 

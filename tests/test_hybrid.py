@@ -484,8 +484,9 @@ def test_planning_backs_off_while_nothing_is_worth_drafting():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_planning_backoff_follows_target_law(monkeypatch, temperature):
     """The backoff reads only earlier rounds' plans. Engaged after one quiet round, with drafting
-    dear enough that the second round plans nothing: the first round drafts (its accepted drafts
-    are tokens 2-3), the second plans nothing, the third goes unplanned; the joint law holds."""
+    dear enough that the second round plans nothing: the first round drafts, the second plans
+    nothing, the third goes unplanned. A request whose first-round drafts were all rejected makes
+    its 4th token in the unplanned round; the joint law of the first 4 tokens holds."""
     import importlib
 
     generation = importlib.import_module("dspark_ext.generate")
@@ -493,6 +494,10 @@ def test_planning_backoff_follows_target_law(monkeypatch, temperature):
     monkeypatch.setattr(generation, "MAX_UNPLANNED", 1)
     target = law_target()
     cost = ToyCost(per_token=0.2, draft={"lookup": 0.15, "dspark": 0.3})
-    codes, result = sampled_codes(target, hybrid(), temperature, cost)
-    assert result.unplanned_rounds > 0 and int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.plan_rounds
-    assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, temperature))
+    tokens = LAW_TOKENS + 1
+    result = generate(target, hybrid(), [LAW_PROMPT] * LAW_SAMPLES, tokens + 1, temperature=temperature, seed=1000,
+                      cost=cost)
+    assert result.unplanned_rounds > 0 and result.plan_rounds.get("hybrid", 0) > 0, result.plan_rounds
+    assert int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.summary()
+    codes = sequence_codes(torch.stack([t[:tokens] for t in result.tokens]), V)
+    assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, tokens, temperature))

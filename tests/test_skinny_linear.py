@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from dspark_ext.ops import SKINNY_BLOCK, pack_skinny_weight, skinny_linear
 
-# (M, N, K): tails of the register tiles (8 or 3 rows; past 8 rows on AVX-512, 12), of the block
-# (16 features) and of the pair of blocks; K = 1 and odd K.
+# (M, N, K): tails of the register tiles (8 or 3 rows; on AVX-512, 9-12 rows run one 2 x 12 tile),
+# of the block (16 features) and of the pair of blocks; K = 1 and odd K; 35 blocks of K = 576 split
+# over the threads (a range of odd length ends with a block alone).
 SHAPES = [(1, 7, 5), (3, 33, 17), (8, 576, 64), (9, 192, 96), (13, 5, 31), (40, 100, 64), (2, 16, 1), (17, 48, 130),
-          (12, 40, 9), (24, 80, 33), (25, 17, 3)]
+          (12, 40, 9), (10, 33, 1), (11, 17, 20), (10, 560, 576), (24, 80, 33), (25, 17, 3)]
 
 
 def _inputs(M, N, K, seed=0, bias=True):
@@ -140,8 +141,9 @@ def test_shapes_like_f_linear():
     torch.testing.assert_close(out3, F.linear(x3, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_strided_rows():
-    wide = torch.randn(5, 50)
+@pytest.mark.parametrize("rows", [5, 11])
+def test_strided_rows(rows):
+    wide = torch.randn(rows, 50)
     x = wide[:, 3:27]  # row stride 50
     t = wide.T.contiguous().T[:, 3:27]  # column-major: unit stride across rows
     w, b = torch.randn(30, 24), torch.randn(30)
@@ -155,8 +157,9 @@ def test_empty_sizes():
     w, b = torch.randn(20, 8), torch.randn(20)
     assert skinny_linear(torch.empty(0, 8), pack_skinny_weight(w), 20, b).shape == (0, 20)
     assert skinny_linear(torch.randn(3, 8), pack_skinny_weight(torch.empty(0, 8)), 0, None).shape == (3, 0)
-    no_features = skinny_linear(torch.empty(3, 0), pack_skinny_weight(torch.empty(20, 0)), 20, b)
-    assert torch.equal(no_features, b.expand(3, 20))
+    for rows in (3, 10):
+        no_features = skinny_linear(torch.empty(rows, 0), pack_skinny_weight(torch.empty(20, 0)), 20, b)
+        assert torch.equal(no_features, b.expand(rows, 20))
 
 
 BAD_CASES = [

@@ -177,9 +177,11 @@ inline void wide_block_tile(const SkinnyLinearProblem<WeightT>& p, const float* 
 
 template <int R, typename WeightT, int MI = kWideInputs>
 inline void wide_block_tile_of(const SkinnyLinearProblem<WeightT>& p, const float* interleaved, int64_t block) {
-  if constexpr (MI > kInputs) {  // 9..12 rows
+  if constexpr (MI > kInputs + 1) {
     if (p.M == MI) return wide_block_tile<R, MI>(p, interleaved, block);
     wide_block_tile_of<R, WeightT, MI - 1>(p, interleaved, block);
+  } else if constexpr (MI == kInputs + 1) {
+    wide_block_tile<R, MI>(p, interleaved, block);  // M = 9, the last of run_wide's rows
   }
 }
 
@@ -187,6 +189,7 @@ static_assert(kWideInputs == 0 || kBlocks == 2, "the wide tile pairs blocks as t
 
 template <typename WeightT>
 void run_wide(const SkinnyLinearProblem<WeightT>& p, int64_t blocks, int64_t grain) {
+  TORCH_INTERNAL_ASSERT(p.M > kInputs && p.M <= kWideInputs, "skinny_linear: the wide tile takes 9-12 rows, got ", p.M);
   std::vector<float> interleaved(static_cast<size_t>(p.K * kWideInputs));
   interleave_rows(p.input, p.input_stride, p.M, p.K, interleaved.data());
   at::parallel_for(0, blocks, grain, [&](int64_t block_begin, int64_t block_end) {

@@ -14,7 +14,7 @@ accepts (choosing on DSpark's sampled drafts would: ``tests/test_hybrid.py`` sho
 Two plans reach the loop (``plans``): "lookup" (DSpark does not run this round: every request
 uses its lookup proposal) and "hybrid" (DSpark runs, each request takes its choice). The loop
 prices both with the cost profile and may also skip drafting altogether. A "hybrid" forecast
-only refreshes when DSpark runs, so the loop probes it every few rounds (``DraftPlan.fresh``).
+only refreshes when DSpark runs, so the loop probes it every few planned rounds (``DraftPlan.fresh``).
 """
 
 from pathlib import Path
