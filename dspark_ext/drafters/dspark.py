@@ -182,10 +182,8 @@ class BackboneLayer(nn.Module):
         v = self.v(h).view(B, Q, KVH, hd)
         keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
         vals = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
-        if KVH != H:
-            keys = keys.repeat_interleave(H // KVH, dim=1)
-            vals = vals.repeat_interleave(H // KVH, dim=1)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None])
+        # enable_gqa: each group of query heads reads its K/V head in place (no repeated copy).
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=KVH != H)
         x = x + self.o(o.transpose(1, 2).reshape(B, Q, H * hd))
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
