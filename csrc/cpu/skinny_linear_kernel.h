@@ -54,8 +54,26 @@ inline Vec load_weights(const c10::BFloat16* w) {
   return out;
 }
 
-template <int R, int MI, typename WeightT>
-inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0) {
+// AVX-512, 9-12 rows: the 2 x 8 tile would meet each block group twice, the second time with
+// its fmas no longer hidden behind the stream from memory (9-12 rows cost ~1.2x 8 rows). The
+// wide tile meets a group of 2 blocks with up to 12 rows in one pass (24 accumulators of the
+// 32 registers): ~1.1x 8 rows (bench/RESULTS.md). Past 12 rows two passes of 8 measure better
+// than 12 + the rest. Its rows are interleaved k-major ([K, kWideInputs]) so that the tile reads
+// its inputs through one pointer (12 row pointers do not fit the general registers). Each
+// output is the same chain of fmas (block_tile, reading the interleaved rows), so the bits do
+// not depend on the tile.
+constexpr int kWideInputs = Vec::size() == 16 ? 12 : 0;
+
+inline void interleave_rows(const float* input, int64_t stride, int64_t rows, int64_t K, float* interleaved) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t k = 0; k < K; ++k) interleaved[k * kWideInputs + i] = input[i * stride + k];
+}
+
+// kInterleaved: the rows come from ``interleaved`` ([K, kWideInputs], the wide tile), else each
+// from its own pointer into the input.
+template <int R, int MI, typename WeightT, bool kInterleaved = false>
+inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0,
+                       const float* interleaved = nullptr) {
   Vec acc[R][MI][kVecsPerBlock];
   DSPARK_UNROLL
   for (int r = 0; r < R; ++r)
@@ -66,9 +84,13 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
   const WeightT* w[R];
   DSPARK_UNROLL
   for (int r = 0; r < R; ++r) w[r] = p.packed + (block0 + r) * p.K * kSkinnyBlock;
-  const float* x[MI];
-  DSPARK_UNROLL
-  for (int i = 0; i < MI; ++i) x[i] = p.input + (m0 + i) * p.input_stride;
+  const float* x[kInterleaved ? 1 : MI];
+  if constexpr (kInterleaved) {
+    x[0] = interleaved;
+  } else {
+    DSPARK_UNROLL
+    for (int i = 0; i < MI; ++i) x[i] = p.input + (m0 + i) * p.input_stride;
+  }
   for (int64_t k = 0; k < p.K; ++k) {
     Vec wk[R][kVecsPerBlock];
     DSPARK_UNROLL
@@ -80,7 +102,7 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
     }
     DSPARK_UNROLL
     for (int i = 0; i < MI; ++i) {
-      const Vec xk(x[i][k]);
+      const Vec xk(kInterleaved ? x[0][k * kWideInputs + i] : x[i][k]);
       DSPARK_UNROLL
       for (int r = 0; r < R; ++r)
         DSPARK_UNROLL
@@ -122,66 +144,13 @@ inline void blocks_against_all_inputs(const SkinnyLinearProblem<WeightT>& p, int
   if (m0 < p.M) partial_block_tile<R>(p, block0, m0, p.M - m0);
 }
 
-// AVX-512, 9-12 rows: the 2 x 8 tile would meet each block group twice, the second time with
-// its fmas no longer hidden behind the stream from memory (9-12 rows cost ~1.2x 8 rows). The
-// wide tile meets a group of 2 blocks with up to 12 rows in one pass (24 accumulators of the
-// 32 registers): ~1.1x 8 rows (bench/RESULTS.md). Past 12 rows two passes of 8 measure better
-// than 12 + the rest. Its rows are interleaved k-major ([K, kWideInputs]) so that the tile reads
-// its inputs through one pointer (12 row pointers do not fit the general registers). Each
-// output is the chain of fmas of the 2 x 8 tile, so the bits do not depend on the tile.
-constexpr int kWideInputs = Vec::size() == 16 ? 12 : 0;
-
-inline void interleave_rows(const float* input, int64_t stride, int64_t rows, int64_t K, float* interleaved) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t k = 0; k < K; ++k) interleaved[k * kWideInputs + i] = input[i * stride + k];
-}
-
-template <int R, int MI, typename WeightT>
-inline void wide_block_tile(const SkinnyLinearProblem<WeightT>& p, const float* interleaved, int64_t block) {
-  static_assert(MI > 0 && kVecsPerBlock == 1, "the wide tile holds one vector per row");
-  Vec acc[R][MI];
-  DSPARK_UNROLL
-  for (int r = 0; r < R; ++r)
-    DSPARK_UNROLL
-    for (int i = 0; i < MI; ++i) acc[r][i] = Vec(0.0f);
-  const WeightT* w[R];
-  DSPARK_UNROLL
-  for (int r = 0; r < R; ++r) w[r] = p.packed + (block + r) * p.K * kSkinnyBlock;
-  const float* x = interleaved;
-  for (int64_t k = 0; k < p.K; ++k, x += kWideInputs) {
-    Vec wk[R];
-    DSPARK_UNROLL
-    for (int r = 0; r < R; ++r) {
-      __builtin_prefetch(reinterpret_cast<const char*>(w[r] + k * kSkinnyBlock) + kPrefetchBytes);
-      wk[r] = load_weights(w[r] + k * kSkinnyBlock);
-    }
-    DSPARK_UNROLL
-    for (int i = 0; i < MI; ++i) {
-      const Vec xk(x[i]);
-      DSPARK_UNROLL
-      for (int r = 0; r < R; ++r) acc[r][i] = at::vec::fmadd(wk[r], xk, acc[r][i]);
-    }
-  }
-  DSPARK_UNROLL
-  for (int r = 0; r < R; ++r) {
-    const int64_t n0 = (block + r) * kSkinnyBlock;
-    const int count = static_cast<int>(std::min<int64_t>(kSkinnyBlock, p.N - n0));
-    DSPARK_UNROLL
-    for (int i = 0; i < MI; ++i) {
-      Vec result = acc[r][i];
-      if (p.bias != nullptr) result = result + Vec::loadu(p.bias + n0, count);
-      result.store(p.out + i * p.N + n0, count);
-    }
-  }
-}
-
 template <int R, typename WeightT, int MI = kWideInputs>
 inline void wide_block_tile_of(const SkinnyLinearProblem<WeightT>& p, const float* interleaved, int64_t block) {
   if constexpr (MI > kInputs + 1) {
-    if (p.M == MI) return wide_block_tile<R, MI>(p, interleaved, block);
+    if (p.M == MI) return block_tile<R, MI, WeightT, true>(p, block, 0, interleaved);
     wide_block_tile_of<R, WeightT, MI - 1>(p, interleaved, block);
   } else if constexpr (MI == kInputs + 1) {
-    wide_block_tile<R, MI>(p, interleaved, block);  // M = 9, the last of run_wide's rows
+    block_tile<R, MI, WeightT, true>(p, block, 0, interleaved);  // M = 9, the last of run_wide's rows
   }
 }
 
