@@ -40,8 +40,9 @@ PerRequestInt = Union[int, Sequence[int]]
 PerRequestFloat = Union[float, Sequence[float]]
 
 #: A plan whose forecast only refreshes when it runs (``DraftPlan.fresh = False``) is run after
-#: this many planned rounds without it (rounds the planning backoff leaves unplanned do not count); every probe that does not win on its own doubles the interval
-#: (up to ``MAX_PROBE_INTERVAL``), so a drafter that never pays costs almost nothing.
+#: this many planned rounds without it (rounds the planning backoff leaves unplanned do not
+#: count); every probe that does not win on its own doubles the interval (up to
+#: ``MAX_PROBE_INTERVAL``), so a drafter that never pays costs almost nothing.
 PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
 #: A plan must promise this much more throughput than drafting nothing: forecasts are estimates

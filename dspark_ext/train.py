@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -152,10 +153,7 @@ def draft_vocabulary_ranking(records: Sequence[dict]) -> dict:
     first, ties by id; ids that never occur are left out): what ``DSparkDrafter.
     set_draft_vocabulary`` takes (``dspark draft-vocab``; FR-Spec's frequency-ranked draft
     vocabulary). Training text only, never an evaluation set."""
-    counts: dict = {}
-    for record in records:
-        for token in record["answer"]:
-            counts[token] = counts.get(token, 0) + 1
+    counts = Counter(token for record in records for token in record["answer"])
     ranked = sorted(counts, key=lambda token: (-counts[token], token))
     return {"ranked_ids": [int(t) for t in ranked],
             "notes": {"answers": len(records), "answer_tokens": sum(counts.values()), "distinct_ids": len(ranked)}}
