@@ -7,9 +7,11 @@ order rotates from batch to batch), so a drift of the machine hits them alike.
 
 Per cell: tokens/s and the ratio to autoregressive decoding, tau (tokens per request per target
 forward), the shares of wall time spent drafting (planning included) and in the target, drafts
-verified per request-round, and how the default drafter's rounds were planned (nothing /
-lookup only / lookup + DSpark). Evaluation prompts only; the lookup calibration and the drafter
-never saw them.
+verified per request-round, how the default drafter's rounds were planned (nothing /
+lookup only / lookup + DSpark), and the share of its lookup proposals that came from its
+datastore (text the target wrote for ShareGPT prompts). ``--without-datastore`` also runs the
+default with its lookup's datastore off, interleaved. Evaluation prompts only; the lookup
+calibration, the datastore and the drafter never saw them.
 """
 
 import argparse
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--whole-vocabulary", action="store_true",
                         help="also run the default with its DSpark drafter drafting from every id (its draft "
                              "vocabulary off), interleaved with the others")
+    parser.add_argument("--without-datastore", action="store_true",
+                        help="also run the default with its lookup's datastore off, interleaved with the others")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -70,6 +74,11 @@ def main() -> None:
         whole = default_hybrid_drafter(target)
         whole.dspark.set_draft_vocabulary(None, 0)
         names = DRAFTERS + ("whole",)
+    no_store = None
+    if args.without_datastore:
+        no_store = default_hybrid_drafter(target)
+        no_store.lookup.datastore = None
+        names = names + ("no store",)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`
     started = time.perf_counter()
     cells = []
@@ -80,6 +89,8 @@ def main() -> None:
                 prompts = [_encode(tokenizer, t, True) for t in texts]
                 cost = default.cost_profile(target, requests=[batch_size])
                 whole_cost = None if whole is None else whole.cost_profile(target, requests=[batch_size])
+                no_store_cost = None if no_store is None else no_store.cost_profile(target, requests=[batch_size])
+                proposals_before = list(default.lookup.proposals)
                 totals = {name: {"tokens": 0, "wall": 0.0, "prefill": 0.0, "draft": 0.0, "target": 0.0,
                                  "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}, "unplanned": 0}
                           for name in names}
@@ -87,9 +98,10 @@ def main() -> None:
                     batch = prompts[i * batch_size:(i + 1) * batch_size]
                     order = names[i % len(names):] + names[:i % len(names)]
                     for name in order:
-                        if name in ("default", "whole"):
+                        if name in ("default", "whole", "no store"):
                             target.hidden_layers = layers
-                            hybrid, plan_cost = (default, cost) if name == "default" else (whole, whole_cost)
+                            hybrid, plan_cost = {"default": (default, cost), "whole": (whole, whole_cost),
+                                                 "no store": (no_store, no_store_cost)}[name]
                             result = generate(target, hybrid, batch, args.max_new_tokens, temperature=temperature,
                                               seed=i, eos_token_id=eos, cost=plan_cost)
                         else:
@@ -110,8 +122,9 @@ def main() -> None:
                             t["plans"][plan] = t["plans"].get(plan, 0) + count
                         t["unplanned"] += result.unplanned_rounds
                 ar_rate = totals["ar"]["tokens"] / totals["ar"]["wall"]
+                own, stored = (now - before for now, before in zip(default.lookup.proposals, proposals_before))
                 cell = {"dataset": dataset, "temperature": temperature, "batch": batch_size,
-                        "cost_profile": cost.source, "drafters": {}}
+                        "cost_profile": cost.source, "drafters": {}, "store_share": stored / max(own + stored, 1)}
                 for name, t in totals.items():
                     rate = t["tokens"] / t["wall"]
                     rounds_time = max(t["wall"] - t["prefill"], 1e-9)
@@ -124,18 +137,22 @@ def main() -> None:
                 d = cell["drafters"]
                 print(f"{dataset:9s} T={temperature:g} B={batch_size}: ngram {d['ngram']['speedup']:.2f}x, "
                       f"default {d['default']['speedup']:.2f}x (plans {d['default']['plans']})"
-                      + (f", whole vocabulary {d['whole']['speedup']:.2f}x" if "whole" in d else ""), flush=True)
+                      + (f", whole vocabulary {d['whole']['speedup']:.2f}x" if "whole" in d else "")
+                      + (f", no store {d['no store']['speedup']:.2f}x" if "no store" in d else ""), flush=True)
 
     lines = [f"`dspark generate`'s default drafter vs plain decoding and prompt lookup; "
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
              f"({'up to eos' if args.eos else 'no eos stop'}) per cell, interleaved. Machine: {machine()}. "
              f"Run time {time.perf_counter() - started:.0f} s.", "",
-             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid | lookup from store |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     if whole is not None:
         lines[-2] += " whole vocabulary: default | tau | draft share |"
         lines[-1] += "---:|---:|---:|"
-    speedups, whole_speedups = [], []
+    if no_store is not None:
+        lines[-2] += " no store: default | tau |"
+        lines[-1] += "---:|---:|"
+    speedups, whole_speedups, no_store_speedups = [], [], []
     for c in cells:
         d = c["drafters"]
         p = d["default"]["plans"]
@@ -146,15 +163,20 @@ def main() -> None:
             f"{d['default']['speedup'] / d['ngram']['speedup']:.2f} | {d['default']['tau']:.2f} | "
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
             f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({d['default']['unplanned_rounds']}) / "
-            f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} |")
+            f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} | {100 * c['store_share']:.0f}% |")
         if "whole" in d:
             whole_speedups.append(d["whole"]["speedup"])
             line += f" {d['whole']['speedup']:.2f}x | {d['whole']['tau']:.2f} | {100 * d['whole']['draft_share']:.0f}% |"
+        if "no store" in d:
+            no_store_speedups.append(d["no store"]["speedup"])
+            line += f" {d['no store']['speedup']:.2f}x | {d['no store']['tau']:.2f} |"
         lines.append(line)
     lines += ["", f"default: mean {statistics.mean(speedups):.2f}x, min {min(speedups):.2f}x over {len(speedups)} cells; "
               f"cost profile: {cells[0]['cost_profile'] if cells else '-'}"]
     if whole_speedups:
         lines.append(f"whole vocabulary: mean {statistics.mean(whole_speedups):.2f}x, min {min(whole_speedups):.2f}x")
+    if no_store_speedups:
+        lines.append(f"no store: mean {statistics.mean(no_store_speedups):.2f}x, min {min(no_store_speedups):.2f}x")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

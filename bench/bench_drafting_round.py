@@ -7,8 +7,11 @@ SmolLM2-135M-Instruct, MT-Bench prompts, 24 rounds into a greedy generation).
 ``propose`` (feed the round's new context row, draft one block of K) is timed interleaved as:
 
 * **draft vocabulary** (shipped): the drafter samples from its ``draft_vocab_size`` most frequent
-  ids, so its LM head and Markov head read that many rows;
-* **whole vocabulary** (the reference, and what it ran before): every id;
+  ids, so its LM head and Markov head read that many rows, and its backbone's projections are
+  packed in bfloat16 for ``dspark::skinny_linear``;
+* **float32 backbone**: the same with the backbone's projections packed in float32;
+* **module backbone** (what it ran before): the backbone's own ``nn.Linear`` matmuls;
+* **whole vocabulary** (the reference): every id;
 * **compiled** (``--compile``): the shipped form with ``torch.compile(dynamic=True)`` of the
   backbone's forward;
 * **read**: one pass over the weights the shipped round reads (backbone, LM head and Markov W2
@@ -74,7 +77,14 @@ def round_context(target, drafter, prompts, at_round: int) -> DraftContext:
 def round_weights(drafter: DSparkDrafter):
     """The weights a drafting round of ``drafter`` reads."""
     dtype = drafter.inference_lm_head_dtype or torch.float32
-    weights = [p.detach() for p in drafter.backbone.parameters()]
+    if drafter.inference_backbone_dtype is None:
+        weights = [p.detach() for p in drafter.backbone.parameters()]
+    else:  # the projections as the round reads them (packed), and the norms
+        packed = drafter.backbone.packed(drafter.inference_backbone_dtype)
+        linears = [packed.context_proj] + [getattr(layer, name) for layer in packed.layers
+                                           for name in ("qkv", "o", "gate_up", "down", "context_kv")]
+        weights = [linear.packed for linear in linears]
+        weights += [p.detach() for name, p in drafter.backbone.named_parameters() if "norm" in name]
     if drafter.draft_vocab is None:
         weights.append(drafter.packed_lm_head(dtype))
     else:
@@ -86,11 +96,14 @@ def round_weights(drafter: DSparkDrafter):
 
 @torch.no_grad()
 def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbone: bool, repeats: int):
-    """Median ms of each form (``shipped`` loaded from ``folder``), and the share of drafts the
-    whole vocabulary proposes alike."""
+    """Median ms of each form (``shipped`` loaded from ``folder``), and the share of its drafts
+    the whole vocabulary and the module backbone propose alike (one greedy round)."""
     whole = DSparkDrafter.for_target(folder, target)
     whole.set_draft_vocabulary(None, 0)
     drafters = {"draft vocabulary": shipped, "whole vocabulary": whole}
+    for name, dtype in (("float32 backbone", torch.float32), ("module backbone", None)):
+        drafters[name] = DSparkDrafter.for_target(folder, target)
+        drafters[name].inference_backbone_dtype = dtype
     if compile_backbone:
         compiled = DSparkDrafter.for_target(folder, target)
         compiled.backbone.forward = torch.compile(compiled.backbone.forward, dynamic=True)
@@ -113,7 +126,9 @@ def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbo
     forms["read"] = lambda: [w.sum() for w in weights]
     for fn in forms.values():  # compile, pack, warm
         fn()
-    agree = float((forms["draft vocabulary"]().token_ids == forms["whole vocabulary"]().token_ids).float().mean())
+    shipped_ids = forms["draft vocabulary"]().token_ids
+    agree = {other: float((shipped_ids == forms[other]().token_ids).float().mean())
+             for other in ("whole vocabulary", "module backbone")}
     flush = torch.ones(FLUSH_BYTES // 4)
     samples = {name: [] for name in forms}
     for _ in range(repeats):
@@ -166,9 +181,10 @@ def main() -> None:
     shipped = default.dspark
     lines = machine_lines("cpu")
     lines.append(f"draft vocabulary: {shipped.cfg.draft_vocab_size or 'every id'} of {shipped.cfg.vocab_size} ids")
-    propose_table = Table(["B", "draft vocabulary ms", "whole vocabulary ms", "compiled ms", "read ms",
+    propose_table = Table(["B", "draft vocabulary ms", "float32 backbone ms", "module backbone ms",
+                           "whole vocabulary ms", "compiled ms", "read ms", "module / draft vocabulary",
                            "whole / draft vocabulary", "compiled / draft vocabulary", "draft vocabulary / read",
-                           "same drafts"])
+                           "same drafts: whole vocabulary", "same drafts: module backbone"])
     planning_table = Table(["B", "choose_plan ms per round", "rounds per call"])
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
@@ -176,9 +192,12 @@ def main() -> None:
         medians, agree = time_propose(target, shipped, shipped_drafter_path(), prompts, args.compile, args.repeats)
         mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
         compiled = medians.get("compiled")
-        propose_table.add([batch_size, f"{mine:.2f}", f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}",
-                           f"{read:.2f}", f"{whole / mine:.2f}x", "-" if compiled is None else f"{compiled / mine:.2f}x",
-                           f"{mine / read:.2f}x", f"{agree:.0%}"])
+        modules = medians["module backbone"]
+        propose_table.add([batch_size, f"{mine:.2f}", f"{medians['float32 backbone']:.2f}", f"{modules:.2f}",
+                           f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}", f"{read:.2f}",
+                           f"{modules / mine:.2f}x", f"{whole / mine:.2f}x",
+                           "-" if compiled is None else f"{compiled / mine:.2f}x", f"{mine / read:.2f}x",
+                           f"{agree['whole vocabulary']:.0%}", f"{agree['module backbone']:.0%}"])
         cost = default.cost_profile(target, requests=[batch_size])
         plan_ms, rounds = planning_per_round(target, default, cost, prompts, args.planning_calls)
         planning_table.add([batch_size, f"{plan_ms:.3f}", f"{rounds:g}"])

@@ -5,6 +5,7 @@
     dspark bench-e2e --dataset mt-bench --drafters ar,ngram,dspark+sched,hybrid --batch-size 4
     dspark profile --batch-sizes 1,4                 # re-measure this machine's cost profile
     dspark train --out runs/smollm2 --install        # retrain the shipped drafter from scratch
+    dspark build-datastore --install                 # rebuild prompt lookup's shipped datastore
     dspark calibrate-lookup --install                # refit the shipped prompt-lookup calibration
 """
 
@@ -469,6 +470,61 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def _datastore_arg(value: str):
+    """``--datastore``: "shipped" (the default target's, if the package has one), "none", or a file."""
+    from dspark_ext.drafters.datastore import TokenDatastore
+    from dspark_ext.drafters.hybrid import shipped_datastore_path
+
+    if value == "none":
+        return None
+    path = shipped_datastore_path() if value == "shipped" else Path(value)
+    if not path.is_file():
+        if value == "shipped":
+            return None
+        raise CliError(f"--datastore {value}: no such file")
+    return TokenDatastore.load(path)
+
+
+def cmd_build_datastore(args) -> int:
+    """The target's greedy answers to held-out ShareGPT prompts, as prompt lookup's datastore."""
+    import shutil
+
+    from dspark_ext.drafters.datastore import build_datastore, shares_a_window, token_windows
+    from dspark_ext.drafters.hybrid import shipped_datastore_path
+    from dspark_ext.train import prepare_sharegpt_answers
+
+    target, tokenizer = _load_target(args)
+    # The prompts of the drafter recipe's ShareGPT answers (past the prompts that train the
+    # drafter on regenerations and those that calibrate the lookup), minus any that shares 16
+    # tokens with a turn of an evaluation set.
+    records = prepare_sharegpt_answers(tokenizer, args.answer_tokens, Path(args.answers_cache), seed=args.seed)
+    evaluation = []
+    for dataset in ("mt-bench", "gsm8k", "humaneval"):
+        evaluation += [tokenizer.encode(t, add_special_tokens=False) for t in load_eval_prompts(dataset, None)]
+    windows = token_windows(evaluation, 16)
+    prompts = [r["prompt"] for r in records[:args.prompts]]
+    held_out = [p for p in prompts if not shares_a_window(p, windows, 16)]
+    _log(f"datastore: {len(held_out)} of the first {len(prompts)} prompts ({len(prompts) - len(held_out)} share "
+         "text with an evaluation set)")
+    store = build_datastore(target, [torch.tensor(p) for p in held_out], vocab_size=target.vocab_size,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            eos_token_id=tokenizer.eos_token_id, log=_log, min_ngram=args.min_ngram,
+                            max_ngram=args.max_ngram,
+                            notes={"source": "greedy answers to ShareGPT prompts (dspark build-datastore)",
+                                   "answers_cache": Path(args.answers_cache).name, "seed": args.seed,
+                                   "excluded_for_evaluation_overlap": len(prompts) - len(held_out)})
+    out = Path(args.out)
+    store.save(out)
+    _log(f"wrote {out}: {store.tokens.numel()} tokens")
+    if args.install:
+        dest = shipped_datastore_path()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out, dest)
+        _log(f"installed it as the default lookup datastore: {dest} (refit the calibration with it: "
+             "dspark calibrate-lookup --install)")
+    return 0
+
+
 def cmd_calibrate_lookup(args) -> int:
     """Fits the prompt-lookup calibration of the hybrid drafter on held-out ShareGPT prompts."""
     import shutil
@@ -477,6 +533,7 @@ def cmd_calibrate_lookup(args) -> int:
     from dspark_ext.drafters.lookup import calibrate_lookup
     from dspark_ext.train import prepare_prompts
 
+    datastore = _datastore_arg(args.datastore)
     target, tokenizer = _load_target(args)
     out = Path(args.out)
     # The ShareGPT first turns after the drafter's training prompts (the same shuffle as
@@ -486,7 +543,7 @@ def cmd_calibrate_lookup(args) -> int:
     calibration = calibrate_lookup(
         target, [torch.tensor(p) for p in prompts], num_draft=args.num_draft, max_ngram=args.max_ngram,
         min_ngram=args.min_ngram, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        eos_token_id=tokenizer.eos_token_id, seed=args.seed, log=_log)
+        eos_token_id=tokenizer.eos_token_id, seed=args.seed, log=_log, datastore=datastore)
     calibration.notes.update({"skip_prompts": args.skip_prompts, "seed": args.seed, "source": "ShareGPT first turns"})
     calibration.save(out)
     _log(f"wrote {out}")
@@ -710,8 +767,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-ngram", type=int, default=4, help="longest suffix to match")
     c.add_argument("--min-ngram", type=int, default=1, help="shortest suffix to match")
     c.add_argument("--seed", type=int, default=0, help="prompt shuffle (as `dspark train`) and sampling seed")
+    c.add_argument("--datastore", default="shipped",
+                   help="datastore the lookup drafts from where the prompt matches < 2 tokens: 'shipped' (the "
+                        "default target's, if installed), 'none', or a file from `dspark build-datastore`")
     c.add_argument("--install", action="store_true", help="make it the calibration the hybrid drafter ships with")
     c.set_defaults(func=cmd_calibrate_lookup)
+    d = command("build-datastore", "the target's greedy answers to held-out ShareGPT prompts, as the datastore "
+                "prompt lookup drafts from (REST-style retrieval); never the evaluation sets")
+    d.add_argument("--out", default="runs/smollm2/datastore.safetensors", help="where to write the datastore")
+    d.add_argument("--model", default=None,
+                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+    d.add_argument("--device", default="cpu", help="torch device of the target")
+    d.add_argument("--prompts", type=int, default=1920,
+                   help="the first prompts of the drafter recipe's ShareGPT answers to answer")
+    d.add_argument("--answer-tokens", type=int, default=1_000_000,
+                   help="ShareGPT answer tokens the recipe selects (where the prompts come from)")
+    d.add_argument("--answers-cache", default="runs/smollm2/sharegpt_answers.json",
+                   help="where the recipe's selected answers are cached")
+    d.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    d.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    d.add_argument("--min-ngram", type=int, default=2, help="shortest suffix the datastore matches")
+    d.add_argument("--max-ngram", type=int, default=4, help="longest suffix the datastore matches")
+    d.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle (as `dspark train`)")
+    d.add_argument("--install", action="store_true", help="make it the datastore the default drafter ships with")
+    d.set_defaults(func=cmd_build_datastore)
     v = command("draft-vocab", "make a DSpark drafter draft from the most frequent ids of its training text only "
                 "(its LM and Markov heads then read that many rows; 0 = every id); the output law is unchanged")
     v.add_argument("drafter", help="drafter folder (config.json + model.safetensors, as `dspark train` writes)")

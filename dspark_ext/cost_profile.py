@@ -32,7 +32,7 @@ import torch
 
 from dspark_ext.protocols import DraftContext
 
-PROFILE_VERSION = 4  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512
+PROFILE_VERSION = 5  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512; 5: the DSpark backbone drafts through skinny_linear on bfloat16 weights
 #: A profile whose median relative spread ((q3 - q1) / median of the repeats) exceeds this was
 #: measured on a busy machine: it serves the run that measured it but is not saved.
 BUSY_SPREAD = 0.25
@@ -145,15 +145,18 @@ def machine_description(device) -> str:
 
 
 def drafter_identity(drafter) -> str:
-    """What a drafter's cost depends on: its class and, for a DSpark drafter, its shape and draft
-    vocabulary (a retrained drafter with the same shape keeps the profile; another architecture
-    or draft vocabulary size gets its own)."""
+    """What a drafter's cost depends on: its class, whether a prompt lookup searches a datastore,
+    and for a DSpark drafter its shape, draft vocabulary and drafting dtypes (a retrained
+    drafter with the same shape keeps the profile; another architecture, draft vocabulary size
+    or dtype gets its own)."""
     cfg = getattr(drafter, "cfg", None)
-    if cfg is None:
-        return type(drafter).__name__
+    if cfg is None:  # prompt lookup: a datastore adds its searches
+        return type(drafter).__name__ + ("+datastore" if getattr(drafter, "datastore", None) is not None else "")
     shape = {k: getattr(cfg, k, None) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
                                                  "num_kv_heads", "markov_rank", "num_draft", "confidence", "qk_norm",
                                                  "draft_vocab_size")}
+    for dtype in ("inference_backbone_dtype", "inference_lm_head_dtype"):
+        shape[dtype] = str(getattr(drafter, dtype, None))
     return type(drafter).__name__ + json.dumps(shape, sort_keys=True)
 
 

@@ -29,10 +29,11 @@ class FusedLinear:
     """One or more linear layers over the same input: ``__call__(x [T, K])`` returns their
     outputs ``(x @ w_i.T + b_i)`` in order. ``max_skinny_rows``: inputs of at most this many rows
     go through the packed weight (``skinny_linear``), larger ones through ``F.linear`` per layer;
-    0 (or a weight ``skinny_linear`` does not take) = ``F.linear`` always."""
+    0 (or a weight ``skinny_linear`` does not take) = ``F.linear`` always. ``packed_dtype``: the
+    packed weight's dtype (float32, or bfloat16 for half the bytes, rounding the weights)."""
 
     def __init__(self, parts: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]],
-                 max_skinny_rows: int = SKINNY_MAX_ROWS):
+                 max_skinny_rows: int = SKINNY_MAX_ROWS, packed_dtype: torch.dtype = torch.float32):
         self.parts = [(w, b) for w, b in parts]
         self.sizes = [w.shape[0] for w, _ in self.parts]
         in_features = {w.shape[1] for w, _ in self.parts}
@@ -44,7 +45,7 @@ class FusedLinear:
         self.packed = None
         self.bias = None
         if self.max_skinny_rows > 0:
-            self.packed = pack_skinny_weight(torch.cat([w for w, _ in self.parts]))
+            self.packed = pack_skinny_weight(torch.cat([w for w, _ in self.parts]).to(packed_dtype))
             if any(b is not None for _, b in self.parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in self.parts])
 

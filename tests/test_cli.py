@@ -63,6 +63,28 @@ def test_shipped_lookup_calibration_is_packaged():
     assert bool(((calibration.table >= 0) & (calibration.table <= 1)).all())
     notes = calibration.notes
     assert notes["source"] == "ShareGPT first turns" and notes["skip_prompts"] == 768 and notes["samples"] > 1000
+    # Fitted with the shipped datastore: a table for its matches, from enough of them.
+    assert tuple(calibration.store_table.shape) == (2, calibration.store_max_ngram + 1, NUM_RECORDS, 7)
+    assert bool((calibration.store_table[:, 0] == 0).all()) and notes["store_samples"] > 500
+
+
+def test_shipped_datastore_is_packaged():
+    """Prompt lookup's datastore ships with the package: the target's greedy answers to held-out
+    ShareGPT prompts (none shares 16 tokens with an evaluation set), matched by the calibration."""
+    from dspark_ext.drafters.datastore import SEPARATOR, TokenDatastore
+    from dspark_ext.drafters.hybrid import shipped_datastore_path, shipped_lookup_calibration_path
+    from dspark_ext.drafters.lookup import LookupCalibration
+
+    path = shipped_datastore_path()
+    assert path.stat().st_size <= 2 * 2**20
+    store = TokenDatastore.load(path)
+    notes = store.notes
+    assert notes["prompts"] == 1920 and notes["excluded_for_evaluation_overlap"] == 0
+    assert int((store.tokens == SEPARATOR).sum()) == notes["prompts"]
+    assert store.tokens.numel() - notes["prompts"] == notes["answer_tokens"] > 150_000
+    calibration = LookupCalibration.load(shipped_lookup_calibration_path())
+    assert calibration.notes["datastore"]["answer_tokens"] == notes["answer_tokens"]
+    assert calibration.store_max_ngram >= store.max_ngram
 
 
 @needs_default_target

@@ -151,8 +151,9 @@ def test_each_batch_size_is_cached_on_its_own(tmp_path):
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 
-def test_a_draft_vocabulary_gets_its_own_profile():
-    """A DSpark drafter's cost depends on its shape and on how many ids it drafts from."""
+def test_a_draft_vocabulary_or_dtype_gets_its_own_profile():
+    """A DSpark drafter's cost depends on its shape, on how many ids it drafts from and on the
+    dtypes its round reads its weights in."""
     from types import SimpleNamespace
 
     from dspark_ext.cost_profile import drafter_identity
@@ -164,3 +165,16 @@ def test_a_draft_vocabulary_gets_its_own_profile():
 
     assert drafter_identity(drafter(0)) != drafter_identity(drafter(8192))
     assert drafter_identity(drafter(8192)) == drafter_identity(drafter(8192))
+    bfloat16 = drafter(8192)
+    bfloat16.inference_backbone_dtype = torch.bfloat16
+    assert drafter_identity(bfloat16) != drafter_identity(drafter(8192))
+
+
+def test_a_lookup_with_a_datastore_gets_its_own_profile():
+    from dspark_ext.cost_profile import drafter_identity
+    from dspark_ext.drafters import NgramDrafter
+    from dspark_ext.drafters.datastore import TokenDatastore
+
+    store = TokenDatastore.from_sequences([[1, 2, 3]], vocab_size=4)
+    assert drafter_identity(NgramDrafter()) == "NgramDrafter"
+    assert drafter_identity(NgramDrafter(datastore=store)) == "NgramDrafter+datastore"

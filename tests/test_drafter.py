@@ -174,6 +174,49 @@ def test_propose_matches_teacher_forced_block_forward(variant, temperature):
         assert float(bias.detach().abs().max()) > 1.0
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["standardized-features"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_packed_backbone_drafts_as_the_modules(variant, temperature):
+    """A drafting round runs the backbone's projections through ``dspark::skinny_linear`` on
+    weights packed once (``inference_backbone_dtype``): in float32 it drafts what the modules do;
+    in bfloat16 (what ``load`` picks) its logits stay within the weights' rounding."""
+    config = dict(VARIANTS.get(variant, {"feature_norm": "standardize"}))
+    drafter = small_drafter(seed=3, **config)
+    if config.get("feature_norm") == "standardize":
+        drafter.backbone.set_feature_statistics(torch.randn(len(LAYERS) * D) * 0.1, torch.rand(len(LAYERS) * D) + 0.5)
+    lengths = [9, 1, 5, 13]
+    tokens, features = random_batch(lengths, seed=4)
+    drafts = {}
+    for dtype in (None, torch.float32, torch.bfloat16):
+        drafter.inference_backbone_dtype = dtype
+        drafts[dtype] = drafter.propose(context_of(tokens, lengths, features, temperature, new_from=[0] * 4))
+    assert_drafts_equal(drafts[torch.float32], drafts[None])
+    packed = drafter.backbone.packed(torch.bfloat16)
+    assert packed.layers[0].qkv.packed.dtype == torch.bfloat16
+    assert packed.scale_folded == (drafter.cfg.feature_norm == "scale")
+    rounded = drafts[torch.bfloat16].logits
+    torch.testing.assert_close(rounded, drafts[None].logits, rtol=0.05, atol=0.15)
+    assert not torch.allclose(rounded, drafts[None].logits, rtol=1e-5, atol=1e-4)  # the rounding is real
+
+
+def test_packed_backbone_follows_weight_updates():
+    """The packing is rebuilt when a weight changes (an optimizer step, load_state_dict), so a
+    drafter drafted with, trained and drafted with again never drafts from stale weights."""
+    drafter = small_drafter(seed=5)
+    lengths = [6, 3]
+    tokens, features = random_batch(lengths, seed=6)
+    before = drafter.propose(context_of(tokens, lengths, features, new_from=[0, 0]))
+    first = drafter.backbone.packed(torch.float32)
+    with torch.no_grad():
+        drafter.backbone.layers[1].down.weight.mul_(-2.0)
+        drafter.backbone.context_proj.weight.mul_(0.5)
+    after = drafter.propose(context_of(tokens, lengths, features, new_from=[0, 0]))
+    assert drafter.backbone.packed(torch.float32) is not first
+    drafter.inference_backbone_dtype = None
+    assert_drafts_equal(after, drafter.propose(context_of(tokens, lengths, features, new_from=[0, 0])))
+    assert not torch.allclose(before.logits, after.logits)
+
+
 def ranking_of(ids) -> dict:
     return {"ranked_ids": [int(i) for i in ids], "notes": {"source": "test"}}
 
@@ -468,8 +511,10 @@ def test_save_load_round_trip(tmp_path, variant):
     from dspark_ext.drafters.dspark import fast_lm_head_dtype
 
     assert loaded.inference_lm_head_dtype == fast_lm_head_dtype("cpu")  # load picks the fast LM head
+    assert loaded.inference_backbone_dtype == torch.bfloat16  # and a bfloat16 packed backbone
     rounded = fp16_rounded(drafter)
     rounded.inference_lm_head_dtype = loaded.inference_lm_head_dtype
+    rounded.inference_backbone_dtype = loaded.inference_backbone_dtype
     lengths = [7, 2, 12]
     tokens, features = random_batch(lengths, seed=12)
     for temperature in (0.0, 1.0):
@@ -479,8 +524,12 @@ def test_save_load_round_trip(tmp_path, variant):
         assert (a.confidence is None) == (drafter.confidence is None)
         if a.confidence is not None:
             assert torch.equal(a.confidence, b.confidence)
+        # fp16 weights: close (both with a float32 backbone, which the bfloat16 one would blur)
+        loaded.inference_backbone_dtype = torch.float32
+        a = loaded.propose(context_of(tokens, lengths, features, temperature))
+        loaded.inference_backbone_dtype = torch.bfloat16
         c = drafter.propose(context_of(tokens, lengths, features, temperature))
-        torch.testing.assert_close(a.logits, c.logits, rtol=2e-2, atol=5e-2)  # fp16 weights: close
+        torch.testing.assert_close(a.logits, c.logits, rtol=2e-2, atol=5e-2)
 
 
 # --------------------------------------------------------------------------- inside generate

@@ -258,6 +258,25 @@ def test_fused_linear_matches_its_layers():
             torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+def test_fused_linear_packs_bfloat16_weights():
+    """``packed_dtype=bfloat16``: the layers' weights rounded to bfloat16 (half the bytes), the
+    rows and the sums in float32; past ``max_skinny_rows``, F.linear on the float32 weights."""
+    from dspark_ext.packed_linear import FusedLinear
+
+    g = torch.Generator().manual_seed(13)
+    parts = [(torch.randn(24, 40, generator=g), None), (torch.randn(9, 40, generator=g), torch.randn(9, generator=g))]
+    fused = FusedLinear(parts, max_skinny_rows=6, packed_dtype=torch.bfloat16)
+    assert fused.packed.dtype == torch.bfloat16
+    x = torch.randn(5, 40, generator=g)
+    for out, (w, b) in zip(fused(x), parts):
+        rounded = F.linear(x, w.bfloat16().float(), b)
+        torch.testing.assert_close(out, rounded, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)  # the rounding is real
+    x = torch.randn(7, 40, generator=g)
+    for out, (w, b) in zip(fused(x), parts):
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_fused_linear_falls_back_where_skinny_linear_does_not_run():
     from dspark_ext.packed_linear import FusedLinear
 

@@ -29,7 +29,7 @@ from torch import nn
 from dspark_ext.heads import ConfidenceHead, MarkovHead
 from dspark_ext.llama import lm_head_logits
 from dspark_ext.ops import pack_skinny_weight
-from dspark_ext.packed_linear import SKINNY_MAX_ROWS
+from dspark_ext.packed_linear import SKINNY_MAX_ROWS, FusedLinear
 from dspark_ext.protocols import Draft, DraftContext
 
 #: A bfloat16 LM head drafts through ``dspark::skinny_linear`` up to this many rows (one
@@ -126,16 +126,43 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """(cos, sin) [..., S, 1, hd] of rotate_half RoPE at ``positions`` [..., S]."""
+    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, tables) -> torch.Tensor:
+    """RoPE of ``x`` [..., S, heads, hd] with ``rotary_tables`` of its positions."""
+    cos, sin = tables
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """rotate_half RoPE of ``x`` [..., S, heads, hd] at ``positions`` [..., S]."""
-    freqs = positions.to(inv_freq.dtype)[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)[..., None, :]  # [..., S, 1, hd]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * emb.cos() + rotated * emb.sin()
+    return apply_rotary(x, rotary_tables(positions, inv_freq))
+
+
+@dataclass
+class PackedLayer:
+    """A backbone layer's projections packed for drafting rounds (``BackboneLayer.packed``):
+    q/k/v and gate/up fused, and the context's k/v."""
+
+    qkv: FusedLinear
+    o: FusedLinear
+    gate_up: FusedLinear
+    down: FusedLinear
+    context_kv: FusedLinear
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
 
 
 class BackboneLayer(nn.Module):
@@ -158,12 +185,24 @@ class BackboneLayer(nn.Module):
         self.up = nn.Linear(D, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, D, bias=False)
 
-    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor):
+    def packed(self, dtype: torch.dtype) -> PackedLayer:
+        """The projections packed for ``dspark::skinny_linear`` with weights in ``dtype`` (float32,
+        or bfloat16: half the bytes a drafting round streams from memory)."""
+        def fused(*layers):
+            return FusedLinear([(layer.weight.detach(), None) for layer in layers], packed_dtype=dtype)
+        return PackedLayer(qkv=fused(self.q, self.k, self.v), o=fused(self.o), gate_up=fused(self.gate, self.up),
+                           down=fused(self.down), context_kv=fused(self.k, self.v))
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                   packed: Optional[PackedLayer] = None):
         """Keys/values [B, S, KVH, hd] of the (projected, normed) context features [B, S, D]."""
         B, S, _ = context.shape
-        k = rotary(self._norm_k(self.k(context).view(B, S, self.num_kv_heads, self.head_dim)), positions, inv_freq)
-        v = self.v(context).view(B, S, self.num_kv_heads, self.head_dim)
-        return k, v
+        if packed is None:
+            k, v = self.k(context), self.v(context)
+        else:
+            k, v = packed.context_kv(_rows(context))
+        k = rotary(self._norm_k(k.view(B, S, self.num_kv_heads, self.head_dim)), positions, inv_freq)
+        return k, v.view(B, S, self.num_kv_heads, self.head_dim)
 
     def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.q_norm is None else self.q_norm(q)
@@ -171,22 +210,32 @@ class BackboneLayer(nn.Module):
     def _norm_k(self, k: torch.Tensor) -> torch.Tensor:
         return k if self.k_norm is None else self.k_norm(k)
 
-    def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask):
+    def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask, packed: Optional[PackedLayer] = None):
         """x [B, Q, D] block rows at ``positions`` [B, Q]; ctx_k/ctx_v [B, S, KVH, hd]; mask
-        [B, Q, S + Q] bool (True = may attend) over (context keys, block keys)."""
-        B, Q, _ = x.shape
+        [B, Q, S + Q] bool (True = may attend) over (context keys, block keys). ``packed``: the
+        projections as ``packed`` made them (drafting rounds), else the modules (training)."""
+        B, Q, D = x.shape
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         h = self.attn_norm(x)
-        q = rotary(self._norm_q(self.q(h).view(B, Q, H, hd)), positions, inv_freq)
-        k = rotary(self._norm_k(self.k(h).view(B, Q, KVH, hd)), positions, inv_freq)
-        v = self.v(h).view(B, Q, KVH, hd)
+        if packed is None:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+        else:
+            q, k, v = packed.qkv(_rows(h))
+        tables = rotary_tables(positions, inv_freq)  # queries and block keys share their positions
+        q = apply_rotary(self._norm_q(q.view(B, Q, H, hd)), tables)
+        k = apply_rotary(self._norm_k(k.view(B, Q, KVH, hd)), tables)
         keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
-        vals = torch.cat([ctx_v, v], dim=1).transpose(1, 2)
+        vals = torch.cat([ctx_v, v.view(B, Q, KVH, hd)], dim=1).transpose(1, 2)
         # enable_gqa: each group of query heads reads its K/V head in place (no repeated copy).
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=KVH != H)
-        x = x + self.o(o.transpose(1, 2).reshape(B, Q, H * hd))
-        h = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        o = o.transpose(1, 2).reshape(B, Q, H * hd)
+        if packed is None:
+            x = x + self.o(o)
+            h = self.mlp_norm(x)
+            return x + self.down(F.silu(self.gate(h)) * self.up(h))
+        x = x + packed.o(_rows(o))[0].view(B, Q, D)
+        gate, up = packed.gate_up(_rows(self.mlp_norm(x)))
+        return x + packed.down(F.silu(gate) * up)[0].view(B, Q, D)
 
 
 class DSparkBackbone(nn.Module):
@@ -228,16 +277,40 @@ class DSparkBackbone(nn.Module):
         self.feature_shift.copy_(mean)
         self.feature_scale.copy_(1.0 / std.clamp(min=1e-3))
 
-    def project_context(self, features: torch.Tensor) -> torch.Tensor:
-        """Target features [..., L * D] -> normed context rows [..., D]."""
-        if self.cfg.feature_norm == "scale":
-            return self.context_norm(self.context_proj(features.to(self.feature_scale.dtype) * self.feature_scale))
-        x = (features.to(self.feature_scale.dtype) - self.feature_shift) * self.feature_scale
-        # Clamp the rare extreme rows (the attention-sink token reaches ~100 sigma).
-        return self.context_norm(self.context_proj(x.clamp(-8.0, 8.0)))
+    def packed(self, dtype: torch.dtype) -> "PackedBackbone":
+        """Every projection packed for ``dspark::skinny_linear`` in ``dtype`` (built once per
+        weight version, then cached). The "scale" feature norm is folded into the context
+        projection's columns, as ``dspark export --format vllm`` folds it."""
+        params = list(self.parameters()) + [self.feature_scale]
+        key = (dtype, tuple((t.data_ptr(), t._version) for t in params))
+        if getattr(self, "_packed_key", None) != key:
+            proj = self.context_proj.weight.detach()
+            folded = self.cfg.feature_norm == "scale"
+            if folded:
+                proj = proj * self.feature_scale[None, :]
+            self._packed = PackedBackbone(context_proj=FusedLinear([(proj, None)], packed_dtype=dtype),
+                                          scale_folded=folded,
+                                          layers=[layer.packed(dtype) for layer in self.layers])
+            self._packed_key = key
+        return self._packed
 
-    def context_kv(self, context: torch.Tensor, positions: torch.Tensor):
-        return [layer.context_kv(context, positions, self.inv_freq) for layer in self.layers]
+    def project_context(self, features: torch.Tensor, packed: Optional["PackedBackbone"] = None) -> torch.Tensor:
+        """Target features [..., L * D] -> normed context rows [..., D]."""
+        x = features.to(self.feature_scale.dtype)
+        if packed is not None and packed.scale_folded:
+            return self.context_norm(packed.context_proj(_rows(x))[0].view(*x.shape[:-1], -1))
+        if self.cfg.feature_norm == "scale":
+            x = x * self.feature_scale
+        else:
+            # Clamp the rare extreme rows (the attention-sink token reaches ~100 sigma).
+            x = ((x - self.feature_shift) * self.feature_scale).clamp(-8.0, 8.0)
+        if packed is None:
+            return self.context_norm(self.context_proj(x))
+        return self.context_norm(packed.context_proj(_rows(x))[0].view(*x.shape[:-1], -1))
+
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, packed: Optional["PackedBackbone"] = None):
+        layers = [None] * len(self.layers) if packed is None else packed.layers
+        return [layer.context_kv(context, positions, self.inv_freq, p) for layer, p in zip(self.layers, layers)]
 
     def block_inputs(self, embedding: torch.Tensor, anchor_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
         """[anchor embedding, mask x (K - 1)] for anchors [...] -> [..., K, D]."""
@@ -247,11 +320,22 @@ class DSparkBackbone(nn.Module):
         masks = mask.expand(*anchor_ids.shape, num_draft - 1, -1)
         return torch.cat([anchor[..., None, :], masks], dim=-2)
 
-    def forward(self, x, positions, kv, mask) -> torch.Tensor:
+    def forward(self, x, positions, kv, mask, packed: Optional["PackedBackbone"] = None) -> torch.Tensor:
         """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D]."""
-        for layer, (ck, cv) in zip(self.layers, kv):
-            x = layer(x, positions, self.inv_freq, ck, cv, mask)
+        layers = [None] * len(self.layers) if packed is None else packed.layers
+        for layer, (ck, cv), p in zip(self.layers, kv, layers):
+            x = layer(x, positions, self.inv_freq, ck, cv, mask, p)
         return self.norm(x)
+
+
+@dataclass
+class PackedBackbone:
+    """``DSparkBackbone.packed``: the context projection (with the feature scale folded in when
+    ``scale_folded``) and each layer's ``PackedLayer``."""
+
+    context_proj: FusedLinear
+    scale_folded: bool
+    layers: List[PackedLayer]
 
 
 class DSparkDrafter(nn.Module):
@@ -328,6 +412,10 @@ class DSparkDrafter(nn.Module):
 
     #: dtype of the LM head matmul when drafting (``propose``); see ``fast_lm_head_dtype``.
     inference_lm_head_dtype: Optional[torch.dtype] = None
+
+    #: dtype of the backbone's weights packed for ``dspark::skinny_linear`` when drafting on CPU
+    #: (``propose``); None = the modules' own matmuls.
+    inference_backbone_dtype: Optional[torch.dtype] = torch.float32
 
     def logits(self, hidden: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The target's LM head on ``hidden`` [..., D] -> float32 logits [..., V]. A drafting
@@ -482,8 +570,9 @@ class DSparkDrafter(nn.Module):
         rows = torch.repeat_interleave(torch.arange(B), counts)
         pos = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(new_from, ends) if e > s])
         rows_d, pos_d = rows.to(device), pos.to(device)
-        ctx = self.backbone.project_context(feats[rows_d, pos_d])[None]  # [1, n, D]
-        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None])):
+        packed = self._packed_backbone(device)
+        ctx = self.backbone.project_context(feats[rows_d, pos_d], packed)[None]  # [1, n, D]
+        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed)):
             self._cache_k[i][rows_d, pos_d] = k[0]
             self._cache_v[i][rows_d, pos_d] = v[0]
         self._cache_len = torch.maximum(self._cache_len, ends)
@@ -501,8 +590,15 @@ class DSparkDrafter(nn.Module):
         ctx_mask = torch.arange(S, device=device)[None] < self._cache_len.to(device)[:, None]  # [B, S]
         mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
         kv = [(k[:, :S], v[:, :S]) for k, v in zip(self._cache_k, self._cache_v)]
-        h = self.backbone(x, positions, kv, mask)
+        h = self.backbone(x, positions, kv, mask, self._packed_backbone(device))
         return self.draft_from_hidden(h, anchors, context)
+
+    def _packed_backbone(self, device):
+        """The backbone's projections packed for a drafting round on CPU (one read of each weight
+        for the round's few rows; ``inference_backbone_dtype``), or None (the modules)."""
+        if torch.device(device).type != "cpu" or self.inference_backbone_dtype is None:
+            return None
+        return self.backbone.packed(self.inference_backbone_dtype)
 
     def draft_from_hidden(self, h: torch.Tensor, anchors: torch.Tensor, context: DraftContext) -> Draft:
         """The block's hidden states h [B, K, D] -> base logits, then the K drafts through
@@ -546,8 +642,7 @@ class DSparkDrafter(nn.Module):
         if vocab is not None:  # back to vocabulary ids, and q = 0 outside the draft vocabulary
             token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # a bounds guard: the -inf id N is never drawn
             full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"), dtype=torch.float32)
-            full[..., vocab] = logits[..., :-1].float()
-            logits = full
+            logits = full.index_copy_(-1, vocab, logits[..., :-1].float())
         return Draft(token_ids=token_ids, logits=logits.float(),
                      confidence=confidence if self.confidence is not None else None)
 
@@ -583,6 +678,9 @@ class DSparkDrafter(nn.Module):
         drafter.load_state_dict(state)
         drafter = drafter.to(device or embedding.device).eval()
         drafter.inference_lm_head_dtype = fast_lm_head_dtype(drafter.embedding.device)
+        # A drafting round streams the backbone's weights from memory: bfloat16 halves the bytes
+        # (skinny_linear widens them exactly on any CPU), at no measurable cost in acceptance.
+        drafter.inference_backbone_dtype = torch.bfloat16
         if (folder / DRAFT_VOCAB_FILE).is_file():
             drafter.set_draft_vocabulary(json.loads((folder / DRAFT_VOCAB_FILE).read_text()), cfg.draft_vocab_size)
         elif cfg.draft_vocab_size:

@@ -140,16 +140,30 @@ def shipped_lookup_calibration_path(target_name: str = "SmolLM2-135M-Instruct") 
     return Path(str(resources.files("dspark_ext") / "data" / "lookup" / f"{target_name}.json"))
 
 
-def default_hybrid_drafter(target, dspark_folder=None, calibration_path=None) -> HybridDrafter:
-    """The ``dspark generate`` default: the shipped DSpark drafter and the shipped lookup
-    calibration of the default target, on ``target``; it sets ``target.hidden_layers`` to the
-    layers the DSpark drafter reads."""
+def shipped_datastore_path(target_name: str = "SmolLM2-135M-Instruct") -> Path:
+    """The lookup datastore shipped for the default target (package data): its greedy answers to
+    held-out ShareGPT prompts (``dspark build-datastore``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("dspark_ext") / "data" / "lookup" / f"{target_name}.store.safetensors"))
+
+
+def default_hybrid_drafter(target, dspark_folder=None, calibration_path=None, datastore_path=None) -> HybridDrafter:
+    """The ``dspark generate`` default: the shipped DSpark drafter, and prompt lookup with the
+    shipped calibration and (where the calibration was fitted with one) datastore of the default
+    target, on ``target``; it sets ``target.hidden_layers`` to the layers the DSpark drafter
+    reads."""
+    from dspark_ext.drafters.datastore import TokenDatastore
     from dspark_ext.drafters.dspark import DSparkDrafter, shipped_drafter_path
     from dspark_ext.drafters.lookup import LookupCalibration
 
     dspark = DSparkDrafter.for_target(dspark_folder or shipped_drafter_path(), target)
     target.hidden_layers = list(dspark.cfg.context_layers)
     calibration = LookupCalibration.load(calibration_path or shipped_lookup_calibration_path())
+    datastore = None
+    if calibration.store_table is not None:
+        datastore = TokenDatastore.load(datastore_path or shipped_datastore_path())
     lookup = NgramDrafter(num_draft=dspark.num_draft, max_ngram=calibration.max_ngram,
-                          min_ngram=int(calibration.notes.get("min_ngram", 1)), calibration=calibration)
+                          min_ngram=int(calibration.notes.get("min_ngram", 1)), calibration=calibration,
+                          datastore=datastore)
     return HybridDrafter(dspark, lookup)

@@ -16,6 +16,11 @@ match), updated with the request's own agreement counts so far. All of it is a f
 sequence so far, so the confidences (and any choice made from them) never depend on the tokens
 a round samples.
 
+With a ``TokenDatastore`` (``datastore.py``: text the target wrote for other prompts), a request
+whose own text has no earlier copy of its last two tokens drafts the store's continuation of its
+longest suffix the store holds instead, with confidences calibrated for store matches (by their
+length and the same record). Still a function of the sequence so far.
+
 Everything is batched over requests with tensor ops (``unfold`` + ``eq``); the search costs
 O(B L n) per n-gram size.
 """
@@ -35,6 +40,10 @@ NO_RECORD = 3
 NUM_RECORDS = 4
 #: Pseudo-observations of the calibration table against a request's own agreement counts.
 ADAPT_WEIGHT = 8.0
+#: Where a proposal comes from: the request's own text, or the datastore.
+PROMPT, STORE = 0, 1
+#: A datastore is asked when the request's own text matches fewer than this many tokens.
+STORE_BELOW_PROMPT_MATCH = 2
 
 
 class NgramDrafter:
@@ -44,18 +53,28 @@ class NgramDrafter:
     cost_name = "lookup"
 
     def __init__(self, num_draft: int = 4, max_ngram: int = 3, min_ngram: int = 2,
-                 calibration: Optional["LookupCalibration"] = None):
+                 calibration: Optional["LookupCalibration"] = None, datastore=None):
         if num_draft < 0 or min_ngram < 1 or max_ngram < min_ngram:
             raise ValueError(f"need num_draft >= 0 and 1 <= min_ngram <= max_ngram, got "
                              f"{num_draft}, {min_ngram}, {max_ngram}")
         if calibration is not None and calibration.max_ngram < max_ngram:
             raise ValueError(f"the calibration covers matches up to {calibration.max_ngram} tokens, "
                              f"the drafter looks for {max_ngram}")
+        if datastore is not None and calibration is not None and calibration.store_table is None:
+            raise ValueError("the calibration has no table for datastore matches: fit it with the datastore "
+                             "(dspark calibrate-lookup --datastore)")
+        if (datastore is not None and calibration is not None
+                and calibration.store_max_ngram < datastore.max_ngram):
+            raise ValueError(f"the calibration covers datastore matches up to {calibration.store_max_ngram} "
+                             f"tokens, the datastore holds {datastore.max_ngram}")
         self.num_draft = int(num_draft)
         self.max_ngram = int(max_ngram)
         self.min_ngram = int(min_ngram)
         self.calibration = calibration
+        self.datastore = datastore
         self.last_record = torch.zeros(0, dtype=torch.int64)  # of the last call, per request
+        self.last_source = torch.zeros(0, dtype=torch.int64)  # PROMPT or STORE, per request
+        self.proposals = [0, 0]  # requests proposed for with a match, per source (PROMPT, STORE)
         self._cached: Optional[Tuple[int, tuple]] = None  # (id of the context, proposal) between plans and propose
         self._requests: list = []  # one _RequestLookup per row
 
@@ -107,34 +126,49 @@ class NgramDrafter:
         lengths_list = lengths.tolist()
         rows = tokens[:, :max(lengths_list, default=0)].tolist()
         greedy = (context.temperature == 0).tolist()
-        table = None if self.calibration is None else self.calibration.table_list()
-        drafts, matches, confidences, records = [], [], [], []
+        tables = None
+        if self.calibration is not None:
+            tables = {PROMPT: (self.calibration.table_list(), self.max_ngram)}
+            if self.datastore is not None:
+                tables[STORE] = (self.calibration.store_table_list(), self.calibration.store_max_ngram)
+        drafts, matches, confidences, records, sources = [], [], [], [], []
         for b, request in enumerate(self._requests):
             sequence = rows[b][:lengths_list[b]]
             record = request.observe(sequence)
             request.extend(sequence)
             period, n = request.match(self.min_ngram)
             draft = [sequence[len(sequence) - period + j % period] for j in range(K)]
+            source, usable = PROMPT, K
+            if self.datastore is not None and n < STORE_BELOW_PROMPT_MATCH and K > 0:
+                following, stored = self.datastore.continuation(sequence, K)
+                if stored:
+                    # Past the store's continuation (a sequence end), the drafts are filler.
+                    source, n, usable = STORE, stored, len(following)
+                    draft = following + [following[-1]] * (K - len(following))
             if n == 0:
                 confidence = [0.0] * K  # the filler: the loop sends no such drafts
-            elif table is None:
-                confidence = [1.0] * K
+            elif tables is None:
+                confidence = [1.0] * usable + [0.0] * (K - usable)
             else:
-                prior = table[int(greedy[b])][min(n, self.max_ngram)][record]
+                table, longest = tables[source]
+                prior = table[int(greedy[b])][min(n, longest)][record]
+                agreed, reached = request.agreed[source], request.reached[source]
                 # The table, updated with the request's own agreement counts (a Beta posterior
                 # with ADAPT_WEIGHT pseudo-observations at the table's value): text that
                 # repeats itself more or less than the held-out data moves it.
-                confidence = [(ADAPT_WEIGHT * prior[min(k, len(prior) - 1)] + request.agreed[k])
-                              / (ADAPT_WEIGHT + request.reached[k]) for k in range(K)]
-            request.propose(draft, len(sequence), n > 0)
+                confidence = [(ADAPT_WEIGHT * prior[min(k, len(prior) - 1)] + agreed[k])
+                              / (ADAPT_WEIGHT + reached[k]) if k < usable else 0.0 for k in range(K)]
+            request.propose(draft, len(sequence), n > 0, source, usable)
             drafts.append(draft)
             matches.append(n)
             confidences.append(confidence)
             records.append(record)
+            sources.append(source)
         result = (torch.tensor(drafts, dtype=torch.int64, device=device).view(B, K),
                   torch.tensor(matches, dtype=torch.int64, device=device),
                   torch.tensor(confidences, dtype=torch.float32, device=device).view(B, K))
         self.last_record = torch.tensor(records, dtype=torch.int64)
+        self.last_source = torch.tensor(sources, dtype=torch.int64)
         self._cached = (context, result)
         return result
 
@@ -154,6 +188,9 @@ class NgramDrafter:
             return Draft(token_ids=torch.zeros(B, 0, dtype=torch.int64, device=device))
         draft, match_length, confidence = self._lookup(context)
         self._cached = None
+        stored = int(((self.last_source == STORE) & (match_length.cpu() > 0)).sum())
+        self.proposals[STORE] += stored
+        self.proposals[PROMPT] += int((match_length > 0).sum()) - stored
         return Draft(token_ids=draft, confidence=confidence)
 
 
@@ -172,9 +209,11 @@ class _RequestLookup:
         self.tokens: List[int] = []
         self.last_end: List[dict] = [{} for _ in range(self.max_ngram)]
         self.last_ids: List[int] = []
-        self.last_length, self.last_matched = 0, False
-        self.reached = [0] * self.num_draft  # proposals whose earlier drafts the text followed
-        self.agreed = [0] * self.num_draft  # ... and that it followed at this position too
+        self.last_length, self.last_matched, self.last_source, self.last_usable = 0, False, PROMPT, 0
+        # Per source (PROMPT, STORE): proposals whose earlier drafts the text followed, and
+        # those it followed at this position too.
+        self.reached = [[0] * self.num_draft for _ in (PROMPT, STORE)]
+        self.agreed = [[0] * self.num_draft for _ in (PROMPT, STORE)]
 
     def observe(self, sequence: List[int]) -> int:
         """Starts over when ``sequence`` does not extend the one seen last (a new request in the
@@ -190,12 +229,14 @@ class _RequestLookup:
         if not self.last_matched or emitted <= 0:
             return NO_RECORD
         leading = 0
-        while leading < min(emitted, self.num_draft) and sequence[self.last_length + leading] == self.last_ids[leading]:
+        while (leading < min(emitted, self.num_draft, self.last_usable)
+               and sequence[self.last_length + leading] == self.last_ids[leading]):
             leading += 1
-        for k in range(min(leading + 1, emitted, self.num_draft)):
-            self.reached[k] += 1
+        reached, agreed = self.reached[self.last_source], self.agreed[self.last_source]
+        for k in range(min(leading + 1, emitted, self.num_draft, self.last_usable)):
+            reached[k] += 1
         for k in range(leading):
-            self.agreed[k] += 1
+            agreed[k] += 1
         return min(leading, 2)
 
     def extend(self, sequence: List[int]) -> None:
@@ -217,8 +258,12 @@ class _RequestLookup:
                 return length - 1 - end, n
         return 1, 0
 
-    def propose(self, draft: List[int], length: int, matched: bool) -> None:
-        self.last_ids, self.last_length, self.last_matched = draft, length, matched
+    def propose(self, draft: List[int], length: int, matched: bool, source: int = PROMPT,
+                usable: Optional[int] = None) -> None:
+        """Notes a proposal: its drafts, where it starts, whether anything matched, its source and
+        how many of its drafts are real (a datastore continuation may end early)."""
+        self.last_ids, self.last_length, self.last_matched, self.last_source = draft, length, matched, source
+        self.last_usable = len(draft) if usable is None else usable
 
 
 @dataclass
@@ -230,16 +275,27 @@ class LookupCalibration:
 
     table: torch.Tensor  # [2, max_ngram + 1, NUM_RECORDS, K] float32
     notes: dict
+    # The same for datastore matches (n = their length), fitted where a datastore drafted.
+    store_table: Optional[torch.Tensor] = None
 
     @property
     def max_ngram(self) -> int:
         return self.table.shape[1] - 1
+
+    @property
+    def store_max_ngram(self) -> int:
+        return -1 if self.store_table is None else self.store_table.shape[1] - 1
 
     def table_list(self) -> list:
         """The table as nested lists (float32 values), built once."""
         if getattr(self, "_table_list", None) is None:
             self._table_list = self.table.tolist()
         return self._table_list
+
+    def store_table_list(self) -> list:
+        if getattr(self, "_store_table_list", None) is None:
+            self._store_table_list = self.store_table.tolist()
+        return self._store_table_list
 
     def confidence(self, match_length: torch.Tensor, record: torch.Tensor, temperature: torch.Tensor,
                    num_draft: int) -> torch.Tensor:
@@ -253,11 +309,31 @@ class LookupCalibration:
     @classmethod
     def fit(cls, greedy: torch.Tensor, match_length: torch.Tensor, record: torch.Tensor, verified: torch.Tensor,
             accepted: torch.Tensor, max_ngram: int, num_draft: int, prior_weight: float = 4.0,
-            notes: Optional[dict] = None) -> "LookupCalibration":
+            notes: Optional[dict] = None, source: Optional[torch.Tensor] = None,
+            store_max_ngram: Optional[int] = None) -> "LookupCalibration":
         """From one row per (request, round): whether it was greedy, its match length and record,
         how many drafts were verified and how many accepted. Each cell is its count ratio,
         shrunk toward the same (greedy, n, k) pooled over records with ``prior_weight``
-        pseudo-samples (sparse records borrow strength); no match always gives 0."""
+        pseudo-samples (sparse records borrow strength); no match always gives 0. With
+        ``source`` (PROMPT or STORE per row) and ``store_max_ngram``, the datastore's rows fit
+        ``store_table`` the same way."""
+        if store_max_ngram is None:
+            table, info = cls._fit_table(greedy, match_length, record, verified, accepted, max_ngram, num_draft,
+                                         prior_weight)
+            return cls(table=table, notes={**(notes or {}), **info})
+        own = source == PROMPT
+        table, info = cls._fit_table(greedy[own], match_length[own], record[own], verified[own], accepted[own],
+                                     max_ngram, num_draft, prior_weight)
+        stored = source == STORE
+        store_table, store_info = cls._fit_table(greedy[stored], match_length[stored], record[stored],
+                                                 verified[stored], accepted[stored], store_max_ngram, num_draft,
+                                                 prior_weight)
+        info.update({"store_" + key: value for key, value in store_info.items()})
+        return cls(table=table, notes={**(notes or {}), **info}, store_table=store_table)
+
+    @staticmethod
+    def _fit_table(greedy, match_length, record, verified, accepted, max_ngram: int, num_draft: int,
+                   prior_weight: float):
         K = num_draft
         k = torch.arange(K)[None]
         reached = ((k < verified[:, None]) & (k <= accepted[:, None])).double()  # [N, K]
@@ -272,28 +348,31 @@ class LookupCalibration:
         weight = reached_cells + prior_weight
         table = torch.where(weight > 0, (hit_cells + prior_weight * pooled) / weight.clamp(min=1e-12), pooled)
         table[:, 0] = 0.0
-        info = dict(notes or {})
-        info["samples"] = int(verified.numel())
-        info["reached_per_cell"] = reached_cells[..., 0].long().tolist()
-        return cls(table=table.float(), notes=info)
+        info = {"samples": int(verified.numel()), "reached_per_cell": reached_cells[..., 0].long().tolist()}
+        return table.float(), info
 
     def save(self, path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"table": self.table.tolist(), "notes": self.notes}, indent=1))
+        data = {"table": self.table.tolist(), "notes": self.notes}
+        if self.store_table is not None:
+            data["store_table"] = self.store_table.tolist()
+        path.write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path) -> "LookupCalibration":
         data = json.loads(Path(path).read_text())
-        return cls(table=torch.tensor(data["table"], dtype=torch.float32), notes=data.get("notes", {}))
+        store = data.get("store_table")
+        return cls(table=torch.tensor(data["table"], dtype=torch.float32), notes=data.get("notes", {}),
+                   store_table=None if store is None else torch.tensor(store, dtype=torch.float32))
 
 
 class _RecordingLookup(NgramDrafter):
     """Prompt lookup that notes (match length, record) of each proposal and reads its outcome,
     how many drafts the next context shows accepted, when it is called again."""
 
-    def __init__(self, num_draft: int, max_ngram: int, min_ngram: int):
-        super().__init__(num_draft, max_ngram, min_ngram)
+    def __init__(self, num_draft: int, max_ngram: int, min_ngram: int, datastore=None):
+        super().__init__(num_draft, max_ngram, min_ngram, datastore=datastore)
         self.rows: list = []
         self._pending = None
 
@@ -304,38 +383,45 @@ class _RecordingLookup(NgramDrafter):
             emitted = lengths - p["lengths"]
             keep = (p["match_length"] > 0) & (emitted > 0) & (p["verified"] > 0)
             accepted = torch.minimum(emitted - 1, p["verified"])
-            self.rows.append(torch.stack([p["greedy"], p["match_length"], p["record"], p["verified"], accepted])[:, keep])
-        _, match_length, _ = self._lookup(context)  # propose reuses it
+            self.rows.append(torch.stack([p["greedy"], p["match_length"], p["record"], p["verified"], accepted,
+                                          p["source"]])[:, keep])
+        _, match_length, confidence = self._lookup(context)  # propose reuses it
         draft = super().propose(context)
-        record = self.last_record.cpu()
+        record, source = self.last_record.cpu(), self.last_source.cpu()
         # the loop's cap: max_new - generated - 1, read off the offsets by the caller's max_new
         left = (self.max_new.to(lengths.device) - context.offset.cpu() - 1).clamp(0, self.num_draft)
+        usable = (confidence.cpu() > 0).sum(1)  # a datastore continuation may end before K
         self._pending = {"lengths": lengths, "match_length": match_length.cpu(), "record": record,
-                         "verified": torch.where(match_length.cpu() > 0, left, 0),
-                         "greedy": (context.temperature.cpu() == 0).long()}
+                         "verified": torch.where(match_length.cpu() > 0, torch.minimum(left, usable), 0),
+                         "greedy": (context.temperature.cpu() == 0).long(), "source": source}
         return draft
 
 
 def calibrate_lookup(target, prompts: Sequence[torch.Tensor], *, num_draft: int, max_ngram: int, min_ngram: int,
                      max_new_tokens: int = 128, batch_size: int = 8, temperatures: Sequence[float] = (0.0, 1.0),
-                     eos_token_id=None, seed: int = 0, log=print) -> LookupCalibration:
-    """Generates with prompt lookup (every matched draft verified) at each temperature and fits a
-    ``LookupCalibration`` on the outcomes. ``prompts`` must be held out from any evaluation."""
+                     eos_token_id=None, seed: int = 0, log=print, datastore=None) -> LookupCalibration:
+    """Generates with prompt lookup (every matched draft verified; with ``datastore``, its
+    continuations where the prompt matches fewer than ``STORE_BELOW_PROMPT_MATCH`` tokens) at
+    each temperature and fits a ``LookupCalibration`` on the outcomes. ``prompts`` must be held
+    out from any evaluation and from the datastore's text."""
     from dspark_ext.generate import generate
 
     columns = []
     for temperature in temperatures:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            drafter = _RecordingLookup(num_draft, max_ngram, min_ngram)
+            drafter = _RecordingLookup(num_draft, max_ngram, min_ngram, datastore=datastore)
             drafter.max_new = torch.full((len(batch),), max_new_tokens, dtype=torch.int64)
             generate(target, drafter, batch, max_new_tokens, temperature=temperature, seed=seed + start,
                      eos_token_id=eos_token_id)
             columns += drafter.rows
             log(f"lookup calibration: T = {temperature:g}, prompts {start + len(batch)}/{len(prompts)}, "
                 f"{sum(c.shape[1] for c in columns)} matched rounds")
-    data = torch.cat(columns, dim=1) if columns else torch.zeros(5, 0, dtype=torch.int64)
-    greedy, match_length, record, verified, accepted = data
-    return LookupCalibration.fit(greedy, match_length, record, verified, accepted, max_ngram, num_draft,
-                                 notes={"num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
-                                        "temperatures": list(temperatures), "min_ngram": min_ngram})
+    data = torch.cat(columns, dim=1) if columns else torch.zeros(6, 0, dtype=torch.int64)
+    greedy, match_length, record, verified, accepted, source = data
+    notes = {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperatures": list(temperatures),
+             "min_ngram": min_ngram}
+    if datastore is not None:
+        notes["datastore"] = dict(datastore.notes, tokens=int(datastore.tokens.numel()))
+    return LookupCalibration.fit(greedy, match_length, record, verified, accepted, max_ngram, num_draft, notes=notes,
+                                 source=source, store_max_ngram=None if datastore is None else datastore.max_ngram)
