@@ -482,7 +482,13 @@ def _datastore_arg(value: str):
         if value == "shipped":
             return None
         raise CliError(f"--datastore {value}: no such file")
-    return TokenDatastore.load(path)
+    from safetensors import SafetensorError
+
+    try:
+        return TokenDatastore.load(path)
+    except (ValueError, OSError, SafetensorError) as e:  # not a datastore file: one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CliError(f"--datastore {value}: not a datastore ({reason})") from None
 
 
 def cmd_build_datastore(args) -> int:
@@ -491,28 +497,36 @@ def cmd_build_datastore(args) -> int:
 
     from dspark_ext.drafters.datastore import build_datastore, shares_a_window, token_windows
     from dspark_ext.drafters.hybrid import shipped_datastore_path
-    from dspark_ext.train import prepare_sharegpt_answers
+    from dspark_ext.train import prepare_prompts, prepare_sharegpt_answers
 
     target, tokenizer = _load_target(args)
-    # The prompts of the drafter recipe's ShareGPT answers (past the prompts that train the
-    # drafter on regenerations and those that calibrate the lookup), minus any that shares 16
-    # tokens with a turn of an evaluation set.
+    # The prompts of the drafter recipe's ShareGPT answers; dropped: any that shares 16 tokens
+    # with a turn of an evaluation set, and any that is a prompt that calibrates the lookup
+    # (those come from the same shuffle, and `prepare_prompts` skips long prompts, so they
+    # reach past conversation 1024, where the answers start; both are chat-templated, so they
+    # are compared whole, not by windows of the template they share).
     records = prepare_sharegpt_answers(tokenizer, args.answer_tokens, Path(args.answers_cache), seed=args.seed)
     evaluation = []
-    for dataset in ("mt-bench", "gsm8k", "humaneval"):
+    for dataset in DATASETS:
         evaluation += [tokenizer.encode(t, add_special_tokens=False) for t in load_eval_prompts(dataset, None)]
-    windows = token_windows(evaluation, 16)
+    calibration = prepare_prompts(tokenizer, args.calibration_skip + args.calibration_prompts,
+                                  Path(args.calibration_cache), seed=args.seed)[args.calibration_skip:]
     prompts = [r["prompt"] for r in records[:args.prompts]]
-    held_out = [p for p in prompts if not shares_a_window(p, windows, 16)]
-    _log(f"datastore: {len(held_out)} of the first {len(prompts)} prompts ({len(prompts) - len(held_out)} share "
-         "text with an evaluation set)")
-    store = build_datastore(target, [torch.tensor(p) for p in held_out], vocab_size=target.vocab_size,
+    evaluation_windows, calibration_prompts = token_windows(evaluation, 16), {tuple(p) for p in calibration}
+    in_evaluation = [shares_a_window(p, evaluation_windows) for p in prompts]
+    in_calibration = [tuple(p) in calibration_prompts for p in prompts]
+    keep = [not (e or c) for e, c in zip(in_evaluation, in_calibration)]
+    _log(f"datastore: {sum(keep)} of the first {len(prompts)} prompts ({sum(in_evaluation)} share text with an "
+         f"evaluation set, {sum(in_calibration)} are calibration prompts of the lookup; all are answered, so that "
+         "the batches do not depend on it)")
+    store = build_datastore(target, [torch.tensor(p) for p in prompts], vocab_size=target.vocab_size, keep=keep,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                             eos_token_id=tokenizer.eos_token_id, log=_log, min_ngram=args.min_ngram,
                             max_ngram=args.max_ngram,
                             notes={"source": "greedy answers to ShareGPT prompts (dspark build-datastore)",
                                    "answers_cache": Path(args.answers_cache).name, "seed": args.seed,
-                                   "excluded_for_evaluation_overlap": len(prompts) - len(held_out)})
+                                   "excluded_for_evaluation_overlap": sum(in_evaluation),
+                                   "excluded_for_calibration_overlap": sum(in_calibration)})
     out = Path(args.out)
     store.save(out)
     _log(f"wrote {out}: {store.tokens.numel()} tokens")
@@ -788,6 +802,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     d.add_argument("--min-ngram", type=int, default=2, help="shortest suffix the datastore matches")
     d.add_argument("--max-ngram", type=int, default=4, help="longest suffix the datastore matches")
+    d.add_argument("--calibration-prompts", type=int, default=48,
+                   help="the lookup's calibration prompts, whose text the datastore must not hold "
+                        "(as `calibrate-lookup --num-prompts`)")
+    d.add_argument("--calibration-skip", type=int, default=768, help="as `calibrate-lookup --skip-prompts`")
+    d.add_argument("--calibration-cache", default="runs/lookup-calibration.prompts.json",
+                   help="where `calibrate-lookup` caches its prompts (the same file)")
     d.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle (as `dspark train`)")
     d.add_argument("--install", action="store_true", help="make it the datastore the default drafter ships with")
     d.set_defaults(func=cmd_build_datastore)

@@ -30,7 +30,9 @@ class FusedLinear:
     outputs ``(x @ w_i.T + b_i)`` in order. ``max_skinny_rows``: inputs of at most this many rows
     go through the packed weight (``skinny_linear``), larger ones through ``F.linear`` per layer;
     0 (or a weight ``skinny_linear`` does not take) = ``F.linear`` always. ``packed_dtype``: the
-    packed weight's dtype (float32, or bfloat16 for half the bytes, rounding the weights)."""
+    packed weight's dtype (float32, or bfloat16 for half the bytes, rounding the weights; the
+    F.linear path then uses the rounded weights too, so a row's result does not depend on how
+    many rows share the call beyond the summation order)."""
 
     def __init__(self, parts: Sequence[Tuple[torch.Tensor, Optional[torch.Tensor]]],
                  max_skinny_rows: int = SKINNY_MAX_ROWS, packed_dtype: torch.dtype = torch.float32):
@@ -46,6 +48,8 @@ class FusedLinear:
         self.bias = None
         if self.max_skinny_rows > 0:
             self.packed = pack_skinny_weight(torch.cat([w for w, _ in self.parts]).to(packed_dtype))
+            if packed_dtype != torch.float32:  # past max_skinny_rows, F.linear on the same rounded weights
+                self.parts = [(w.to(packed_dtype).float(), b) for w, b in self.parts]
             if any(b is not None for _, b in self.parts):
                 self.bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in self.parts])
 

@@ -101,9 +101,11 @@ def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: i
     return prompts
 
 
-#: ``prepare_sharegpt_answers`` starts this far into the seed-0 shuffle of ShareGPT, past the
-#: prompts that ``prepare_prompts`` regenerates (the first 768 by default) and the 48 prompts
-#: after them that calibrate prompt lookup (``dspark calibrate-lookup``).
+#: ``prepare_sharegpt_answers`` starts this far into the seed-0 shuffle of ShareGPT. The prompts
+#: that ``prepare_prompts`` regenerates (the first 768 it accepts) and the 48 after them that
+#: calibrate prompt lookup (``dspark calibrate-lookup``) start from the same shuffle but skip
+#: long prompts, so the last of them reach past it; `dspark build-datastore` drops the answers
+#: to calibration prompts.
 SHAREGPT_ANSWERS_START = 1024
 
 

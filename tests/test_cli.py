@@ -70,7 +70,8 @@ def test_shipped_lookup_calibration_is_packaged():
 
 def test_shipped_datastore_is_packaged():
     """Prompt lookup's datastore ships with the package: the target's greedy answers to held-out
-    ShareGPT prompts (none shares 16 tokens with an evaluation set), matched by the calibration."""
+    ShareGPT prompts (none shares 16 tokens with an evaluation set; the lookup's calibration
+    prompts dropped), matched by the calibration."""
     from dspark_ext.drafters.datastore import SEPARATOR, TokenDatastore
     from dspark_ext.drafters.hybrid import shipped_datastore_path, shipped_lookup_calibration_path
     from dspark_ext.drafters.lookup import LookupCalibration
@@ -79,7 +80,8 @@ def test_shipped_datastore_is_packaged():
     assert path.stat().st_size <= 2 * 2**20
     store = TokenDatastore.load(path)
     notes = store.notes
-    assert notes["prompts"] == 1920 and notes["excluded_for_evaluation_overlap"] == 0
+    assert notes["answered"] == 1920 and notes["excluded_for_evaluation_overlap"] == 0
+    assert notes["prompts"] == notes["answered"] - notes["excluded_for_calibration_overlap"]
     assert int((store.tokens == SEPARATOR).sum()) == notes["prompts"]
     assert store.tokens.numel() - notes["prompts"] == notes["answer_tokens"] > 150_000
     calibration = LookupCalibration.load(shipped_lookup_calibration_path())

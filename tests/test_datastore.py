@@ -84,6 +84,16 @@ def test_bad_input_is_refused():
         TokenDatastore(torch.zeros(2, 3, dtype=torch.int64), vocab_size=10)
     with pytest.raises(ValueError, match="min_ngram <= max_ngram"):
         TokenDatastore(torch.tensor([1, 2]), vocab_size=10, min_ngram=3, max_ngram=2)
+    with pytest.raises(ValueError, match="max_continuation >= 1"):
+        TokenDatastore(torch.tensor([1, 2]), vocab_size=10, max_continuation=0)
+    store = TokenDatastore.from_sequences([[2, 4, 5], [12 % 10, 3, 1]], vocab_size=10, min_ngram=2, max_ngram=2)
+    assert store.continuation([2, 4], 2) == ([5], 2)
+    assert store.continuation([12, 3], 2) == ([], 0)  # 12 is no id here: never the key of [2, 4]
+    assert store.continuation([-1, 3], 2) == ([], 0)
+    with pytest.raises(ValueError, match="a 10-token vocabulary; the target has 12"):
+        store.check_vocabulary(12, "the target")
+    with pytest.raises(ValueError, match="give source and store_max_ngram together"):
+        LookupCalibration.fit(*(torch.zeros(1, dtype=torch.int64),) * 5, max_ngram=3, num_draft=3, store_max_ngram=3)
 
 
 def test_save_and_load(tmp_path):
@@ -103,9 +113,13 @@ def test_save_and_load(tmp_path):
 
 
 def test_token_windows():
-    windows = token_windows([[1, 2, 3, 4], [7]], 3)
-    assert windows == {(1, 2, 3), (2, 3, 4), (7,)}
-    assert shares_a_window([0, 2, 3, 4, 9], windows, 3) and not shares_a_window([3, 2, 1], windows, 3)
+    long_text, short_text, tiny_text = list(range(20)), [30 + i for i in range(9)], [7, 8]
+    windows = token_windows([long_text, short_text, tiny_text], 16)
+    assert set(windows) == {16, 9} and len(windows[16]) == 5  # the tiny text marks nothing
+    assert shares_a_window([99] + long_text[3:19] + [98], windows)
+    assert not shares_a_window(long_text[3:18], windows)  # 15 tokens of it: not enough
+    assert shares_a_window([1, 2] + short_text + [5], windows)  # a short text, whole
+    assert not shares_a_window(short_text[1:] + tiny_text, windows)
 
 
 def _context(sequences, temperature=0.0):
@@ -188,18 +202,10 @@ class StoreHybrid(HybridDrafter):
 def test_planned_hybrid_with_a_datastore_follows_target_law(temperature):
     target = law_target()
     drafter = StoreHybrid(target)
-    stored = []
-    lookup = drafter.lookup._lookup
-
-    def counting(context):
-        result = lookup(context)
-        stored.append(int((drafter.lookup.last_source == STORE).sum()))
-        return result
-
-    drafter.lookup._lookup = counting
     result = generate(target, drafter, [LAW_PROMPT] * LAW_SAMPLES, LAW_TOKENS + 1, temperature=temperature,
                       seed=1000, cost=COSTS["cheap"])
-    assert sum(stored) > 0.05 * LAW_SAMPLES, sum(stored)  # the store really drafted
+    stored = drafter.lookup.proposals[STORE]  # proposals made from the store (not their forecasts)
+    assert stored > 0.05 * LAW_SAMPLES, drafter.lookup.proposals
     assert int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.summary()
     codes = sequence_codes(torch.stack([t[:LAW_TOKENS] for t in result.tokens]), V)
     assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, temperature))
@@ -218,7 +224,8 @@ def test_greedy_with_a_datastore_equals_plain_decoding(cost):
 
 def test_cli_build_datastore_skips_evaluation_prompts(tmp_path, monkeypatch, capsys):
     """`dspark build-datastore`: the target's greedy answers to the recipe's ShareGPT prompts,
-    minus any prompt that shares 16 tokens with an evaluation set, written as a datastore."""
+    minus any prompt that shares 16 tokens with an evaluation set or is a calibration prompt,
+    written as a datastore."""
     from dspark_ext import cli
     from dspark_ext.drafters import datastore as datastore_module
     import dspark_ext.train as train
@@ -230,18 +237,25 @@ def test_cli_build_datastore_skips_evaluation_prompts(tmp_path, monkeypatch, cap
             return [ord(c) % V for c in text]
 
     evaluation_prompt = Tokenizer().encode(cli.load_eval_prompts("gsm8k", 1)[0])[:20]
-    records = [{"prompt": [1, 2, 3]}, {"prompt": evaluation_prompt}, {"prompt": [4, 5, 6, 7]}, {"prompt": [0, 1]}]
+    calibration_prompt = [3, 1, 4, 1, 5, 2, 6, 5, 3, 5, 0, 7, 2, 3, 7, 4, 6, 2]
+    kept = [[1, 2, 3], [4, 5, 6, 7]]
+    records = [{"prompt": kept[0]}, {"prompt": evaluation_prompt}, {"prompt": calibration_prompt},
+               {"prompt": kept[1]}, {"prompt": [0, 1]}]
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     monkeypatch.setattr(cli, "_load_target", lambda args: (target, Tokenizer()))
     monkeypatch.setattr(train, "prepare_sharegpt_answers", lambda tokenizer, tokens, cache, seed=0: records)
+    # The lookup's calibration prompts: the 2 after the first 3 (as --calibration-skip 3).
+    monkeypatch.setattr(train, "prepare_prompts", lambda tokenizer, n, cache, seed=0: [[0]] * 3 + [calibration_prompt, [5]])
     out = tmp_path / "store.safetensors"
-    assert cli.main(["build-datastore", "--out", str(out), "--prompts", "3", "--max-new-tokens", "6",
-                     "--batch-size", "2"]) == 0
+    assert cli.main(["build-datastore", "--out", str(out), "--prompts", "4", "--max-new-tokens", "6",
+                     "--batch-size", "2", "--calibration-skip", "3", "--calibration-prompts", "2"]) == 0
     store = datastore_module.TokenDatastore.load(out)
-    expected = [target.greedy_reference(torch.tensor(p), 6).tolist() for p in ([1, 2, 3], [4, 5, 6, 7])]
+    expected = [target.greedy_reference(torch.tensor(p), 6).tolist() for p in kept]
     assert store.tokens.tolist() == expected[0] + [SEPARATOR] + expected[1] + [SEPARATOR]
-    assert store.notes["excluded_for_evaluation_overlap"] == 1 and store.notes["prompts"] == 2
-    assert "2 of the first 3 prompts (1 share text with an evaluation set)" in capsys.readouterr().err
+    notes = store.notes
+    assert notes["excluded_for_evaluation_overlap"] == 1 and notes["excluded_for_calibration_overlap"] == 1
+    assert notes["prompts"] == 2 and notes["answered"] == 4
+    assert "2 of the first 4 prompts (1 share text with an evaluation set, 1 are calibration prompts" in capsys.readouterr().err
 
 
 def test_cli_datastore_argument(tmp_path):
@@ -250,5 +264,8 @@ def test_cli_datastore_argument(tmp_path):
     assert cli._datastore_arg("none") is None
     with pytest.raises(cli.CliError, match="--datastore nowhere.safetensors: no such file"):
         cli._datastore_arg("nowhere.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(cli.CliError, match="junk.safetensors: not a datastore"):
+        cli._datastore_arg(str(tmp_path / "junk.safetensors"))
     TokenDatastore.from_sequences([[1, 2, 3]], vocab_size=V).save(tmp_path / "s.safetensors")
     assert cli._datastore_arg(str(tmp_path / "s.safetensors")).tokens.tolist() == [1, 2, 3, SEPARATOR]

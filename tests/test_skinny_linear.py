@@ -260,7 +260,7 @@ def test_fused_linear_matches_its_layers():
 
 def test_fused_linear_packs_bfloat16_weights():
     """``packed_dtype=bfloat16``: the layers' weights rounded to bfloat16 (half the bytes), the
-    rows and the sums in float32; past ``max_skinny_rows``, F.linear on the float32 weights."""
+    rows and the sums in float32; past ``max_skinny_rows``, F.linear on the same rounded weights."""
     from dspark_ext.packed_linear import FusedLinear
 
     g = torch.Generator().manual_seed(13)
@@ -272,9 +272,9 @@ def test_fused_linear_packs_bfloat16_weights():
         rounded = F.linear(x, w.bfloat16().float(), b)
         torch.testing.assert_close(out, rounded, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)  # the rounding is real
-    x = torch.randn(7, 40, generator=g)
+    x = torch.randn(7, 40, generator=g)  # past max_skinny_rows: F.linear on the same rounded weights
     for out, (w, b) in zip(fused(x), parts):
-        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, F.linear(x, w.bfloat16().float(), b), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_linear_falls_back_where_skinny_linear_does_not_run():

@@ -10,13 +10,13 @@ occurrence on (up to K tokens, never across a sequence end). ``continuation`` fi
 suffix of a sequence that the store holds: a sorted-key search per n, no scan.
 
 The index is built on load with a few sorts (~0.1 s for 300k tokens). Keys pack the n token ids
-into one int64 (``id_0 + V id_1 + V^2 id_2 + ...``, exact while V^n < 2^63; wrapping past it,
-where two n-grams may share a key: a worse draft, never a wrong output, since drafts are only
-proposals).
+into one int64 (``id_0 + V id_1 + V^2 id_2 + ...`` for ids in [0, V): exact while V^n < 2^64;
+wrapping past it, where two n-grams may share a key: a worse draft, never a wrong output, since
+drafts are only proposals).
 """
 
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +31,9 @@ class TokenDatastore:
             raise ValueError(f"TokenDatastore: tokens must be 1-D, got shape {tuple(tokens.shape)}")
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"TokenDatastore: need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        if max_continuation < 1 or vocab_size < 1:
+            raise ValueError(f"TokenDatastore: need max_continuation >= 1 and vocab_size >= 1, got "
+                             f"{max_continuation}, {vocab_size}")
         tokens = tokens.to("cpu", torch.int64)
         if tokens.numel() and (int(tokens.min()) < SEPARATOR or int(tokens.max()) >= vocab_size):
             raise ValueError(f"TokenDatastore: token ids must be in [0, {vocab_size}) (or {SEPARATOR} between "
@@ -90,6 +93,12 @@ class TokenDatastore:
         last_of_key[:-1] = run_key[1:] != run_key[:-1]
         return run_key[last_of_key].contiguous(), (run_last[last_of_key] + n).contiguous()
 
+    def check_vocabulary(self, vocab_size: int, what: str) -> None:
+        """Refuses a store built for another vocabulary (its drafts would be another tokenizer's ids)."""
+        if int(vocab_size) != self.vocab_size:
+            raise ValueError(f"the datastore holds ids of a {self.vocab_size}-token vocabulary; {what} has "
+                             f"{int(vocab_size)}: build one for it (dspark build-datastore --model ...)")
+
     # ------------------------------------------------------------------ lookup
     def continuation(self, sequence: Sequence[int], num_tokens: int) -> Tuple[List[int], int]:
         """(up to ``num_tokens`` tokens that follow the longest suffix of ``sequence`` the store
@@ -97,10 +106,11 @@ class TokenDatastore:
         length = len(sequence)
         for n in range(min(self.max_ngram, length), self.min_ngram - 1, -1):
             keys, begins = self._index[n]
-            if keys.numel() == 0:
-                continue
+            suffix = sequence[length - n:]
+            if keys.numel() == 0 or not all(0 <= int(t) < self.vocab_size for t in suffix):
+                continue  # an id outside the vocabulary would alias another n-gram's key
             key = 0
-            for token in reversed(sequence[length - n:]):
+            for token in reversed(suffix):
                 key = key * self.vocab_size + int(token)
             key = (key + 2 ** 63) % 2 ** 64 - 2 ** 63  # the int64 wrap of _keys
             at = int(torch.searchsorted(keys, torch.tensor([key], dtype=torch.int64)))
@@ -145,30 +155,44 @@ class TokenDatastore:
             raise ValueError(f"{path}: not a TokenDatastore file (no {missing} in its metadata)") from None
 
 
-def shares_a_window(sequence: Sequence[int], windows: set, width: int) -> bool:
-    """Whether ``sequence`` holds any of ``windows`` (tuples of ``width`` token ids)."""
-    return any(tuple(sequence[i:i + width]) in windows for i in range(len(sequence) - width + 1))
+#: A text shorter than the overlap window marks overlap whole from this many tokens on (shorter
+#: ones, "Thanks!", are common enough to appear anywhere).
+SHORTEST_WHOLE_TEXT = 8
 
 
-def token_windows(sequences: Sequence[Sequence[int]], width: int) -> set:
-    """Every run of ``width`` consecutive ids in ``sequences`` (the whole sequence if shorter)."""
-    windows = set()
+def token_windows(sequences: Sequence[Sequence[int]], width: int) -> Dict[int, set]:
+    """{length: runs of ids} marking overlap with ``sequences``: every run of ``width``
+    consecutive ids, and a sequence shorter than that whole (from ``SHORTEST_WHOLE_TEXT`` ids)."""
+    windows: Dict[int, set] = {}
     for sequence in sequences:
-        if len(sequence) < width:
-            windows.add(tuple(sequence))
-        windows.update(tuple(sequence[i:i + width]) for i in range(len(sequence) - width + 1))
+        size = min(width, len(sequence))
+        if size < min(width, SHORTEST_WHOLE_TEXT):
+            continue
+        runs = windows.setdefault(size, set())
+        runs.update(tuple(sequence[i:i + size]) for i in range(len(sequence) - size + 1))
     return windows
 
 
-def build_datastore(target, prompts: Sequence[torch.Tensor], *, vocab_size: int, max_new_tokens: int = 128,
-                    batch_size: int = 16, eos_token_id=None, log=print, notes: Optional[dict] = None,
-                    **kwargs) -> TokenDatastore:
-    """The target's greedy answers to ``prompts`` (``batch_size`` at a time, up to
-    ``max_new_tokens`` each) as a ``TokenDatastore``. ``prompts`` must be held out from any
-    evaluation (and from the prompts that calibrate the lookup)."""
+def shares_a_window(sequence: Sequence[int], windows: Dict[int, set]) -> bool:
+    """Whether ``sequence`` holds any run of ``windows`` (``token_windows``)."""
+    return any(tuple(sequence[i:i + size]) in runs for size, runs in windows.items()
+               for i in range(len(sequence) - size + 1))
+
+
+def build_datastore(target, prompts: Sequence[torch.Tensor], *, vocab_size: int, keep: Optional[Sequence[bool]] = None,
+                    max_new_tokens: int = 128, batch_size: int = 16, eos_token_id=None, log=print,
+                    notes: Optional[dict] = None, **kwargs) -> TokenDatastore:
+    """The target's greedy answers to the ``prompts`` that ``keep`` keeps (all by default), as a
+    ``TokenDatastore``. Every prompt is answered (``batch_size`` at a time, up to
+    ``max_new_tokens`` tokens), so that which ones are kept never changes a batch: the kept
+    answers are the same whatever is dropped. Kept prompts must be held out from any evaluation
+    and from the prompts that calibrate the lookup."""
     from dspark_ext.drafters.lookup import NgramDrafter
     from dspark_ext.generate import generate
 
+    keep = [True] * len(prompts) if keep is None else list(keep)
+    if len(keep) != len(prompts):
+        raise ValueError(f"build_datastore: keep has {len(keep)} entries for {len(prompts)} prompts")
     answers: List[List[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
@@ -177,7 +201,8 @@ def build_datastore(target, prompts: Sequence[torch.Tensor], *, vocab_size: int,
                           eos_token_id=eos_token_id)
         answers += [[int(t) for t in tokens] for tokens in result.tokens]
         log(f"datastore: prompts {start + len(batch)}/{len(prompts)}, {sum(map(len, answers))} answer tokens")
-    info = {"prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "answer_tokens": sum(map(len, answers))}
+    kept = [answer for answer, wanted in zip(answers, keep) if wanted]
+    info = {"prompts": len(kept), "answered": len(prompts), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "answer_tokens": sum(map(len, kept))}
     info.update(notes or {})
-    return TokenDatastore.from_sequences(answers, vocab_size, notes=info, **kwargs)
+    return TokenDatastore.from_sequences(kept, vocab_size, notes=info, **kwargs)

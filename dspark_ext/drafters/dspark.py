@@ -279,8 +279,9 @@ class DSparkBackbone(nn.Module):
 
     def packed(self, dtype: torch.dtype) -> "PackedBackbone":
         """Every projection packed for ``dspark::skinny_linear`` in ``dtype`` (built once per
-        weight version, then cached). The "scale" feature norm is folded into the context
-        projection's columns, as ``dspark export --format vllm`` folds it."""
+        weight version, then cached: optimizer steps, ``load_state_dict`` and in-place ops bump
+        a tensor's version; a write through ``.data`` does not). The "scale" feature norm is
+        folded into the context projection's columns, as ``dspark export --format vllm`` folds it."""
         params = list(self.parameters()) + [self.feature_scale]
         key = (dtype, tuple((t.data_ptr(), t._version) for t in params))
         if getattr(self, "_packed_key", None) != key:
@@ -688,6 +689,7 @@ class DSparkDrafter(nn.Module):
         if drafter.lm_head.device.type == "cpu":  # pack now (~60 ms), not in the first drafting round
             dtype = drafter.inference_lm_head_dtype or torch.float32
             drafter.packed_lm_head(dtype) if drafter.draft_vocab is None else drafter.drafting_head(dtype)
+            drafter.backbone.packed(drafter.inference_backbone_dtype)
         return drafter
 
     @classmethod

@@ -163,6 +163,9 @@ def default_hybrid_drafter(target, dspark_folder=None, calibration_path=None, da
     datastore = None
     if calibration.store_table is not None:
         datastore = TokenDatastore.load(datastore_path or shipped_datastore_path())
+        datastore.check_vocabulary(dspark.cfg.vocab_size, "the target")
+    elif datastore_path is not None:
+        raise ValueError("a datastore needs a calibration fitted with it (dspark calibrate-lookup --datastore)")
     lookup = NgramDrafter(num_draft=dspark.num_draft, max_ngram=calibration.max_ngram,
                           min_ngram=int(calibration.notes.get("min_ngram", 1)), calibration=calibration,
                           datastore=datastore)

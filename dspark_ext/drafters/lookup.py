@@ -28,11 +28,14 @@ O(B L n) per n-gram size.
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
 from dspark_ext.protocols import Draft, DraftContext, DraftPlan
+
+if TYPE_CHECKING:
+    from dspark_ext.drafters.datastore import TokenDatastore
 
 #: Record categories: leading tokens of the previous proposal that the sequence continued with
 #: (0, 1, 2 or more), and NO_RECORD when the previous call had no match (or there was none).
@@ -53,7 +56,7 @@ class NgramDrafter:
     cost_name = "lookup"
 
     def __init__(self, num_draft: int = 4, max_ngram: int = 3, min_ngram: int = 2,
-                 calibration: Optional["LookupCalibration"] = None, datastore=None):
+                 calibration: Optional["LookupCalibration"] = None, datastore: Optional["TokenDatastore"] = None):
         if num_draft < 0 or min_ngram < 1 or max_ngram < min_ngram:
             raise ValueError(f"need num_draft >= 0 and 1 <= min_ngram <= max_ngram, got "
                              f"{num_draft}, {min_ngram}, {max_ngram}")
@@ -293,6 +296,7 @@ class LookupCalibration:
         return self._table_list
 
     def store_table_list(self) -> list:
+        """``store_table`` as nested lists, built once."""
         if getattr(self, "_store_table_list", None) is None:
             self._store_table_list = self.store_table.tolist()
         return self._store_table_list
@@ -317,6 +321,8 @@ class LookupCalibration:
         pseudo-samples (sparse records borrow strength); no match always gives 0. With
         ``source`` (PROMPT or STORE per row) and ``store_max_ngram``, the datastore's rows fit
         ``store_table`` the same way."""
+        if (source is None) != (store_max_ngram is None):
+            raise ValueError("LookupCalibration.fit: give source and store_max_ngram together (or neither)")
         if store_max_ngram is None:
             table, info = cls._fit_table(greedy, match_length, record, verified, accepted, max_ngram, num_draft,
                                          prior_weight)
@@ -332,8 +338,8 @@ class LookupCalibration:
         return cls(table=table, notes={**(notes or {}), **info}, store_table=store_table)
 
     @staticmethod
-    def _fit_table(greedy, match_length, record, verified, accepted, max_ngram: int, num_draft: int,
-                   prior_weight: float):
+    def _fit_table(greedy: torch.Tensor, match_length: torch.Tensor, record: torch.Tensor, verified: torch.Tensor,
+                   accepted: torch.Tensor, max_ngram: int, num_draft: int, prior_weight: float):
         K = num_draft
         k = torch.arange(K)[None]
         reached = ((k < verified[:, None]) & (k <= accepted[:, None])).double()  # [N, K]
@@ -406,6 +412,8 @@ def calibrate_lookup(target, prompts: Sequence[torch.Tensor], *, num_draft: int,
     out from any evaluation and from the datastore's text."""
     from dspark_ext.generate import generate
 
+    if datastore is not None:
+        datastore.check_vocabulary(target.vocab_size, "the target")
     columns = []
     for temperature in temperatures:
         for start in range(0, len(prompts), batch_size):
