@@ -491,9 +491,17 @@ def _datastore_arg(value: str):
         raise CliError(f"--datastore {value}: not a datastore ({reason})") from None
 
 
+def _install(path: Path, dest: Path, what: str) -> None:
+    """Copies a file a command wrote into the package data (``--install``)."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, dest)
+    _log(f"installed {path} as {what}: {dest}")
+
+
 def cmd_build_datastore(args) -> int:
     """The target's greedy answers to held-out ShareGPT prompts, as prompt lookup's datastore."""
-    import shutil
 
     from dspark_ext.drafters.datastore import build_datastore, shares_a_window, token_windows
     from dspark_ext.drafters.hybrid import shipped_datastore_path
@@ -531,17 +539,13 @@ def cmd_build_datastore(args) -> int:
     store.save(out)
     _log(f"wrote {out}: {store.tokens.numel()} tokens")
     if args.install:
-        dest = shipped_datastore_path()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out, dest)
-        _log(f"installed it as the default lookup datastore: {dest} (refit the calibration with it: "
-             "dspark calibrate-lookup --install)")
+        _install(out, shipped_datastore_path(), "the default lookup datastore (refit the calibration with it: "
+                 "dspark calibrate-lookup --install)")
     return 0
 
 
 def cmd_calibrate_lookup(args) -> int:
     """Fits the prompt-lookup calibration of the hybrid drafter on held-out ShareGPT prompts."""
-    import shutil
 
     from dspark_ext.drafters.hybrid import shipped_lookup_calibration_path
     from dspark_ext.drafters.lookup import calibrate_lookup
@@ -562,10 +566,7 @@ def cmd_calibrate_lookup(args) -> int:
     calibration.save(out)
     _log(f"wrote {out}")
     if args.install:
-        dest = shipped_lookup_calibration_path()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(out, dest)
-        _log(f"installed it as the default lookup calibration: {dest}")
+        _install(out, shipped_lookup_calibration_path(), "the default lookup calibration")
     return 0
 
 

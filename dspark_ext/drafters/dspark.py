@@ -298,13 +298,11 @@ class DSparkBackbone(nn.Module):
     def project_context(self, features: torch.Tensor, packed: Optional["PackedBackbone"] = None) -> torch.Tensor:
         """Target features [..., L * D] -> normed context rows [..., D]."""
         x = features.to(self.feature_scale.dtype)
-        if packed is not None and packed.scale_folded:
-            return self.context_norm(packed.context_proj(_rows(x))[0].view(*x.shape[:-1], -1))
-        if self.cfg.feature_norm == "scale":
-            x = x * self.feature_scale
-        else:
+        if self.cfg.feature_norm == "standardize":
             # Clamp the rare extreme rows (the attention-sink token reaches ~100 sigma).
             x = ((x - self.feature_shift) * self.feature_scale).clamp(-8.0, 8.0)
+        elif packed is None or not packed.scale_folded:
+            x = x * self.feature_scale
         if packed is None:
             return self.context_norm(self.context_proj(x))
         return self.context_norm(packed.context_proj(_rows(x))[0].view(*x.shape[:-1], -1))
@@ -537,8 +535,9 @@ class DSparkDrafter(nn.Module):
         self._cache_k, self._cache_v = [], []
         self._cache_len = torch.zeros(batch_size, dtype=torch.int64)
 
-    def _append_context(self, context: DraftContext) -> None:
-        """Projects the features of positions [new_from[b], lengths[b] - 1) into the cache."""
+    def _append_context(self, context: DraftContext, packed: Optional[PackedBackbone]) -> None:
+        """Projects the features of positions [new_from[b], lengths[b] - 1) into the cache
+        (through ``packed``, the round's ``_packed_backbone``, or the modules)."""
         if context.hidden_states is None:
             raise ValueError("DSparkDrafter needs the target's context features: build the target with "
                              f"hidden_layers={self.cfg.context_layers}")
@@ -571,7 +570,6 @@ class DSparkDrafter(nn.Module):
         rows = torch.repeat_interleave(torch.arange(B), counts)
         pos = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(new_from, ends) if e > s])
         rows_d, pos_d = rows.to(device), pos.to(device)
-        packed = self._packed_backbone(device)
         ctx = self.backbone.project_context(feats[rows_d, pos_d], packed)[None]  # [1, n, D]
         for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed)):
             self._cache_k[i][rows_d, pos_d] = k[0]
@@ -580,9 +578,10 @@ class DSparkDrafter(nn.Module):
 
     @torch.no_grad()
     def propose(self, context: DraftContext) -> Draft:
-        self._append_context(context)
         B, K = context.tokens.shape[0], self.num_draft
         device = context.tokens.device
+        packed = self._packed_backbone(device)
+        self._append_context(context, packed)
         last = (context.lengths - 1).to(device)
         anchors = context.tokens[torch.arange(B, device=device), last]
         S = int(self._cache_len.max())
@@ -591,7 +590,7 @@ class DSparkDrafter(nn.Module):
         ctx_mask = torch.arange(S, device=device)[None] < self._cache_len.to(device)[:, None]  # [B, S]
         mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
         kv = [(k[:, :S], v[:, :S]) for k, v in zip(self._cache_k, self._cache_v)]
-        h = self.backbone(x, positions, kv, mask, self._packed_backbone(device))
+        h = self.backbone(x, positions, kv, mask, packed)
         return self.draft_from_hidden(h, anchors, context)
 
     def _packed_backbone(self, device):

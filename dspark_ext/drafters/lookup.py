@@ -327,13 +327,13 @@ class LookupCalibration:
             table, info = cls._fit_table(greedy, match_length, record, verified, accepted, max_ngram, num_draft,
                                          prior_weight)
             return cls(table=table, notes={**(notes or {}), **info})
-        own = source == PROMPT
-        table, info = cls._fit_table(greedy[own], match_length[own], record[own], verified[own], accepted[own],
-                                     max_ngram, num_draft, prior_weight)
-        stored = source == STORE
-        store_table, store_info = cls._fit_table(greedy[stored], match_length[stored], record[stored],
-                                                 verified[stored], accepted[stored], store_max_ngram, num_draft,
-                                                 prior_weight)
+        columns = (greedy, match_length, record, verified, accepted)
+
+        def fitted(rows: torch.Tensor, longest: int):
+            return cls._fit_table(*(column[rows] for column in columns), longest, num_draft, prior_weight)
+
+        table, info = fitted(source == PROMPT, max_ngram)
+        store_table, store_info = fitted(source == STORE, store_max_ngram)
         info.update({"store_" + key: value for key, value in store_info.items()})
         return cls(table=table, notes={**(notes or {}), **info}, store_table=store_table)
 
