@@ -9,9 +9,10 @@ Per cell: tokens/s and the ratio to autoregressive decoding, tau (tokens per req
 forward), the shares of wall time spent drafting (planning included) and in the target, drafts
 verified per request-round, how the default drafter's rounds were planned (nothing /
 lookup only / lookup + DSpark), and the share of its lookup proposals that came from its
-datastore (text the target wrote for ShareGPT prompts). ``--without-datastore`` also runs the
-default with its lookup's datastore off, interleaved. Evaluation prompts only; the lookup
-calibration, the datastore and the drafter never saw them.
+datastore (text the target wrote for ShareGPT prompts). Interleaved extra arms:
+``--without-datastore`` (the default with its lookup's datastore off) and ``--compare-lookup
+CALIBRATION,DATASTORE`` (another lookup fit). Evaluation prompts only; the lookup calibration,
+the datastore and the drafter never saw them.
 """
 
 import argparse
@@ -60,6 +61,9 @@ def main() -> None:
                              "vocabulary off), interleaved with the others")
     parser.add_argument("--without-datastore", action="store_true",
                         help="also run the default with its lookup's datastore off, interleaved with the others")
+    parser.add_argument("--compare-lookup", default=None, metavar="CALIBRATION,DATASTORE",
+                        help="also run the default with another lookup calibration and datastore (e.g. the previous "
+                             "release's), interleaved with the others")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -79,6 +83,11 @@ def main() -> None:
         no_store = default_hybrid_drafter(target)
         no_store.lookup.datastore = None
         names = names + ("no store",)
+    compared = None
+    if args.compare_lookup:
+        calibration_path, datastore_path = args.compare_lookup.split(",")
+        compared = default_hybrid_drafter(target, calibration_path=calibration_path, datastore_path=datastore_path)
+        names = names + ("compared",)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`
     started = time.perf_counter()
     cells = []
@@ -90,6 +99,7 @@ def main() -> None:
                 cost = default.cost_profile(target, requests=[batch_size])
                 whole_cost = None if whole is None else whole.cost_profile(target, requests=[batch_size])
                 no_store_cost = None if no_store is None else no_store.cost_profile(target, requests=[batch_size])
+                compared_cost = None if compared is None else compared.cost_profile(target, requests=[batch_size])
                 proposals_before = list(default.lookup.proposals)
                 totals = {name: {"tokens": 0, "wall": 0.0, "prefill": 0.0, "draft": 0.0, "target": 0.0,
                                  "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}, "unplanned": 0}
@@ -98,10 +108,11 @@ def main() -> None:
                     batch = prompts[i * batch_size:(i + 1) * batch_size]
                     order = names[i % len(names):] + names[:i % len(names)]
                     for name in order:
-                        if name in ("default", "whole", "no store"):
+                        if name in ("default", "whole", "no store", "compared"):
                             target.hidden_layers = layers
                             hybrid, plan_cost = {"default": (default, cost), "whole": (whole, whole_cost),
-                                                 "no store": (no_store, no_store_cost)}[name]
+                                                 "no store": (no_store, no_store_cost),
+                                                 "compared": (compared, compared_cost)}[name]
                             result = generate(target, hybrid, batch, args.max_new_tokens, temperature=temperature,
                                               seed=i, eos_token_id=eos, cost=plan_cost)
                         else:
@@ -138,7 +149,8 @@ def main() -> None:
                 print(f"{dataset:9s} T={temperature:g} B={batch_size}: ngram {d['ngram']['speedup']:.2f}x, "
                       f"default {d['default']['speedup']:.2f}x (plans {d['default']['plans']})"
                       + (f", whole vocabulary {d['whole']['speedup']:.2f}x" if "whole" in d else "")
-                      + (f", no store {d['no store']['speedup']:.2f}x" if "no store" in d else ""), flush=True)
+                      + (f", no store {d['no store']['speedup']:.2f}x" if "no store" in d else "")
+                      + (f", compared {d['compared']['speedup']:.2f}x" if "compared" in d else ""), flush=True)
 
     lines = [f"`dspark generate`'s default drafter vs plain decoding and prompt lookup; "
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
@@ -152,7 +164,10 @@ def main() -> None:
     if no_store is not None:
         lines[-2] += " no store: default | tau |"
         lines[-1] += "---:|---:|"
-    speedups, whole_speedups, no_store_speedups = [], [], []
+    if compared is not None:
+        lines[-2] += " compared lookup: default | tau | drafts per round |"
+        lines[-1] += "---:|---:|---:|"
+    speedups, whole_speedups, no_store_speedups, compared_speedups = [], [], [], []
     for c in cells:
         d = c["drafters"]
         p = d["default"]["plans"]
@@ -170,6 +185,10 @@ def main() -> None:
         if "no store" in d:
             no_store_speedups.append(d["no store"]["speedup"])
             line += f" {d['no store']['speedup']:.2f}x | {d['no store']['tau']:.2f} |"
+        if "compared" in d:
+            compared_speedups.append(d["compared"]["speedup"])
+            line += (f" {d['compared']['speedup']:.2f}x | {d['compared']['tau']:.2f} | "
+                     f"{d['compared']['verified_per_round']:.2f} |")
         lines.append(line)
     lines += ["", f"default: mean {statistics.mean(speedups):.2f}x, min {min(speedups):.2f}x over {len(speedups)} cells; "
               f"cost profile: {cells[0]['cost_profile'] if cells else '-'}"]
@@ -177,6 +196,8 @@ def main() -> None:
         lines.append(f"whole vocabulary: mean {statistics.mean(whole_speedups):.2f}x, min {min(whole_speedups):.2f}x")
     if no_store_speedups:
         lines.append(f"no store: mean {statistics.mean(no_store_speedups):.2f}x, min {min(no_store_speedups):.2f}x")
+    if compared_speedups:
+        lines.append(f"compared lookup: mean {statistics.mean(compared_speedups):.2f}x, min {min(compared_speedups):.2f}x")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

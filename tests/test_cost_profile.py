@@ -39,11 +39,14 @@ class TimedDrafter:
 
     num_draft = 3
 
-    def __init__(self, clock):
-        self.clock, self.calls = clock, 0
+    def __init__(self, clock, target=None):
+        self.clock, self.calls, self.target = clock, 0, target
+        self.forwards_seen = []  # the target's forward count at each call
 
     def propose(self, context):
         self.calls += 1
+        if self.target is not None:
+            self.forwards_seen.append(self.target.forward_calls)
         B = context.tokens.shape[0]
         assert context.hidden_states is not None and context.new_from is not None
         self.clock.now += 0.001 * B
@@ -53,12 +56,17 @@ class TimedDrafter:
 def measured(jitter=0.0, requests=(1, 2)):
     clock = Clock()
     target = TimedTarget(clock, jitter)
-    return measure(target, {"toy": TimedDrafter(clock)}, list(requests), 3, context=8, repeats=5, progress=False,
-                   time_fn=clock), target
+    drafter = TimedDrafter(clock, target)
+    profile = measure(target, {"toy": drafter}, list(requests), 3, context=8, repeats=5, progress=False,
+                      time_fn=clock)
+    return profile, target, drafter
 
 
 def test_measures_step_and_drafting_times_exactly():
-    profile, _ = measured()
+    profile, _, drafter = measured()
+    # Every drafting round right after a target step (untimed), as in the loop.
+    assert drafter.calls == 2 * 6 and all(later > earlier for earlier, later in
+                                           zip(drafter.forwards_seen, drafter.forwards_seen[1:]))
     assert profile.step_seconds[1] == pytest.approx([0.0] + [0.010 + 0.002 * n for n in range(1, 5)])
     # R = 2 measures n = 2, 3, 4, 6, 8 (others interpolated, below R: the step of R tokens)
     assert profile.step_seconds[2] == pytest.approx([0.0, 0.014] + [0.010 + 0.002 * n for n in range(2, 9)])
@@ -67,7 +75,7 @@ def test_measures_step_and_drafting_times_exactly():
 
 
 def test_sps_counts_the_drafting_cost():
-    profile, _ = measured()
+    profile, _, _ = measured()
     sps = profile.sps(1, draft_seconds=0.005, max_tokens=6)
     assert sps.dtype == torch.float32 and sps.shape == (7,) and float(sps[0]) == 0.0
     expected = [1.0 / (0.005 + 0.010 + 0.002 * n) for n in range(1, 7)]  # n = 5, 6 extrapolated linearly
@@ -147,7 +155,8 @@ def test_each_batch_size_is_cached_on_its_own(tmp_path):
     more = load_or_measure(target, drafters, [2, 3], 3, **kwargs)
     measured_sizes = target.forward_calls - calls
     assert set(more.step_seconds) == {2, 3} and more.step_seconds[2] == both.step_seconds[2]
-    assert measured_sizes == 2 + len(cost_profile._measured_sizes(3, 3)) * 3  # batch 3 only: warm-up + timed
+    # batch 3 only: warm-up, the timed steps, and a step before each of the drafter's 3 + 1 rounds
+    assert measured_sizes == 2 + len(cost_profile._measured_sizes(3, 3)) * 3 + 4
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 3
 
 

@@ -131,11 +131,12 @@ def _context(sequences, temperature=0.0):
                         offset=torch.zeros(B, dtype=torch.int64), new_from=torch.zeros(B, dtype=torch.int64))
 
 
-def store_calibration(prompt=0.6, store=0.3, max_ngram=3, store_max_ngram=3):
+def store_calibration(prompt=0.6, store=0.3, max_ngram=3, store_max_ngram=3, store_min_ngram=1):
     calibration = toy_calibration(prompt, max_ngram)
     table = torch.full((2, store_max_ngram + 1, NUM_RECORDS, K), store)
     table[:, 0] = 0.0
     calibration.store_table = table
+    calibration.notes["datastore"] = {"min_ngram": store_min_ngram, "max_ngram": store_max_ngram}
     return calibration
 
 
@@ -157,6 +158,19 @@ def test_lookup_drafts_from_its_own_text_first_then_the_datastore():
     assert uncalibrated.propose(_context([stored, short])).confidence.tolist() == [[1, 1, 0], [1, 0, 0]]
 
 
+def test_a_one_token_store_match_drafts_only_where_the_request_has_none():
+    store = TokenDatastore.from_sequences([[5, 6, 7, 1], [2, 4, 5]], vocab_size=V, min_ngram=1, max_ngram=3)
+    drafter = NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1,
+                           calibration=store_calibration(store_max_ngram=3), datastore=store)
+    unseen = [0, 3, 7]  # no earlier "7" of its own; the store's "7" goes on 1, then ends
+    own_single = [6, 0, 6]  # its own "6" goes on 0; the store's "6" (also 1 token) does not replace it
+    longer_in_store = [3, 1, 5, 6]  # its own "6": no; the store's "5 6" (2 tokens) beats no own match
+    draft = drafter.propose(_context([unseen, own_single, longer_in_store]))
+    assert draft.token_ids.tolist() == [[1, 1, 1], [0, 6, 0], [7, 1, 1]]
+    assert drafter.last_source.tolist() == [STORE, PROMPT, STORE]
+    torch.testing.assert_close(draft.confidence, torch.tensor([[0.3, 0.0, 0.0], [0.6] * 3, [0.3, 0.3, 0.0]]))
+
+
 def test_lookup_refuses_a_calibration_without_datastore_rows():
     store = TokenDatastore.from_sequences([[1, 2, 3]], vocab_size=V, min_ngram=2, max_ngram=3)
     with pytest.raises(ValueError, match="no table for datastore matches"):
@@ -164,6 +178,10 @@ def test_lookup_refuses_a_calibration_without_datastore_rows():
     with pytest.raises(ValueError, match="covers datastore matches up to 2 tokens"):
         NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1, calibration=store_calibration(store_max_ngram=2),
                      datastore=store)
+    one_token_keys = TokenDatastore.from_sequences([[1, 2, 3]], vocab_size=V, min_ngram=1, max_ngram=3)
+    with pytest.raises(ValueError, match="fitted with datastore matches from 2 tokens on, the datastore matches 1"):
+        NgramDrafter(num_draft=K, max_ngram=3, min_ngram=1, calibration=store_calibration(store_min_ngram=2),
+                     datastore=one_token_keys)
 
 
 def test_calibration_fits_each_source_and_round_trips(tmp_path):
@@ -186,7 +204,7 @@ def toy_store(target, seed=0, sequences=40, length=12):
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, V, (3,), generator=g) for _ in range(sequences)]
     result = generate(target, NgramDrafter(num_draft=K, min_ngram=1), prompts, length, temperature=1.0, seed=seed)
-    return TokenDatastore.from_sequences([t.tolist() for t in result.tokens], V, min_ngram=2, max_ngram=3)
+    return TokenDatastore.from_sequences([t.tolist() for t in result.tokens], V, min_ngram=1, max_ngram=3)
 
 
 class StoreHybrid(HybridDrafter):

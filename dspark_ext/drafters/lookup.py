@@ -18,8 +18,10 @@ a round samples.
 
 With a ``TokenDatastore`` (``datastore.py``: text the target wrote for other prompts), a request
 whose own text has no earlier copy of its last two tokens drafts the store's continuation of its
-longest suffix the store holds instead, with confidences calibrated for store matches (by their
-length and the same record). Still a function of the sequence so far.
+longest suffix the store holds instead, where that suffix is longer than its own match (a store
+of 1-token keys thus drafts for every request with no match of its own), with confidences
+calibrated for store matches (by their length and the same record). Still a function of the
+sequence so far.
 
 Everything is batched over requests with tensor ops (``unfold`` + ``eq``); the search costs
 O(B L n) per n-gram size.
@@ -70,6 +72,11 @@ class NgramDrafter:
                 and calibration.store_max_ngram < datastore.max_ngram):
             raise ValueError(f"the calibration covers datastore matches up to {calibration.store_max_ngram} "
                              f"tokens, the datastore holds {datastore.max_ngram}")
+        if (datastore is not None and calibration is not None
+                and datastore.min_ngram < calibration.store_min_ngram):
+            raise ValueError(f"the calibration was fitted with datastore matches from {calibration.store_min_ngram} "
+                             f"tokens on, the datastore matches {datastore.min_ngram}: refit it with this datastore "
+                             f"(dspark calibrate-lookup --datastore)")
         self.num_draft = int(num_draft)
         self.max_ngram = int(max_ngram)
         self.min_ngram = int(min_ngram)
@@ -144,7 +151,7 @@ class NgramDrafter:
             source, usable = PROMPT, K
             if self.datastore is not None and n < STORE_BELOW_PROMPT_MATCH and K > 0:
                 following, stored = self.datastore.continuation(sequence, K)
-                if stored:
+                if stored > n:  # a store match must be longer than the request's own
                     # Past the store's continuation (a sequence end), the drafts are filler.
                     source, n, usable = STORE, stored, len(following)
                     draft = following + [following[-1]] * (K - len(following))
@@ -289,6 +296,12 @@ class LookupCalibration:
     def store_max_ngram(self) -> int:
         return -1 if self.store_table is None else self.store_table.shape[1] - 1
 
+    @property
+    def store_min_ngram(self) -> int:
+        """The shortest datastore match the fit saw (its datastore's ``min_ngram``; 2 for a fit that
+        did not record it, the first datastore's)."""
+        return int(self.notes.get("datastore", {}).get("min_ngram", 2))
+
     def table_list(self) -> list:
         """The table as nested lists (float32 values), built once."""
         if getattr(self, "_table_list", None) is None:
@@ -430,6 +443,7 @@ def calibrate_lookup(target, prompts: Sequence[torch.Tensor], *, num_draft: int,
     notes = {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens, "temperatures": list(temperatures),
              "min_ngram": min_ngram}
     if datastore is not None:
-        notes["datastore"] = dict(datastore.notes, tokens=int(datastore.tokens.numel()))
+        notes["datastore"] = dict(datastore.notes, tokens=int(datastore.tokens.numel()), min_ngram=datastore.min_ngram,
+                                  max_ngram=datastore.max_ngram)
     return LookupCalibration.fit(greedy, match_length, record, verified, accepted, max_ngram, num_draft, notes=notes,
                                  source=source, store_max_ngram=None if datastore is None else datastore.max_ngram)
