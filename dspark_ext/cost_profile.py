@@ -5,10 +5,10 @@ measured where the generation runs (hardware-aware must mean the user's hardware
 target's step over n = R .. R (K + 1) tokens on a real KV cache (prompts of ``context`` tokens,
 the n tokens spread evenly over the R requests, rewound after each step), and each drafter's
 ``propose`` in steady state (one new token per request per round, each right after a target
-step, as in the loop). Every size
-is timed ``repeats`` times in interleaved passes and the median kept (the busy check reads the
-target's spread: sub-millisecond drafting rounds are noisy by nature); step times are made
-non-decreasing in n (isotonic) and interpolated between measured sizes.
+step, as in the loop). Every size is timed ``repeats`` times in interleaved passes and the
+median kept (the busy check reads the target's spread: sub-millisecond drafting rounds are noisy
+by nature); step times are made non-decreasing in n (isotonic) and interpolated between
+measured sizes.
 
 ``load_or_measure`` caches the profile as JSON under the user cache dir, keyed by the target,
 the drafters, the device (CPU model and ISA, or GPU), the thread count and the torch version,
@@ -251,6 +251,7 @@ def measure(target, drafters: Dict[str, object], requests: Sequence[int], max_dr
         if sizes[0] > 1:  # below R tokens: the step of R tokens (never verified, kept for indexing)
             sizes, medians = [1] + sizes, medians[:1] + medians
         step_seconds[R] = [0.0] + _interpolate(sizes, medians, sizes[-1])
+
         def target_step():  # what precedes every drafting round in the loop (it evicts the drafter's weights)
             target.forward(*_packed(R, R, target.vocab_size, generator, device))
             target.rewind(base_lengths)
