@@ -364,12 +364,12 @@ def test_lagged_forecasts_start_from_the_drafters_heldout_survival():
     assert torch.allclose(plan.survival, torch.tensor(held_out).expand(2, K))
 
 
-def test_a_lagged_plan_needs_no_margin():
-    """A fresh plan must promise PLAN_MARGIN x the rate of drafting nothing; a lagged plan
-    (a mean of its drafter's own confidences on this text, a lower bound of what the round's
-    own lengths achieve) only has to beat it in a round of one request; with several, whose
-    uneven lengths the profile under-prices, it needs the margin too."""
-    from dspark_ext.generate import LAGGED_PLAN_MARGIN, PLAN_MARGIN, _Generation
+def test_plan_margins():
+    """A fresh plan (a calibrated forecast) only has to beat drafting nothing; so does a lagged
+    plan (a mean of its drafter's own confidences on this text, a lower bound of what the
+    round's own lengths achieve) in a round of one request; with several, whose uneven lengths
+    the profile under-prices, a lagged plan must promise PLAN_MARGIN x the rate."""
+    from dspark_ext.generate import FRESH_PLAN_MARGIN, LAGGED_PLAN_MARGIN, PLAN_MARGIN, _Generation
     from dspark_ext.protocols import DraftPlan
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
@@ -386,18 +386,22 @@ def test_a_lagged_plan_needs_no_margin():
         def plans(self, context):
             return [DraftPlan("p", survival=survival, parts=("a",), fresh=self.fresh)]
 
-    assert LAGGED_PLAN_MARGIN < 1.03 < PLAN_MARGIN
-    for fresh, chosen in ((True, None), (False, "p")):
+    assert max(LAGGED_PLAN_MARGIN, FRESH_PLAN_MARGIN) < 1.03 < PLAN_MARGIN
+    for fresh, chosen in ((True, "p"), (False, "p")):
         state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])], [10], 1.0, 0, None, None, cost, None)
         active = torch.ones(1, dtype=torch.bool)
         plan = state.choose_plan(state.draft_context(), torch.tensor([K]), active)
         assert (None if plan is None else plan.name) == chosen
     survival = torch.tensor([[0.03, 0.0, 0.0], [0.03, 0.0, 0.0]])  # two requests: 1.03x again
-    for fresh in (True, False):
+    for fresh, chosen in ((True, "p"), (False, None)):
         state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost,
                             None)
         active = torch.ones(2, dtype=torch.bool)
-        assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active) is None
+        plan = state.choose_plan(state.draft_context(), torch.tensor([K, K]), active)
+        assert (None if plan is None else plan.name) == chosen
+    survival = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # nothing to gain: even a fresh plan loses
+    state = _Generation(target, Planned(True), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost, None)
+    assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool)) is None
 
 
 def test_a_lead_nobody_can_catch_makes_drafts_worthless():
@@ -493,7 +497,7 @@ def test_planning_backoff_follows_target_law(monkeypatch, temperature):
     monkeypatch.setattr(generation, "QUIET_ROUNDS", 1)
     monkeypatch.setattr(generation, "MAX_UNPLANNED", 1)
     target = law_target()
-    cost = ToyCost(per_token=0.2, draft={"lookup": 0.15, "dspark": 0.3})
+    cost = ToyCost(per_token=0.2, draft={"lookup": 0.25, "dspark": 0.3})
     tokens = LAW_TOKENS + 1
     result = generate(target, hybrid(), [LAW_PROMPT] * LAW_SAMPLES, tokens + 1, temperature=temperature, seed=1000,
                       cost=cost)
