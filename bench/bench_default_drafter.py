@@ -32,6 +32,13 @@ from dspark_ext.generate import generate
 from dspark_ext.targets import load_target
 
 DRAFTERS = ("ar", "ngram", "default")
+#: The optional arms (variants of the default): their title in the report, and the column shown
+#: after their tau (its header and how a cell's drafter entry fills it), if any.
+EXTRA_ARMS = {
+    "whole": ("whole vocabulary", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
+    "no store": ("no store", None),
+    "compared": ("compared lookup", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
+}
 
 
 def machine() -> str:
@@ -72,22 +79,19 @@ def main() -> None:
     eos = tokenizer.eos_token_id if args.eos else None
     default = default_hybrid_drafter(target)
     layers = list(default.dspark.cfg.context_layers)
-    names = DRAFTERS
-    whole = None
+    hybrids = {"default": default}  # every arm planned with its own cost profile
     if args.whole_vocabulary:
-        whole = default_hybrid_drafter(target)
-        whole.dspark.set_draft_vocabulary(None, 0)
-        names = DRAFTERS + ("whole",)
-    no_store = None
+        hybrids["whole"] = default_hybrid_drafter(target)
+        hybrids["whole"].dspark.set_draft_vocabulary(None, 0)
     if args.without_datastore:
-        no_store = default_hybrid_drafter(target)
-        no_store.lookup.datastore = None
-        names = names + ("no store",)
-    compared = None
+        hybrids["no store"] = default_hybrid_drafter(target)
+        hybrids["no store"].lookup.datastore = None
     if args.compare_lookup:
         calibration_path, datastore_path = args.compare_lookup.split(",")
-        compared = default_hybrid_drafter(target, calibration_path=calibration_path, datastore_path=datastore_path)
-        names = names + ("compared",)
+        hybrids["compared"] = default_hybrid_drafter(target, calibration_path=calibration_path,
+                                                     datastore_path=datastore_path)
+    extra = [name for name in hybrids if name != "default"]
+    names = DRAFTERS + tuple(extra)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`
     started = time.perf_counter()
     cells = []
@@ -96,10 +100,7 @@ def main() -> None:
             for batch_size in map(int, args.batch_sizes.split(",")):
                 texts = load_eval_prompts(dataset, args.batches * batch_size)
                 prompts = [_encode(tokenizer, t, True) for t in texts]
-                cost = default.cost_profile(target, requests=[batch_size])
-                whole_cost = None if whole is None else whole.cost_profile(target, requests=[batch_size])
-                no_store_cost = None if no_store is None else no_store.cost_profile(target, requests=[batch_size])
-                compared_cost = None if compared is None else compared.cost_profile(target, requests=[batch_size])
+                costs = {name: hybrid.cost_profile(target, requests=[batch_size]) for name, hybrid in hybrids.items()}
                 proposals_before = list(default.lookup.proposals)
                 totals = {name: {"tokens": 0, "wall": 0.0, "prefill": 0.0, "draft": 0.0, "target": 0.0,
                                  "forwards": 0, "verified": 0, "request_rounds": 0, "plans": {}, "unplanned": 0}
@@ -108,13 +109,10 @@ def main() -> None:
                     batch = prompts[i * batch_size:(i + 1) * batch_size]
                     order = names[i % len(names):] + names[:i % len(names)]
                     for name in order:
-                        if name in ("default", "whole", "no store", "compared"):
+                        if name in hybrids:
                             target.hidden_layers = layers
-                            hybrid, plan_cost = {"default": (default, cost), "whole": (whole, whole_cost),
-                                                 "no store": (no_store, no_store_cost),
-                                                 "compared": (compared, compared_cost)}[name]
-                            result = generate(target, hybrid, batch, args.max_new_tokens, temperature=temperature,
-                                              seed=i, eos_token_id=eos, cost=plan_cost)
+                            result = generate(target, hybrids[name], batch, args.max_new_tokens,
+                                              temperature=temperature, seed=i, eos_token_id=eos, cost=costs[name])
                         else:
                             target.hidden_layers = None
                             drafter = AutoregressiveDrafter() if name == "ar" else lookup
@@ -135,7 +133,7 @@ def main() -> None:
                 ar_rate = totals["ar"]["tokens"] / totals["ar"]["wall"]
                 own, stored = (now - before for now, before in zip(default.lookup.proposals, proposals_before))
                 cell = {"dataset": dataset, "temperature": temperature, "batch": batch_size,
-                        "cost_profile": cost.source, "drafters": {}, "store_share": stored / max(own + stored, 1)}
+                        "cost_profile": costs["default"].source, "drafters": {}, "store_share": stored / max(own + stored, 1)}
                 for name, t in totals.items():
                     rate = t["tokens"] / t["wall"]
                     rounds_time = max(t["wall"] - t["prefill"], 1e-9)
@@ -148,9 +146,7 @@ def main() -> None:
                 d = cell["drafters"]
                 print(f"{dataset:9s} T={temperature:g} B={batch_size}: ngram {d['ngram']['speedup']:.2f}x, "
                       f"default {d['default']['speedup']:.2f}x (plans {d['default']['plans']})"
-                      + (f", whole vocabulary {d['whole']['speedup']:.2f}x" if "whole" in d else "")
-                      + (f", no store {d['no store']['speedup']:.2f}x" if "no store" in d else "")
-                      + (f", compared {d['compared']['speedup']:.2f}x" if "compared" in d else ""), flush=True)
+                      + "".join(f", {EXTRA_ARMS[name][0]} {d[name]['speedup']:.2f}x" for name in extra), flush=True)
 
     lines = [f"`dspark generate`'s default drafter vs plain decoding and prompt lookup; "
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
@@ -158,16 +154,12 @@ def main() -> None:
              f"Run time {time.perf_counter() - started:.0f} s.", "",
              "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid | lookup from store |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
-    if whole is not None:
-        lines[-2] += " whole vocabulary: default | tau | draft share |"
-        lines[-1] += "---:|---:|---:|"
-    if no_store is not None:
-        lines[-2] += " no store: default | tau |"
-        lines[-1] += "---:|---:|"
-    if compared is not None:
-        lines[-2] += " compared lookup: default | tau | drafts per round |"
-        lines[-1] += "---:|---:|---:|"
-    speedups, whole_speedups, no_store_speedups, compared_speedups = [], [], [], []
+    for name in extra:
+        title, column = EXTRA_ARMS[name]
+        lines[-2] += f" {title}: default | tau |" + ("" if column is None else f" {column[0]} |")
+        lines[-1] += "---:|---:|" + ("" if column is None else "---:|")
+    speedups = []
+    extra_speedups = {name: [] for name in extra}
     for c in cells:
         d = c["drafters"]
         p = d["default"]["plans"]
@@ -179,25 +171,17 @@ def main() -> None:
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
             f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({d['default']['unplanned_rounds']}) / "
             f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} | {100 * c['store_share']:.0f}% |")
-        if "whole" in d:
-            whole_speedups.append(d["whole"]["speedup"])
-            line += f" {d['whole']['speedup']:.2f}x | {d['whole']['tau']:.2f} | {100 * d['whole']['draft_share']:.0f}% |"
-        if "no store" in d:
-            no_store_speedups.append(d["no store"]["speedup"])
-            line += f" {d['no store']['speedup']:.2f}x | {d['no store']['tau']:.2f} |"
-        if "compared" in d:
-            compared_speedups.append(d["compared"]["speedup"])
-            line += (f" {d['compared']['speedup']:.2f}x | {d['compared']['tau']:.2f} | "
-                     f"{d['compared']['verified_per_round']:.2f} |")
+        for name in extra:
+            extra_speedups[name].append(d[name]["speedup"])
+            column = EXTRA_ARMS[name][1]
+            line += f" {d[name]['speedup']:.2f}x | {d[name]['tau']:.2f} |" + ("" if column is None else
+                                                                           f" {column[1](d[name])} |")
         lines.append(line)
     lines += ["", f"default: mean {statistics.mean(speedups):.2f}x, min {min(speedups):.2f}x over {len(speedups)} cells; "
               f"cost profile: {cells[0]['cost_profile'] if cells else '-'}"]
-    if whole_speedups:
-        lines.append(f"whole vocabulary: mean {statistics.mean(whole_speedups):.2f}x, min {min(whole_speedups):.2f}x")
-    if no_store_speedups:
-        lines.append(f"no store: mean {statistics.mean(no_store_speedups):.2f}x, min {min(no_store_speedups):.2f}x")
-    if compared_speedups:
-        lines.append(f"compared lookup: mean {statistics.mean(compared_speedups):.2f}x, min {min(compared_speedups):.2f}x")
+    for name, values in extra_speedups.items():
+        if values:
+            lines.append(f"{EXTRA_ARMS[name][0]}: mean {statistics.mean(values):.2f}x, min {min(values):.2f}x")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

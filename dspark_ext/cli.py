@@ -544,6 +544,18 @@ def cmd_build_datastore(args) -> int:
     return 0
 
 
+#: `dspark train`'s ShareGPT prompts (its --num-prompts; = dspark_ext.train.RecipeConfig.num_prompts, kept
+#: import-free); the lookup calibrates on the next ones.
+TRAINING_PROMPTS = 768
+LOOKUP_CALIBRATION_PROMPTS = 48
+LOOKUP_CALIBRATION_OUT = "runs/lookup-calibration.json"
+
+
+def _prompts_cache(calibration_out: Path) -> Path:
+    """Where `calibrate-lookup` caches its prompts, beside its output (`build-datastore` reads them)."""
+    return calibration_out.with_suffix(".prompts.json")
+
+
 def cmd_calibrate_lookup(args) -> int:
     """Fits the prompt-lookup calibration of the hybrid drafter on held-out ShareGPT prompts."""
 
@@ -556,7 +568,7 @@ def cmd_calibrate_lookup(args) -> int:
     out = Path(args.out)
     # The ShareGPT first turns after the drafter's training prompts (the same shuffle as
     # `dspark train`): never the evaluation sets.
-    prompts = prepare_prompts(tokenizer, args.skip_prompts + args.num_prompts, out.with_suffix(".prompts.json"),
+    prompts = prepare_prompts(tokenizer, args.skip_prompts + args.num_prompts, _prompts_cache(out),
                               seed=args.seed)[args.skip_prompts:]
     calibration = calibrate_lookup(
         target, [torch.tensor(p) for p in prompts], num_draft=args.num_draft, max_ngram=args.max_ngram,
@@ -661,6 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str, epilog: Optional[str] = None) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=_HelpFormatter)
 
+    def target_arguments(p, device_help: str):
+        p.add_argument("--model", default=None,
+                       help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
+        p.add_argument("--device", default="cpu", help=device_help)
+
     def common(p):
         p.add_argument("--model", default=None,
                        help="target: a Hugging Face id, a local folder or a .gguf file "
@@ -698,10 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = command("train", "regenerate data with the target, cache features, train DSpark and its ablations")
     t.add_argument("--out", default="runs/smollm2", help="data, checkpoints and drafters (resumable)")
-    t.add_argument("--model", default=None,
-                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
-    t.add_argument("--device", default="cpu", help="torch device for generation and training")
-    t.add_argument("--num-prompts", type=int, default=768, help="ShareGPT prompts to answer")
+    target_arguments(t, "torch device for generation and training")
+    t.add_argument("--num-prompts", type=int, default=TRAINING_PROMPTS, help="ShareGPT prompts to answer")
     t.add_argument("--max-new-tokens", type=int, default=128, help="longest regenerated answer")
     t.add_argument("--generation-batch-size", type=int, default=32, help="prompts answered together")
     t.add_argument("--variants", default="dspark,parallel,mtp1",
@@ -762,19 +777,16 @@ def build_parser() -> argparse.ArgumentParser:
                  "that scheduled drafters use; it is measured on first use and cached", epilog=DRAFTER_SPECS_HELP)
     pr.add_argument("--drafter", default="hybrid", help="scheduled drafter spec whose drafting cost to measure")
     pr.add_argument("--batch-sizes", default="1", help="comma-separated numbers of requests generated together")
-    pr.add_argument("--model", default=None,
-                    help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
-    pr.add_argument("--device", default="cpu", help="torch device of the target and drafter")
+    target_arguments(pr, "torch device of the target and drafter")
     pr.set_defaults(func=cmd_profile)
 
     c = command("calibrate-lookup", "fit the prompt-lookup calibration of the hybrid drafter on held-out "
                 "ShareGPT prompts (never the evaluation sets)")
-    c.add_argument("--out", default="runs/lookup-calibration.json", help="where to write the calibration")
-    c.add_argument("--model", default=None,
-                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
-    c.add_argument("--device", default="cpu", help="torch device of the target")
-    c.add_argument("--num-prompts", type=int, default=48, help="ShareGPT prompts to generate from")
-    c.add_argument("--skip-prompts", type=int, default=768,
+    c.add_argument("--out", default=LOOKUP_CALIBRATION_OUT, help="where to write the calibration")
+    target_arguments(c, "torch device of the target")
+    c.add_argument("--num-prompts", type=int, default=LOOKUP_CALIBRATION_PROMPTS,
+                   help="ShareGPT prompts to generate from")
+    c.add_argument("--skip-prompts", type=int, default=TRAINING_PROMPTS,
                    help="ShareGPT prompts to skip first (those `dspark train` trains the drafter on)")
     c.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     c.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
@@ -790,9 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = command("build-datastore", "the target's greedy answers to held-out ShareGPT prompts, as the datastore "
                 "prompt lookup drafts from (REST-style retrieval); never the evaluation sets")
     d.add_argument("--out", default="runs/smollm2/datastore.safetensors", help="where to write the datastore")
-    d.add_argument("--model", default=None,
-                   help="target: a Hugging Face id, a local folder or a .gguf file (default: SmolLM2-135M-Instruct)")
-    d.add_argument("--device", default="cpu", help="torch device of the target")
+    target_arguments(d, "torch device of the target")
     d.add_argument("--prompts", type=int, default=1920,
                    help="the first prompts of the drafter recipe's ShareGPT answers to answer")
     d.add_argument("--answer-tokens", type=int, default=1_000_000,
@@ -803,11 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
     d.add_argument("--min-ngram", type=int, default=2, help="shortest suffix the datastore matches")
     d.add_argument("--max-ngram", type=int, default=4, help="longest suffix the datastore matches")
-    d.add_argument("--calibration-prompts", type=int, default=48,
+    d.add_argument("--calibration-prompts", type=int, default=LOOKUP_CALIBRATION_PROMPTS,
                    help="the lookup's calibration prompts, whose text the datastore must not hold "
                         "(as `calibrate-lookup --num-prompts`)")
-    d.add_argument("--calibration-skip", type=int, default=768, help="as `calibrate-lookup --skip-prompts`")
-    d.add_argument("--calibration-cache", default="runs/lookup-calibration.prompts.json",
+    d.add_argument("--calibration-skip", type=int, default=TRAINING_PROMPTS,
+                   help="as `calibrate-lookup --skip-prompts`")
+    d.add_argument("--calibration-cache", default=str(_prompts_cache(Path(LOOKUP_CALIBRATION_OUT))),
                    help="where `calibrate-lookup` caches its prompts (the same file)")
     d.add_argument("--seed", type=int, default=0, help="ShareGPT shuffle (as `dspark train`)")
     d.add_argument("--install", action="store_true", help="make it the datastore the default drafter ships with")

@@ -55,10 +55,10 @@ PLAN_MARGIN = 1.05
 #: without (1.02: 1.082x); batch 1 plans the same either way.
 FRESH_PLAN_MARGIN = 1.0
 #: The margin of a lagged plan in a round of one request, whose forecast is the mean survival
-#: its drafter's own confidences gave on this text. The round it
-#: runs, ``dspark::schedule`` picks the lengths from that round's confidences; the rate priced
-#: at the mean survival is a lower bound of what that achieves (the best lengths for each round
-#: beat the best lengths for their mean), so it needs no margin. Measured on MT-Bench, batch 1:
+#: its drafter's own confidences gave on this text. The round it runs, ``dspark::schedule`` picks
+#: the lengths from that round's confidences; the rate priced at the mean survival is a lower
+#: bound of what that achieves (the best lengths for each round beat the best lengths for their
+#: mean), so it needs no margin. Measured on MT-Bench, batch 1:
 #: priced at 1.05-1.10x plain decoding, delivered 1.09-1.17x. With several requests the profile
 #: prices their tokens as evenly spread, while attention pads every request to the longest
 #: (8 + 1 + 1 + 1 costs more than 3 + 3 + 3 + 2): there the margin stays (without it, MT-Bench

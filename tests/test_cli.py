@@ -3,6 +3,8 @@
 
 import json
 
+from pathlib import Path
+
 import pytest
 
 from dspark_ext import cli
@@ -40,6 +42,20 @@ def test_parser_defaults_and_errors():
     assert (args.variants, args.num_prompts, args.context_layers) == ("dspark,parallel,mtp1", 768, "2,11,20,29")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench-e2e", "--dataset", "not-a-dataset"])
+
+
+def test_lookup_commands_agree_on_the_calibration_prompts():
+    """`build-datastore` drops the prompts `calibrate-lookup` fits on: the two read the same
+    prompts by default (after the recipe's training prompts), from the same cache."""
+    from dspark_ext.train import DEFAULT_CONTEXT_LAYERS, RecipeConfig
+
+    assert cli.TRAINING_PROMPTS == RecipeConfig.num_prompts
+    assert tuple(cli.DEFAULT_CONTEXT_LAYERS_TEXT) == tuple(DEFAULT_CONTEXT_LAYERS)
+    calibrate = cli.build_parser().parse_args(["calibrate-lookup"])
+    datastore = cli.build_parser().parse_args(["build-datastore"])
+    assert (datastore.calibration_prompts, datastore.calibration_skip) == (calibrate.num_prompts, calibrate.skip_prompts)
+    assert datastore.calibration_cache == str(cli._prompts_cache(Path(calibrate.out)))
+    assert datastore.calibration_cache == "runs/lookup-calibration.prompts.json"
 
 
 def test_shipped_drafter_is_packaged():

@@ -65,18 +65,17 @@ class NgramDrafter:
         if calibration is not None and calibration.max_ngram < max_ngram:
             raise ValueError(f"the calibration covers matches up to {calibration.max_ngram} tokens, "
                              f"the drafter looks for {max_ngram}")
-        if datastore is not None and calibration is not None and calibration.store_table is None:
-            raise ValueError("the calibration has no table for datastore matches: fit it with the datastore "
-                             "(dspark calibrate-lookup --datastore)")
-        if (datastore is not None and calibration is not None
-                and calibration.store_max_ngram < datastore.max_ngram):
-            raise ValueError(f"the calibration covers datastore matches up to {calibration.store_max_ngram} "
-                             f"tokens, the datastore holds {datastore.max_ngram}")
-        if (datastore is not None and calibration is not None
-                and datastore.min_ngram < calibration.store_min_ngram):
-            raise ValueError(f"the calibration was fitted with datastore matches from {calibration.store_min_ngram} "
-                             f"tokens on, the datastore matches {datastore.min_ngram}: refit it with this datastore "
-                             f"(dspark calibrate-lookup --datastore)")
+        if datastore is not None and calibration is not None:
+            if calibration.store_table is None:
+                raise ValueError("the calibration has no table for datastore matches: fit it with the datastore "
+                                 "(dspark calibrate-lookup --datastore)")
+            if calibration.store_max_ngram < datastore.max_ngram:
+                raise ValueError(f"the calibration covers datastore matches up to {calibration.store_max_ngram} "
+                                 f"tokens, the datastore holds {datastore.max_ngram}")
+            if datastore.min_ngram < calibration.store_min_ngram:
+                raise ValueError(f"the calibration was fitted with datastore matches from "
+                                 f"{calibration.store_min_ngram} tokens on, the datastore matches "
+                                 f"{datastore.min_ngram}: refit it with this datastore (dspark calibrate-lookup --datastore)")
         self.num_draft = int(num_draft)
         self.max_ngram = int(max_ngram)
         self.min_ngram = int(min_ngram)
