@@ -11,11 +11,18 @@ verified per request-round, how the default drafter's rounds were planned (nothi
 lookup only / lookup + DSpark), and the share of its lookup proposals that came from its
 datastore (text the target wrote for ShareGPT prompts). Interleaved extra arms:
 ``--without-datastore`` (the default with its lookup's datastore off) and ``--compare-lookup
-CALIBRATION,DATASTORE`` (another lookup fit). Evaluation prompts only; the lookup calibration,
+CALIBRATION,DATASTORE`` (another lookup fit), ``--one-attention-call`` (the default with the
+target's attention in one padded call per step, as before ``dspark_ext.llama.attention_segments``)
+``--plan-margin M`` (the default with ``dspark_ext.generate.PLAN_MARGIN`` = M, the multiple of
+drafting nothing's throughput a plan must promise) and ``--without-short-block`` (the default
+without its "hybrid-short" plan).
+Evaluation prompts only; the lookup calibration,
 the datastore and the drafter never saw them.
 """
 
 import argparse
+import contextlib
+import importlib
 import json
 import platform
 import statistics
@@ -25,11 +32,14 @@ from pathlib import Path
 
 import torch
 
+import dspark_ext.llama as llama_module
 from dspark_ext.cli import _encode, load_eval_prompts
 from dspark_ext.drafters import AutoregressiveDrafter, NgramDrafter
 from dspark_ext.drafters.hybrid import default_hybrid_drafter
 from dspark_ext.generate import generate
 from dspark_ext.targets import load_target
+
+generate_module = importlib.import_module("dspark_ext.generate")  # the package's `generate` is the function
 
 DRAFTERS = ("ar", "ngram", "default")
 #: The optional arms (variants of the default): their title in the report, and the column shown
@@ -38,7 +48,23 @@ EXTRA_ARMS = {
     "whole": ("whole vocabulary", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
     "no store": ("no store", None),
     "compared": ("compared lookup", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
+    "one call": ("one attention call", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
+    "no short": ("no short block", ("rounds: none / lookup / hybrid", lambda entry: " / ".join(
+        str(entry["plans"].get(plan, 0)) for plan in ("none", "lookup", "hybrid")))),
+    "margin": ("plan margin", ("rounds: none / lookup / hybrid / hybrid-short", lambda entry: " / ".join(
+        str(entry["plans"].get(plan, 0)) for plan in ("none", "lookup", "hybrid", "hybrid-short")))),
 }
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` set to ``value`` for the duration (an arm's variant of the library)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def machine() -> str:
@@ -71,6 +97,12 @@ def main() -> None:
     parser.add_argument("--compare-lookup", default=None, metavar="CALIBRATION,DATASTORE",
                         help="also run the default with another lookup calibration and datastore (e.g. the previous "
                              "release's), interleaved with the others")
+    parser.add_argument("--one-attention-call", action="store_true",
+                        help="add the default with the target's attention in one padded call per step")
+    parser.add_argument("--plan-margin", type=float, default=None, metavar="M",
+                        help="add the default with the throughput margin a plan must promise set to M")
+    parser.add_argument("--without-short-block", action="store_true",
+                        help="add the default without its short DSpark block (plan hybrid-short)")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -90,6 +122,16 @@ def main() -> None:
         calibration_path, datastore_path = args.compare_lookup.split(",")
         hybrids["compared"] = default_hybrid_drafter(target, calibration_path=calibration_path,
                                                      datastore_path=datastore_path)
+    variants = {}  # arm -> (module, attribute, value) patched while the arm generates
+    if args.one_attention_call:
+        hybrids["one call"] = default_hybrid_drafter(target)
+        variants["one call"] = (llama_module, "attention_segments", lambda counts, key_counts, device=None: [(0, len(counts))])
+    if args.without_short_block:
+        hybrids["no short"] = default_hybrid_drafter(target)
+        hybrids["no short"].short = None
+    if args.plan_margin is not None:
+        hybrids["margin"] = default_hybrid_drafter(target)
+        variants["margin"] = (generate_module, "PLAN_MARGIN", args.plan_margin)
     extra = [name for name in hybrids if name != "default"]
     names = DRAFTERS + tuple(extra)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`
@@ -111,8 +153,9 @@ def main() -> None:
                     for name in order:
                         if name in hybrids:
                             target.hidden_layers = layers
-                            result = generate(target, hybrids[name], batch, args.max_new_tokens,
-                                              temperature=temperature, seed=i, eos_token_id=eos, cost=costs[name])
+                            with patched(*variants[name]) if name in variants else contextlib.nullcontext():
+                                result = generate(target, hybrids[name], batch, args.max_new_tokens,
+                                                  temperature=temperature, seed=i, eos_token_id=eos, cost=costs[name])
                         else:
                             target.hidden_layers = None
                             drafter = AutoregressiveDrafter() if name == "ar" else lookup
@@ -152,7 +195,7 @@ def main() -> None:
              f"{args.batches} batches x {args.max_new_tokens} tokens per request "
              f"({'up to eos' if args.eos else 'no eos stop'}) per cell, interleaved. Machine: {machine()}. "
              f"Run time {time.perf_counter() - started:.0f} s.", "",
-             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid | lookup from store |",
+             "| set | T | B | AR tok/s | lookup | default | default / lookup | default tau | draft share | target share | drafts per round | rounds: none (unplanned) / lookup / hybrid / hybrid-short | lookup from store |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name in extra:
         title, column = EXTRA_ARMS[name]
@@ -170,7 +213,7 @@ def main() -> None:
             f"{d['default']['speedup'] / d['ngram']['speedup']:.2f} | {d['default']['tau']:.2f} | "
             f"{100 * d['default']['draft_share']:.0f}% | {100 * d['default']['target_share']:.0f}% | "
             f"{d['default']['verified_per_round']:.2f} | {p.get('none', 0)} ({d['default']['unplanned_rounds']}) / "
-            f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} | {100 * c['store_share']:.0f}% |")
+            f"{p.get('lookup', 0)} / {p.get('hybrid', 0)} / {p.get('hybrid-short', 0)} | {100 * c['store_share']:.0f}% |")
         for name in extra:
             extra_speedups[name].append(d[name]["speedup"])
             column = EXTRA_ARMS[name][1]

@@ -33,7 +33,7 @@ import torch
 
 from dspark_ext.protocols import DraftContext
 
-PROFILE_VERSION = 6  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512; 5: the DSpark backbone drafts through skinny_linear on bfloat16 weights; 6: drafting rounds are timed right after a target step, as in the loop
+PROFILE_VERSION = 7  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512; 5: the DSpark backbone drafts through skinny_linear on bfloat16 weights; 6: drafting rounds are timed right after a target step, as in the loop; 7: the target attends without padding where a step's requests have as many tokens, and in segments where they differ; the hybrid's short DSpark block is priced
 #: A profile whose median relative spread ((q3 - q1) / median of the repeats) exceeds this was
 #: measured on a busy machine: it serves the run that measured it but is not saved.
 BUSY_SPREAD = 0.25
@@ -151,6 +151,7 @@ def drafter_identity(drafter) -> str:
     drafter with the same shape keeps the profile; another architecture, draft vocabulary size
     or dtype gets its own)."""
     cfg = getattr(drafter, "cfg", None)
+    block = getattr(drafter, "block", None)  # a DSpark drafter drafting a shorter block
     if cfg is None:  # prompt lookup: a datastore adds its searches
         return type(drafter).__name__ + ("+datastore" if getattr(drafter, "datastore", None) is not None else "")
     shape = {k: getattr(cfg, k, None) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads",
@@ -158,6 +159,8 @@ def drafter_identity(drafter) -> str:
                                                  "draft_vocab_size")}
     for dtype in ("inference_backbone_dtype", "inference_lm_head_dtype"):
         shape[dtype] = str(getattr(drafter, dtype, None))
+    if block is not None:
+        shape["block"] = int(block)
     return type(drafter).__name__ + json.dumps(shape, sort_keys=True)
 
 

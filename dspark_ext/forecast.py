@@ -32,14 +32,17 @@ class SurvivalForecast:
         self.num_draft = int(num_draft)
         self.sums = torch.zeros(0, self.num_draft, dtype=torch.float64)  # per request: sum of survivals
         self.rounds = torch.zeros(0, dtype=torch.int64)  # per request: rounds behind the sum
+        # per request and position: rounds that drafted the position (a short round drafts the
+        # first few positions only; the later ones keep their forecast)
+        self.position_rounds = torch.zeros(0, self.num_draft, dtype=torch.int64)
         self.prior: Optional[torch.Tensor] = None  # [K] float32: the mean over every request
-        self.prior_rounds = 0
+        self.prior_rounds = torch.zeros(self.num_draft, dtype=torch.int64)  # per position
         self._forecast: Optional[torch.Tensor] = None
         if prior is not None:
             if len(prior) != self.num_draft:
                 raise ValueError(f"the survival prior has {len(prior)} positions, expected K = {self.num_draft}")
             self.prior = torch.tensor([float(p) for p in prior], dtype=torch.float32)
-            self.prior_rounds = PRIOR_ROUNDS
+            self.prior_rounds += PRIOR_ROUNDS
 
     @classmethod
     def for_drafter(cls, drafter) -> "SurvivalForecast":
@@ -52,6 +55,7 @@ class SurvivalForecast:
         if self.rounds.shape[0] != num_requests:
             self.sums = torch.zeros(num_requests, self.num_draft, dtype=torch.float64)
             self.rounds = torch.zeros(num_requests, dtype=torch.int64)
+            self.position_rounds = torch.zeros(num_requests, self.num_draft, dtype=torch.int64)
             self._forecast = None
 
     def restart(self, rows: torch.Tensor) -> None:
@@ -60,17 +64,25 @@ class SurvivalForecast:
         if bool(rows.any()):
             self.sums[rows] = 0.0
             self.rounds[rows] = 0
+            self.position_rounds[rows] = 0
             self._forecast = None
 
     def update(self, survival: torch.Tensor) -> None:
-        """One drafting round's survival [B, K] (cumulative products of its confidences)."""
+        """One drafting round's survival [B, n] (cumulative products of its confidences) of its
+        first n <= K positions (a short round drafts fewer than K)."""
         survival = survival.detach().float().cpu()
-        self.sums += survival.double()
+        n = survival.shape[1]
+        if not 1 <= n <= self.num_draft:
+            raise ValueError(f"survival must cover 1 to {self.num_draft} positions, got {n}")
+        self.sums[:, :n] += survival.double()
         self.rounds += 1
-        self.prior_rounds += 1
+        self.position_rounds[:, :n] += 1
+        self.prior_rounds[:n] += 1
         mean = survival.mean(0)
-        weight = max(1.0 / self.prior_rounds, PRIOR_DECAY)
-        self.prior = mean if self.prior is None else (1 - weight) * self.prior + weight * mean
+        weight = (1.0 / self.prior_rounds[:n].double()).clamp(min=PRIOR_DECAY).float()
+        if self.prior is None:  # positions never drafted stay at 1 (try them once)
+            self.prior = torch.ones(self.num_draft)
+        self.prior[:n] = (1 - weight) * self.prior[:n] + weight * mean
         self._forecast = None
 
     def forecast(self) -> torch.Tensor:
@@ -80,6 +92,6 @@ class SurvivalForecast:
         if self.prior is None:
             return torch.ones(self.rounds.shape[0], self.num_draft)
         if self._forecast is None:  # kept until a round, a restart or a resize changes it
-            pooled = (self.sums + PRIOR_ROUNDS * self.prior.double()) / (self.rounds[:, None] + PRIOR_ROUNDS)
+            pooled = (self.sums + PRIOR_ROUNDS * self.prior.double()) / (self.position_rounds + PRIOR_ROUNDS)
             self._forecast = pooled.float()
         return self._forecast.clone()

@@ -45,25 +45,21 @@ PerRequestFloat = Union[float, Sequence[float]]
 #: ``MAX_PROBE_INTERVAL``), so a drafter that never pays costs almost nothing.
 PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 256
-#: A lagged plan (``DraftPlan.fresh = False``) in a round of several requests must promise this
-#: much more throughput than drafting nothing (see ``LAGGED_PLAN_MARGIN`` for why).
-PLAN_MARGIN = 1.05
-#: A fresh plan (prompt lookup's: calibrated acceptance by match length and record, fitted on
-#: held-out generations) needs no margin. At batch 4, where an extra verify row costs ~2% of a
-#: step, a margin of 1.05 left lookup rounds undrafted that paid on average: in two interleaved
-#: runs over the six batch-4 cells, mean 1.067x / 1.073x plain decoding with it, 1.082x / 1.085x
-#: without (1.02: 1.082x); batch 1 plans the same either way.
-FRESH_PLAN_MARGIN = 1.0
-#: The margin of a lagged plan in a round of one request, whose forecast is the mean survival
-#: its drafter's own confidences gave on this text. The round it runs, ``dspark::schedule`` picks
-#: the lengths from that round's confidences; the rate priced at the mean survival is a lower
-#: bound of what that achieves (the best lengths for each round beat the best lengths for their
-#: mean), so it needs no margin. Measured on MT-Bench, batch 1:
-#: priced at 1.05-1.10x plain decoding, delivered 1.09-1.17x. With several requests the profile
-#: prices their tokens as evenly spread, while attention pads every request to the longest
-#: (8 + 1 + 1 + 1 costs more than 3 + 3 + 3 + 2): there the margin stays (without it, MT-Bench
-#: at batch 4 ran DSpark in 99 of 348 rounds and fell to 0.91x plain decoding).
-LAGGED_PLAN_MARGIN = 1.0
+#: The throughput a plan must promise, as a multiple of drafting nothing. 1.0 for every plan:
+#: - a fresh plan's forecast (prompt lookup's: calibrated acceptance by match length and record,
+#:   fitted on held-out generations) is unbiased; at batch 4 a margin of 1.05 left lookup rounds
+#:   undrafted that paid on average (six batch-4 cells, two interleaved runs: 1.067x / 1.073x
+#:   plain decoding with it, 1.082x / 1.085x without);
+#: - a lagged plan's forecast (a drafter's mean survival on this text) prices a lower bound: the
+#:   round it runs, ``dspark::schedule`` picks the lengths from that round's own confidences, and
+#:   the best lengths for each round beat the best lengths for their mean (MT-Bench, batch 1:
+#:   priced at 1.05-1.10x, delivered 1.09-1.17x). In rounds of several requests it kept 1.05,
+#:   for attention padded every request to the longest (8 + 1 + 1 + 1 cost more than 3 + 3 + 3 +
+#:   2, which the profile prices alike); the target now attends in segments
+#:   (``dspark_ext.llama.attention_segments``) and the hybrid drafts a short DSpark block, and
+#:   at batch 4 the margin cost 3% at T = 1 (0.99x against 1.02x, three cells, interleaved) and
+#:   nothing at T = 0 (1.15x against 1.14x).
+PLAN_MARGIN = 1.0
 #: Planning backs off where drafting does not pay: after ``QUIET_ROUNDS`` planned rounds in a row
 #: drafted nothing, the next round drafts nothing without planning; each time planning then
 #: again finds nothing worth drafting, the unplanned stretch doubles (up to ``MAX_UNPLANNED``).
@@ -374,17 +370,16 @@ class _Generation:
         best, best_rate, best_lengths = None, 0.0, None
         for plan in plans:
             survival = plan.survival[active]
-            margin = FRESH_PLAN_MARGIN if plan.fresh else LAGGED_PLAN_MARGIN if R == 1 else PLAN_MARGIN
             draft_seconds = self.draft_seconds(plan, R)
             # Every draft weighted 1 bounds the weighted rate from above (weights are <= 1), so a
             # plan that loses unweighted loses weighted: most rounds that draft nothing stop here.
             rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds)
-            if not rate > margin * plain:
+            if not rate > PLAN_MARGIN * plain:
                 continue
             if R > 1:
                 worth = self.draft_worth(active) if worth is None else worth
                 rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds, worth)
-            if rate > margin * plain and rate > best_rate:
+            if rate > PLAN_MARGIN * plain and rate > best_rate:
                 best, best_rate, best_lengths = plan, rate, lengths
         for plan in plans:  # probe forecasts that only refresh when their plan runs
             if plan.fresh:

@@ -192,7 +192,7 @@ class ConfidenceHead(nn.Module):
         z = self(hidden_states, prev_embedding)
         sts = self._sts_for(z.shape[-1])
         if sts is not None:
-            z = z / sts + self.sts_bias.float() if self.sts_bias.numel() else z / sts
+            z = z / sts + self._sts_bias_for(z.shape[-1]) if self.sts_bias.numel() else z / sts
         return torch.sigmoid(z)
 
     def op_arguments(self, hidden_states: torch.Tensor):
@@ -207,7 +207,7 @@ class ConfidenceHead(nn.Module):
         conf_temperature = None if sts is None else sts.to(hidden_states.device)
         if conf_temperature is not None and self.sts_bias.numel():
             # sigmoid((z + b T) / T) = sigmoid(z / T + b): the op's temperature scaling, offset.
-            conf_base = conf_base + (self.sts_bias.float() * sts).to(conf_base.device)
+            conf_base = conf_base + (self._sts_bias_for(hidden_states.shape[1]) * sts).to(conf_base.device)
         return conf_base.contiguous(), weight[self.hidden_size :].contiguous(), conf_temperature
 
     def draft(
@@ -224,13 +224,18 @@ class ConfidenceHead(nn.Module):
         return markov_head.draft(base_logits, anchor_ids, temperature, seed, offset, self, hidden_states)
 
     def _sts_for(self, num_draft: int) -> Optional[torch.Tensor]:
+        """The temperatures of the first ``num_draft`` positions: a block shorter than the
+        calibration's (a short drafting round) takes its leading positions' temperatures."""
         if self.sts_temperature.numel() == 0:
             return None
-        if tuple(self.sts_temperature.shape) != (num_draft,):
+        if not 1 <= num_draft <= self.sts_temperature.shape[0]:
             raise ValueError(
                 f"sts_temperature is calibrated for K = {self.sts_temperature.shape[0]} positions, got K = {num_draft}"
             )
-        return self.sts_temperature.float()  # module.to(half) converts buffers too
+        return self.sts_temperature.float()[:num_draft]  # module.to(half) converts buffers too
+
+    def _sts_bias_for(self, num_draft: int) -> torch.Tensor:
+        return self.sts_bias.float()[:num_draft]
 
     def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:

@@ -889,3 +889,23 @@ def test_load_packs_the_lm_head(tmp_path):
     loaded = DSparkDrafter.load(tmp_path, drafter.embedding, drafter.lm_head)
     assert loaded._lm_head_packed_key == (loaded.lm_head.data_ptr(), loaded.lm_head.device,
                                           loaded.inference_lm_head_dtype or torch.float32)
+
+
+def test_propose_block_drafts_a_shorter_block():
+    """``propose_block(context, K)`` is ``propose``; a shorter block drafts that many positions with
+    calibrated confidences (the leading positions' STS temperatures and biases); a block outside
+    [1, K] is refused."""
+    lengths = [9, 6]
+    tokens, features = random_batch(lengths)
+    drafter = small_drafter(seed=3)
+    drafter.confidence.set_sts_temperature([0.5 + 0.25 * k for k in range(drafter.num_draft)],
+                               [0.1 * k for k in range(drafter.num_draft)])
+    full = drafter.propose(context_of(tokens, lengths, features, 0.0, new_from=[0, 0]))
+    same = drafter.propose_block(context_of(tokens, lengths, features, 0.0, new_from=[0, 0]), drafter.num_draft)
+    assert torch.equal(same.token_ids, full.token_ids) and torch.equal(same.logits, full.logits)
+    assert torch.equal(same.confidence, full.confidence)
+    short = drafter.propose_block(context_of(tokens, lengths, features, 0.0, new_from=[0, 0]), 2)
+    assert short.token_ids.shape == (2, 2) and short.confidence.shape == (2, 2)
+    assert bool(((short.confidence > 0) & (short.confidence < 1)).all())
+    with pytest.raises(ValueError, match="block must be in"):
+        drafter.propose_block(context_of(tokens, lengths, features, 0.0, new_from=[0, 0]), drafter.num_draft + 1)

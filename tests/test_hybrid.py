@@ -95,10 +95,14 @@ def sampled_codes(target, drafter, temperature, cost):
 
 COSTS = {
     # drafting is cheap: lookup and hybrid rounds both win somewhere
-    "cheap": ToyCost(per_token=0.05, draft={"lookup": 0.01, "dspark": 0.1}),
+    "cheap": ToyCost(per_token=0.05, draft={"lookup": 0.01, "dspark": 0.1, "dspark-short": 0.1}),
     # DSpark is dear: mostly lookup or nothing, DSpark only when probed
-    "dear": ToyCost(per_token=0.3, draft={"lookup": 0.01, "dspark": 0.6}),
+    "dear": ToyCost(per_token=0.3, draft={"lookup": 0.01, "dspark": 0.6, "dspark-short": 0.6}),
+    # DSpark's short block is cheap, its full block dear: short rounds
+    "short": ToyCost(per_token=0.05, draft={"lookup": 0.01, "dspark": 0.6, "dspark-short": 0.05}),
 }
+#: The DSpark plan each cost runs (by planning, not only by probes).
+COST_PLANS = {"cheap": "hybrid", "dear": "hybrid", "short": "hybrid-short"}
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -108,7 +112,7 @@ def test_planned_hybrid_follows_target_law(cost, temperature):
     drafter = hybrid()
     codes, result = sampled_codes(target, drafter, temperature, COSTS[cost])
     assert int(result.position_accepted.sum()) > 0.01 * LAW_SAMPLES, result.summary()
-    assert drafter.rounds.get("hybrid", 0) > 0, result.plan_rounds  # DSpark drafted in some rounds
+    assert drafter.rounds.get(COST_PLANS[cost], 0) > 0, result.plan_rounds  # DSpark drafted in some rounds
     assert drafter.chose_dspark > 0 and drafter.chose_lookup > 0, (drafter.chose_dspark, drafter.chose_lookup)
     assert_matches_distribution(codes, target.exact_joint(LAW_PROMPT, LAW_TOKENS, temperature))
 
@@ -315,6 +319,53 @@ def test_survival_forecast_pools_a_request_with_every_request():
         SurvivalForecast(K, [0.5, 0.2])
 
 
+def test_survival_forecast_of_a_short_round_keeps_the_later_positions():
+    """A round that drafted the first n < K positions (a short block) updates only their
+    forecasts; the later positions keep theirs."""
+    from dspark_ext.forecast import PRIOR_ROUNDS, SurvivalForecast
+
+    prior = [0.4, 0.2, 0.1]
+    forecast = SurvivalForecast(K, prior)
+    forecast.resize(2)
+    forecast.update(torch.tensor([[0.9, 0.5], [0.1, 0.0]]))
+    pooled = (1 - 1 / (PRIOR_ROUNDS + 1)) * torch.tensor(prior[:2]) + torch.tensor([0.5, 0.25]) / (PRIOR_ROUNDS + 1)
+    own = torch.tensor([[0.9, 0.5], [0.1, 0.0]])
+    expected = (own + PRIOR_ROUNDS * pooled) / (1 + PRIOR_ROUNDS)
+    got = forecast.forecast()
+    assert torch.allclose(got[:, :2], expected) and torch.allclose(got[:, 2], torch.tensor([0.1, 0.1]))
+    assert forecast.rounds.tolist() == [1, 1] and forecast.position_rounds.tolist() == [[1, 1, 0], [1, 1, 0]]
+    with pytest.raises(ValueError, match="survival must cover 1 to 3 positions"):
+        forecast.update(torch.ones(2, 4))
+    no_prior = SurvivalForecast(K)
+    no_prior.resize(1)
+    no_prior.update(torch.tensor([[0.5]]))
+    assert torch.allclose(no_prior.forecast(), torch.tensor([[0.5, 1.0, 1.0]]))  # undrafted positions: try them
+
+
+def test_short_block_pads_with_drafts_that_are_never_verified():
+    """``ShortBlockDrafter``: the first SHORT_BLOCK drafts of the DSpark drafter (its
+    ``propose_block``), padded to K with confidence 0; the hybrid offers its plan only for a
+    drafter that can draft a shorter block."""
+    from dspark_ext.drafters.hybrid import SHORT_BLOCK, ShortBlockDrafter
+
+    markov = toy_markov()
+    context = _context(torch.tensor([[1, 2, 3], [4, 5, 0]]), torch.tensor([3, 2]), torch.zeros(2, dtype=torch.int64))
+    full = markov.propose(context)
+    short = ShortBlockDrafter(markov).propose(context)
+    assert short.token_ids.shape == full.token_ids.shape and short.logits.shape == full.logits.shape
+    assert torch.equal(short.token_ids[:, :SHORT_BLOCK], full.token_ids[:, :SHORT_BLOCK])
+    assert torch.equal(short.confidence[:, :SHORT_BLOCK], full.confidence[:, :SHORT_BLOCK])
+    assert bool((short.confidence[:, SHORT_BLOCK:] == 0).all())
+    assert bool(torch.isfinite(short.logits.logsumexp(-1)).all())  # the padding's laws are laws
+    with pytest.raises(ValueError, match="block must be in"):
+        markov.propose_block(context, K + 1)
+    plans = [plan.name for plan in hybrid().plans(context)]
+    assert plans == ["lookup", "hybrid", "hybrid-short"]
+    no_block = hybrid()
+    no_block.short = None
+    assert [plan.name for plan in no_block.plans(context)] == ["lookup", "hybrid"]
+
+
 def test_survival_forecast_prior_follows_every_round():
     """The mean over every request: a running mean of the rounds' batch means, then an
     exponential one with weight PRIOR_DECAY."""
@@ -364,12 +415,11 @@ def test_lagged_forecasts_start_from_the_drafters_heldout_survival():
     assert torch.allclose(plan.survival, torch.tensor(held_out).expand(2, K))
 
 
-def test_plan_margins():
-    """A fresh plan (a calibrated forecast) only has to beat drafting nothing; so does a lagged
-    plan (a mean of its drafter's own confidences on this text, a lower bound of what the
-    round's own lengths achieve) in a round of one request; with several, whose uneven lengths
-    the profile under-prices, a lagged plan must promise PLAN_MARGIN x the rate."""
-    from dspark_ext.generate import FRESH_PLAN_MARGIN, LAGGED_PLAN_MARGIN, PLAN_MARGIN, _Generation
+def test_plan_margin():
+    """Every plan, fresh (a calibrated forecast) or lagged (a mean of its drafter's own
+    confidences on this text), in a round of one request or several, only has to beat drafting
+    nothing (PLAN_MARGIN = 1): a plan worth 1.03x is chosen, one worth nothing is not."""
+    from dspark_ext.generate import PLAN_MARGIN, _Generation
     from dspark_ext.protocols import DraftPlan
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
@@ -386,19 +436,15 @@ def test_plan_margins():
         def plans(self, context):
             return [DraftPlan("p", survival=survival, parts=("a",), fresh=self.fresh)]
 
-    assert max(LAGGED_PLAN_MARGIN, FRESH_PLAN_MARGIN) < 1.03 < PLAN_MARGIN
-    for fresh, chosen in ((True, "p"), (False, "p")):
-        state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])], [10], 1.0, 0, None, None, cost, None)
-        active = torch.ones(1, dtype=torch.bool)
-        plan = state.choose_plan(state.draft_context(), torch.tensor([K]), active)
-        assert (None if plan is None else plan.name) == chosen
-    survival = torch.tensor([[0.03, 0.0, 0.0], [0.03, 0.0, 0.0]])  # two requests: 1.03x again
-    for fresh, chosen in ((True, "p"), (False, None)):
-        state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost,
-                            None)
-        active = torch.ones(2, dtype=torch.bool)
-        plan = state.choose_plan(state.draft_context(), torch.tensor([K, K]), active)
-        assert (None if plan is None else plan.name) == chosen
+    assert PLAN_MARGIN < 1.03
+    for requests in (1, 2):
+        survival = torch.tensor([[0.03, 0.0, 0.0]] * requests)
+        for fresh in (True, False):
+            state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])] * requests, [10] * requests, 1.0, 0,
+                                None, None, cost, None)
+            plan = state.choose_plan(state.draft_context(), torch.tensor([K] * requests),
+                                     torch.ones(requests, dtype=torch.bool))
+            assert plan is not None and plan.name == "p"
     survival = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # nothing to gain: even a fresh plan loses
     state = _Generation(target, Planned(True), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost, None)
     assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool)) is None

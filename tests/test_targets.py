@@ -137,6 +137,58 @@ def test_llama_target_matches_hf(tiny_llama, max_skinny_rows):
     _drive(target, tiny_llama, HIDDEN_LAYERS)
 
 
+
+def test_llama_target_matches_hf_with_split_attention(tiny_llama, monkeypatch):
+    """With free attention calls, every step whose requests have different token counts attends
+    in several segments (llama.attention_segments): the logits still match transformers."""
+    import dspark_ext.llama as llama_module
+
+    monkeypatch.setattr(llama_module, "ATTENTION_CALL_US", 0.0)
+    chosen = []
+    real = llama_module.attention_segments
+
+    def spy(counts, key_counts, device=None):
+        chosen.append(real(counts, key_counts, device))
+        return chosen[-1]
+
+    monkeypatch.setattr(llama_module, "attention_segments", spy)
+    target = LlamaTarget(Llama.from_hf(tiny_llama), hidden_layers=HIDDEN_LAYERS)
+    _drive(target, tiny_llama, HIDDEN_LAYERS)
+    assert any(len(segments) > 1 for segments in chosen)
+
+
+def test_attention_segments_minimise_the_cost_model():
+    """The dynamic programme returns a cheapest contiguous split (checked against every split of up
+    to 6 requests); equal token counts, one request, large batches and other devices take one
+    call."""
+    import itertools
+    import random
+
+    from dspark_ext.llama import attention_cost, attention_segments
+
+    assert attention_segments([1, 1, 1, 1], [401, 380, 500, 12]) == [(0, 4)]
+    assert attention_segments([3, 3], [400, 400]) == [(0, 2)]
+    assert attention_segments([7], [400]) == [(0, 1)]
+    assert attention_segments([8, 1, 1, 1], [408, 401, 401, 401], "cuda") == [(0, 4)]
+    assert attention_segments([8, 1, 1, 1], [408, 401, 401, 401]) == [(0, 1), (1, 4)]
+    assert attention_segments([8] + [1] * 32, [408] + [401] * 32) == [(0, 33)]  # past MAX_SPLIT_BATCH
+    def cost(runs, counts, keys):
+        return sum(attention_cost(b1 - b0, max(counts[b0:b1]), max(keys[b0:b1])) for b0, b1 in runs)
+
+    rng = random.Random(0)
+    for _ in range(300):
+        B = rng.randint(2, 6)
+        counts = [rng.choice([0, 1, 1, 2, 3, 8, 13]) for _ in range(B)]
+        keys = [rng.randint(1, 900) + c for c in counts]
+        segments = attention_segments(counts, keys)
+        if len(set(counts)) == 1:
+            assert segments == [(0, B)]
+            continue
+        assert segments[0][0] == 0 and segments[-1][1] == B
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(segments, segments[1:]))
+        splits = [list(zip((0,) + cut, cut + (B,))) for n in range(B) for cut in itertools.combinations(range(1, B), n)]
+        assert cost(segments, counts, keys) == pytest.approx(min(cost(runs, counts, keys) for runs in splits))
+
 def test_llama_target_no_hidden(tiny_llama):
     target = LlamaTarget(Llama.from_hf(tiny_llama))
     seqs = [torch.arange(3), torch.arange(10, 12)]

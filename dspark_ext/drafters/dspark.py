@@ -576,9 +576,18 @@ class DSparkDrafter(nn.Module):
             self._cache_v[i][rows_d, pos_d] = v[0]
         self._cache_len = torch.maximum(self._cache_len, ends)
 
-    @torch.no_grad()
     def propose(self, context: DraftContext) -> Draft:
-        B, K = context.tokens.shape[0], self.num_draft
+        return self.propose_block(context, self.num_draft)
+
+    @torch.no_grad()
+    def propose_block(self, context: DraftContext, block: int) -> Draft:
+        """Drafts ``block`` <= K positions: the backbone runs a block of that many rows (a
+        cheaper round when only the first drafts will be verified). The block's rows attend to
+        one another, so its drafts are not the full block's first ones; verification is shown
+        the distributions they were drawn from, so either is lossless."""
+        if not 1 <= block <= self.num_draft:
+            raise ValueError(f"block must be in [1, {self.num_draft}], got {block}")
+        B, K = context.tokens.shape[0], int(block)
         device = context.tokens.device
         packed = self._packed_backbone(device)
         self._append_context(context, packed)

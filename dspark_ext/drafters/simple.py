@@ -99,3 +99,12 @@ class MarkovDrafter:
             base.contiguous(), anchors, self.head.w1.weight.detach(), self.head.w2.weight.detach(),
             context.temperature, context.seed, context.offset, *conf_args)
         return Draft(token_ids=token_ids, logits=logits, confidence=confidence if self.conf_base is not None else None)
+
+    def propose_block(self, context: DraftContext, block: int) -> Draft:
+        """The first ``block`` drafts of ``propose``: sampled left to right, they do not depend
+        on the later ones."""
+        if not 1 <= block <= self.num_draft:
+            raise ValueError(f"block must be in [1, {self.num_draft}], got {block}")
+        draft = self.propose(context)
+        return Draft(token_ids=draft.token_ids[:, :block], logits=draft.logits[:, :block],
+                     confidence=None if draft.confidence is None else draft.confidence[:, :block])
