@@ -156,7 +156,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 #: heads of 64 dimensions, torch 2.13's SDPA, a 2-core AVX-512 machine): a fixed cost per call,
 #: a cost per (request, key) read and a cost per (padded query row, key). The per-key costs are
 #: fitted on calls of 1-8 rows per request at 400 keys; the call cost was tuned on the target's
-#: steps at batch 4 (25 us splits 1 + 1 + 8 + 1 in three, which measured 6% faster than two).
+#: steps at batch 4 (at 25 us a step of 1 + 1 + 8 + 1 tokens splits in three and took 0.935x the
+#: time of one call; at 45 us it split in two and took 0.971x).
 ATTENTION_CALL_US = 25.0
 ATTENTION_KEY_US = 0.034
 ATTENTION_QUERY_KEY_US = 0.0142
@@ -179,7 +180,8 @@ def attention_segments(counts: Sequence[int], key_counts: Sequence[int], device=
 
     One call pads every request's queries to the longest request's, and CPU attention pays for
     every padded row: with SmolLM2 at 400 tokens of context and batch 4, a step of 8 + 1 + 1 + 1
-    tokens cost 53.4 ms in one call and 49.6 ms split as 8 | 1 + 1 + 1 (3 + 3 + 3 + 2: 48.9 ms).
+    tokens cost 50.9 ms in one call and 47.4 ms split as [8] [1 + 1 + 1] (3 + 3 + 3 + 2: 47.6 ms;
+    ``bench/bench_attention_split.py``).
     The split that minimises ``attention_cost`` is found by dynamic programming over the split
     points. One call for steps whose requests all have as many tokens, for more than
     ``MAX_SPLIT_BATCH`` requests, and on other devices."""
