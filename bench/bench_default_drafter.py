@@ -12,7 +12,7 @@ lookup only / lookup + DSpark), and the share of its lookup proposals that came 
 datastore (text the target wrote for ShareGPT prompts). Interleaved extra arms:
 ``--without-datastore`` (the default with its lookup's datastore off) and ``--compare-lookup
 CALIBRATION,DATASTORE`` (another lookup fit), ``--one-attention-call`` (the default with the
-target's attention in one padded call per step, as before ``dspark_ext.llama.attention_segments``)
+target's attention in one padded call per step, as before ``dspark_ext.llama.attention_segments``),
 ``--plan-margin M`` (the default with ``dspark_ext.generate.PLAN_MARGIN`` = M, the multiple of
 drafting nothing's throughput a plan must promise) and ``--without-short-block`` (the default
 without its "hybrid-short" plan).
@@ -42,6 +42,13 @@ from dspark_ext.targets import load_target
 generate_module = importlib.import_module("dspark_ext.generate")  # the package's `generate` is the function
 
 DRAFTERS = ("ar", "ngram", "default")
+PLANS = ("none", "lookup", "hybrid", "hybrid-short")
+
+
+def rounds_by_plan(entry) -> str:
+    """A drafter entry's rounds per plan, "none / lookup / hybrid / hybrid-short"."""
+    return " / ".join(str(entry["plans"].get(plan, 0)) for plan in PLANS)
+
 #: The optional arms (variants of the default): their title in the report, and the column shown
 #: after their tau (its header and how a cell's drafter entry fills it), if any.
 EXTRA_ARMS = {
@@ -49,10 +56,8 @@ EXTRA_ARMS = {
     "no store": ("no store", None),
     "compared": ("compared lookup", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
     "one call": ("one attention call", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
-    "no short": ("no short block", ("rounds: none / lookup / hybrid", lambda entry: " / ".join(
-        str(entry["plans"].get(plan, 0)) for plan in ("none", "lookup", "hybrid")))),
-    "margin": ("plan margin", ("rounds: none / lookup / hybrid / hybrid-short", lambda entry: " / ".join(
-        str(entry["plans"].get(plan, 0)) for plan in ("none", "lookup", "hybrid", "hybrid-short")))),
+    "no short": ("no short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
+    "margin": ("plan margin", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
 }
 
 

@@ -223,20 +223,17 @@ class _AttentionSegment:
 
     @classmethod
     def of(cls, b0: int, b1: int, counts: Sequence[int], key_counts: Sequence[int], lengths: torch.Tensor,
-           cu: torch.Tensor) -> "_AttentionSegment":
+           row_b: torch.Tensor, row_t: torch.Tensor) -> "_AttentionSegment":
+        """The segment of requests [b0, b1) of a step whose packed rows belong to requests
+        ``row_b`` at offsets ``row_t`` (the forward's row bookkeeping)."""
         dev = lengths.device
         tmax, kmax = max(counts[b0:b1]), max(key_counts[b0:b1])
-        rows = int(sum(counts[b0:b1]))
-        row_b = row_t = None
-        if rows != (b1 - b0) * tmax:
-            n_new = torch.tensor(counts[b0:b1], device=dev)
-            row_b = torch.repeat_interleave(torch.arange(b1 - b0, device=dev), n_new, output_size=rows)
-            offsets = torch.cumsum(n_new, 0) - n_new
-            row_t = torch.arange(rows, device=dev) - offsets[row_b]
+        r0, r1 = sum(counts[:b0]), sum(counts[:b1])
+        padded = r1 - r0 != (b1 - b0) * tmax
         q_limit = lengths[b0:b1, None] + torch.arange(tmax, device=dev)[None, :] + 1  # [b1 - b0, Tmax]
         mask = (torch.arange(kmax, device=dev)[None, None, :] < q_limit[:, :, None])[:, None]
-        r0 = int(sum(counts[:b0]))
-        return cls(b0, b1, r0, r0 + rows, tmax, kmax, row_b, row_t, mask)
+        return cls(b0, b1, r0, r1, tmax, kmax, row_b[r0:r1] - b0 if padded else None,
+                   row_t[r0:r1] if padded else None, mask)
 
     def attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, gqa: bool) -> torch.Tensor:
         """Attention output [r1 - r0, H, hd] of the segment's rows of q [T, H, hd]."""
@@ -369,7 +366,7 @@ class Llama:
 
         # Attention runs once per segment of requests (attention_segments: usually one, the whole
         # batch), with each segment's queries padded to its longest request.
-        segments = [_AttentionSegment.of(b0, b1, counts, key_counts, cache.lengths, cu)
+        segments = [_AttentionSegment.of(b0, b1, counts, key_counts, cache.lengths, row_b, row_t)
                     for b0, b1 in attention_segments(counts, key_counts, dev)]
 
         x = F.embedding(token_ids, w.embed)  # [T, D]
