@@ -14,8 +14,9 @@ datastore (text the target wrote for ShareGPT prompts). Interleaved extra arms:
 CALIBRATION,DATASTORE`` (another lookup fit), ``--one-attention-call`` (the default with the
 target's attention in one padded call per step, as before ``dspark_ext.llama.attention_segments``),
 ``--plan-margin M`` (the default with ``dspark_ext.generate.PLAN_MARGIN`` = M, the multiple of
-drafting nothing's throughput a plan must promise) and ``--without-short-block`` (the default
-without its "hybrid-short" plan).
+drafting nothing's throughput a plan must promise), ``--without-short-block`` (the default
+without its "hybrid-short" plan), ``--short-block N`` (its short block drafting N positions) and
+``--dense-drafts`` (its drafts' laws written over the whole vocabulary, as before compact drafts).
 Evaluation prompts only; the lookup calibration,
 the datastore and the drafter never saw them.
 """
@@ -35,7 +36,9 @@ import torch
 import dspark_ext.llama as llama_module
 from dspark_ext.cli import _encode, load_eval_prompts
 from dspark_ext.drafters import AutoregressiveDrafter, NgramDrafter
-from dspark_ext.drafters.hybrid import default_hybrid_drafter
+from dspark_ext.drafters.dspark import DSparkDrafter
+from dspark_ext.drafters.hybrid import HybridDrafter, ShortBlockDrafter, default_hybrid_drafter
+from dspark_ext.protocols import Draft
 from dspark_ext.generate import generate
 from dspark_ext.targets import load_target
 
@@ -58,6 +61,8 @@ EXTRA_ARMS = {
     "one call": ("one attention call", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
     "no short": ("no short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "margin": ("plan margin", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
+    "short": ("other short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
+    "dense": ("dense drafts", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
 }
 
 
@@ -70,6 +75,23 @@ def patched(module, name: str, value):
         yield
     finally:
         setattr(module, name, saved)
+
+
+def dense_drafts(hybrid_propose, draft_from_hidden):
+    """HybridDrafter.propose with every law of its DSpark rounds written over the whole
+    vocabulary (DSpark's, its short block's padding, the lookup rows' one-hots), as before
+    ``Draft.logit_ids`` and ``Draft.point_mass``."""
+    def dense(draft, vocab_size):
+        if draft.logit_ids is None and draft.point_mass is None:
+            return draft
+        return Draft(token_ids=draft.token_ids, logits=draft.dense_logits(vocab_size), confidence=draft.confidence)
+
+    def propose(self, context):
+        vocab_size = self.dspark.cfg.vocab_size
+        with patched(DSparkDrafter, "draft_from_hidden",
+                     lambda drafter, *args: dense(draft_from_hidden(drafter, *args), vocab_size)):
+            return dense(hybrid_propose(self, context), vocab_size)
+    return propose
 
 
 def machine() -> str:
@@ -108,6 +130,11 @@ def main() -> None:
                         help="add the default with the throughput margin a plan must promise set to M")
     parser.add_argument("--without-short-block", action="store_true",
                         help="add the default without its short DSpark block (plan hybrid-short)")
+    parser.add_argument("--short-block", type=int, default=None, metavar="N",
+                        help="add the default with its short DSpark block (plan hybrid-short) drafting N positions")
+    parser.add_argument("--dense-drafts", action="store_true",
+                        help="add the default with its drafts' laws written over the whole vocabulary (no "
+                             "Draft.logit_ids / point_mass), as before compact drafts")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -134,6 +161,12 @@ def main() -> None:
     if args.without_short_block:
         hybrids["no short"] = default_hybrid_drafter(target)
         hybrids["no short"].short = None
+    if args.short_block is not None:
+        hybrids["short"] = default_hybrid_drafter(target)
+        hybrids["short"].short = ShortBlockDrafter(hybrids["short"].dspark, args.short_block)
+    if args.dense_drafts:
+        hybrids["dense"] = default_hybrid_drafter(target)
+        variants["dense"] = (HybridDrafter, "propose", dense_drafts(HybridDrafter.propose, DSparkDrafter.draft_from_hidden))
     if args.plan_margin is not None:
         hybrids["margin"] = default_hybrid_drafter(target)
         variants["margin"] = (generate_module, "PLAN_MARGIN", args.plan_margin)

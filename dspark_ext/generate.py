@@ -456,7 +456,7 @@ class _Generation:
         draft_mask = positions[None, :K] < num_draft[:, None]
         draft_ids = draft.token_ids.to(torch.int64)[draft_mask]
         target_logits = out.logits
-        draft_logits = None if draft.logits is None else draft.logits[draft_mask]
+        draft_logits = draft.verified_logits(draft_mask, target_logits.shape[-1])
         if draft_logits is not None and draft_logits.dtype != target_logits.dtype:
             # Widening float16/bfloat16 to float32 is exact: p and q stay what they were.
             target_logits, draft_logits = target_logits.float(), draft_logits.float()

@@ -262,7 +262,8 @@ def test_draft_vocabulary_logits_are_the_whole_vocabularys_on_its_ids(variant):
     same_prefix = torch.cat([torch.ones(len(lengths), 1, dtype=torch.bool),
                              (sub.token_ids == whole.token_ids).cumprod(1)[:, :-1].bool()], dim=1)
     ids = subset.sort().values
-    torch.testing.assert_close(sub.logits[same_prefix][:, ids], whole.logits[same_prefix][:, ids], rtol=1e-5, atol=1e-5)
+    assert sub.logits.shape[-1] == len(subset) and torch.equal(sub.logit_ids, ids)  # compact: the draft vocabulary's ids only
+    torch.testing.assert_close(sub.dense_logits(V)[same_prefix][:, ids], whole.logits[same_prefix][:, ids], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sub.confidence[same_prefix], whole.confidence[same_prefix], rtol=1e-5, atol=1e-6)
     assert int(same_prefix.sum()) > len(lengths)  # later positions were compared too
 
@@ -278,10 +279,12 @@ def test_draft_vocabulary_drafts_only_its_ids(temperature):
     inside = torch.zeros(V, dtype=torch.bool)
     inside[subset] = True
     assert bool(inside[draft.token_ids].all())
-    assert draft.logits.shape == (len(lengths), drafter.num_draft, V)
-    assert bool((draft.logits[..., ~inside] == float("-inf")).all()) and bool(draft.logits[..., inside].isfinite().all())
+    assert draft.logits.shape == (len(lengths), drafter.num_draft, len(subset))
+    logits = draft.dense_logits(V)
+    assert logits.shape == (len(lengths), drafter.num_draft, V)
+    assert bool((logits[..., ~inside] == float("-inf")).all()) and bool(logits[..., inside].isfinite().all())
     if temperature == 0:  # each draft is the argmax of what it reports
-        assert torch.equal(draft.token_ids, draft.logits.argmax(-1))
+        assert torch.equal(draft.token_ids, logits.argmax(-1))
     assert bool(((draft.confidence > 0) & (draft.confidence < 1)).all())
     drafter.set_draft_vocabulary(None, 0)  # back to every id
     assert drafter.draft_vocab is None and drafter.cfg.draft_vocab_size == 0
@@ -307,10 +310,10 @@ def test_draft_vocabulary_on_cuda(temperature):
     inside = torch.zeros(V, dtype=torch.bool, device="cuda")
     inside[gpu.draft_vocab] = True
     assert bool(inside[on_gpu.token_ids].all())
-    assert bool((on_gpu.logits[..., ~inside] == float("-inf")).all())
+    assert bool((on_gpu.dense_logits(V)[..., ~inside] == float("-inf")).all())
     if temperature == 0:
         assert torch.equal(on_gpu.token_ids.cpu(), on_cpu.token_ids)
-        torch.testing.assert_close(on_gpu.logits.cpu(), on_cpu.logits, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(on_gpu.dense_logits(V).cpu(), on_cpu.dense_logits(V), rtol=1e-4, atol=1e-3)
 
 
 def test_draft_vocabulary_rejects_bad_rankings():
@@ -716,7 +719,8 @@ class ReportsWholeVocabularyLogits(DSparkDrafter):
 
     def propose(self, context: DraftContext) -> Draft:
         draft = super().propose(context)
-        logits = torch.where(draft.logits.isinf(), draft.logits.amax(-1, keepdim=True), draft.logits)
+        dense = draft.dense_logits(self.cfg.vocab_size)
+        logits = torch.where(dense.isinf(), dense.amax(-1, keepdim=True), dense)
         return Draft(token_ids=draft.token_ids, logits=logits, confidence=draft.confidence)
 
 

@@ -17,7 +17,7 @@ import torch
 from dspark_ext.drafters import AutoregressiveDrafter, MarkovDrafter
 from dspark_ext.generate import GenerationResult, generate
 from dspark_ext.drafters import NgramDrafter
-from dspark_ext.protocols import Drafter, DraftContext, Target
+from dspark_ext.protocols import Draft, Drafter, DraftContext, Target
 from helpers import assert_matches_distribution, check_distribution, sequence_codes
 from toy_targets import MisreportingDrafter, TrigramTarget
 
@@ -425,6 +425,29 @@ class RecordingDrafter(NgramDrafter):
             context.tokens, context.lengths, context.anchor_hidden, context.temperature, context.seed,
             context.offset))))
         return super().propose(context)
+
+
+def test_draft_verified_logits_expand_only_the_selected_drafts():
+    """A compact draft (logits over a draft vocabulary, deterministic rows as point masses)
+    expands to the whole vocabulary only for the drafts verify reads."""
+    V = 10
+    ids = torch.tensor([1, 4, 7])
+    logits = torch.randn(2, 3, 3)
+    token_ids = torch.tensor([[4, 1, 7], [9, 2, 3]])
+    draft = Draft(token_ids=token_ids, logits=logits, logit_ids=ids, point_mass=torch.tensor([False, True]))
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    rows = draft.verified_logits(mask, V)
+    expected = torch.full((3, V), float("-inf"))
+    expected[0, ids] = logits[0, 0]
+    expected[1, ids] = logits[0, 1]
+    expected[2, 9] = 0.0  # request 1 is deterministic: a point mass at its draft 9, whatever its logits
+    assert torch.equal(rows, expected)
+    assert torch.equal(draft.dense_logits(V)[mask], rows)
+    assert Draft(token_ids=token_ids).verified_logits(mask, V) is None
+    with pytest.raises(ValueError, match="logit_ids"):
+        Draft(token_ids=token_ids, logits=logits, logit_ids=ids[:2]).verified_logits(mask, V)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Draft(token_ids=token_ids, logits=logits).verified_logits(mask, V)
 
 
 def test_draft_context():

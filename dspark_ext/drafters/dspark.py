@@ -648,11 +648,10 @@ class DSparkDrafter(nn.Module):
         token_ids, logits, confidence = torch.ops.dspark.markov_draft(
             base.to(markov_dtype), previous, w1, w2, context.temperature.float(), context.seed, context.offset,
             *conf_args)
-        if vocab is not None:  # back to vocabulary ids, and q = 0 outside the draft vocabulary
+        if vocab is not None:  # back to vocabulary ids; q = 0 outside the draft vocabulary (logit_ids)
             token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # a bounds guard: the -inf id N is never drawn
-            full = logits.new_full((*logits.shape[:-1], self.cfg.vocab_size), float("-inf"), dtype=torch.float32)
-            logits = full.index_copy_(-1, vocab, logits[..., :-1].float())
-        return Draft(token_ids=token_ids, logits=logits.float(),
+            logits = logits[..., :-1]
+        return Draft(token_ids=token_ids, logits=logits.float(), logit_ids=vocab,
                      confidence=confidence if self.confidence is not None else None)
 
     # ---------------------------------------------------------------- persistence

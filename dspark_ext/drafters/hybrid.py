@@ -67,7 +67,7 @@ class ShortBlockDrafter:
         confidence = None
         if drafted.confidence is not None:
             confidence = torch.cat([drafted.confidence, drafted.confidence.new_zeros(drafted.confidence.shape[0], pad)], 1)
-        return Draft(token_ids=token_ids, logits=logits, confidence=confidence)
+        return Draft(token_ids=token_ids, logits=logits, confidence=confidence, logit_ids=drafted.logit_ids)
 
 
 class HybridDrafter:
@@ -112,8 +112,9 @@ class HybridDrafter:
         choices = {"lookup": (torch.zeros_like(lookup_survival[:, 0], dtype=torch.bool), lookup_survival)}
         forecasts = {"hybrid": dspark_survival}
         if self.short is not None:
-            forecasts["hybrid-short"] = torch.cat([dspark_survival[:, :SHORT_BLOCK],
-                                                   dspark_survival.new_zeros(dspark_survival[:, SHORT_BLOCK:].shape)], 1)
+            block = self.short.block
+            forecasts["hybrid-short"] = torch.cat([dspark_survival[:, :block],
+                                                   dspark_survival.new_zeros(dspark_survival[:, block:].shape)], 1)
         for plan, forecast in forecasts.items():
             use_dspark = forecast.sum(1) > lookup_survival.sum(1)
             choices[plan] = (use_dspark, torch.where(use_dspark[:, None], forecast, lookup_survival))
@@ -155,20 +156,19 @@ class HybridDrafter:
             raise ValueError("the hybrid's DSpark drafter must report its drafting logits and confidences "
                              "(a DSparkDrafter with a confidence head)")
         self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
-        drafted_positions = SHORT_BLOCK if plan == "hybrid-short" else self.num_draft
+        drafted_positions = self.short.block if plan == "hybrid-short" else self.num_draft
         self.dspark_survival.update(drafted.confidence[:, :drafted_positions].float().cumprod(1))
         chose_dspark = int(use_dspark.sum())
         self.chose_dspark += chose_dspark
         self.chose_lookup += int(use_dspark.numel()) - chose_dspark
         if chose_dspark == use_dspark.numel():
             return drafted
-        # Lookup rows verify as one-hot proposals: log-probability 0 at the draft, -inf elsewhere.
-        one_hot = torch.full_like(drafted.logits, float("-inf"))
-        one_hot.scatter_(2, lookup.token_ids[:, :, None], 0.0)
+        # Lookup rows verify as one-hot proposals (point masses at their drafts).
         pick = use_dspark[:, None]
-        return Draft(token_ids=torch.where(pick, drafted.token_ids, lookup.token_ids),
-                     logits=torch.where(pick[:, :, None], drafted.logits, one_hot),
-                     confidence=torch.where(pick, drafted.confidence, lookup.confidence))
+        point_mass = ~use_dspark if drafted.point_mass is None else drafted.point_mass | ~use_dspark
+        return Draft(token_ids=torch.where(pick, drafted.token_ids, lookup.token_ids), logits=drafted.logits,
+                     confidence=torch.where(pick, drafted.confidence, lookup.confidence),
+                     logit_ids=drafted.logit_ids, point_mass=point_mass)
 
     # ------------------------------------------------------------------ the shipped default
     def cost_profile(self, target, requests: Sequence[int], remeasure: bool = False, log=None):

@@ -107,4 +107,5 @@ class MarkovDrafter:
             raise ValueError(f"block must be in [1, {self.num_draft}], got {block}")
         draft = self.propose(context)
         return Draft(token_ids=draft.token_ids[:, :block], logits=draft.logits[:, :block],
-                     confidence=None if draft.confidence is None else draft.confidence[:, :block])
+                     confidence=None if draft.confidence is None else draft.confidence[:, :block],
+                     logit_ids=draft.logit_ids, point_mass=draft.point_mass)
