@@ -67,7 +67,8 @@ class ShortBlockDrafter:
         confidence = None
         if drafted.confidence is not None:
             confidence = torch.cat([drafted.confidence, drafted.confidence.new_zeros(drafted.confidence.shape[0], pad)], 1)
-        return Draft(token_ids=token_ids, logits=logits, confidence=confidence, logit_ids=drafted.logit_ids)
+        return Draft(token_ids=token_ids, logits=logits, confidence=confidence, logit_ids=drafted.logit_ids,
+                     point_mass=drafted.point_mass)
 
 
 class HybridDrafter:
