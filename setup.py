@@ -11,6 +11,7 @@ The build records the torch it compiled against (dspark_ext/_build_info.py, read
 dspark_ext/_loader.py at import) and pins the package to that torch release.
 """
 
+import hashlib
 import os
 import platform
 import sys
@@ -123,8 +124,19 @@ class BuildWithCpuIsaVariants(cpp_extension.BuildExtension):
 TORCH_RELEASE = torch.__version__.split("+")[0]
 
 
+def kernel_sources_sha256() -> str:
+    """One hash of every kernel source (csrc/): a cost profile measured with other kernels is
+    measured again (dspark_ext/cost_profile.py keys profiles by it)."""
+    digest = hashlib.sha256()
+    for path in relative_sources("csrc/**/*"):
+        if (ROOT / path).is_file():
+            digest.update(path.encode() + b"\0" + (ROOT / path).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def write_build_info() -> None:
-    """The exact torch this build compiles against, checked by dspark_ext/_loader.py at import."""
+    """The exact torch this build compiles against, checked by dspark_ext/_loader.py at import,
+    and the hash of the kernel sources it compiles."""
     (ROOT / "dspark_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
@@ -132,6 +144,7 @@ def write_build_info() -> None:
         f"TORCH_CUDA_VERSION = {torch.version.cuda!r}\n"
         f"WITH_CUDA = {WITH_CUDA!r}\n"
         f"CUDA_ARCHS = {CUDA_ARCHS!r}\n"
+        f"KERNEL_SOURCES_SHA256 = {kernel_sources_sha256()!r}\n"
     )
 
 

@@ -164,10 +164,21 @@ def drafter_identity(drafter) -> str:
     return type(drafter).__name__ + json.dumps(shape, sort_keys=True)
 
 
+def kernel_build() -> str:
+    """The hash of the kernel sources this build of the extension compiled (setup.py), or
+    "unknown"."""
+    try:
+        from dspark_ext import _build_info
+    except ImportError:
+        return "unknown"
+    return getattr(_build_info, "KERNEL_SOURCES_SHA256", "unknown")
+
+
 def profile_key(target_name: str, drafters: Dict[str, object], requests: Sequence[int], max_draft: int,
                 device) -> dict:
     return {"version": PROFILE_VERSION, "target": target_name, "device": str(device),
             "machine": machine_description(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "kernels": kernel_build(),
             "drafters": {name: drafter_identity(d) for name, d in sorted(drafters.items())},
             "requests": sorted(int(r) for r in requests), "max_draft": int(max_draft)}
 
@@ -340,7 +351,7 @@ def load_or_measure(target, drafters: Dict[str, object], requests: Sequence[int]
     source = f"measured on this machine, cached in {folder}"
     spread = max((p.spread for p in parts.values() if p is not None), default=0.0)
     if missing:
-        log(f"cost profile: measuring this machine (once per target, drafter, device, threads, torch and batch "
+        log(f"cost profile: measuring this machine (once per target, drafter, device, threads, torch, kernel build and batch "
             f"size; `dspark profile` re-measures)")
         measured = measure(target, drafters, missing, max_draft, target_name=target_name, **measure_kwargs)
         busy = measured.spread > BUSY_SPREAD

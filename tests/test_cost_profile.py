@@ -109,6 +109,25 @@ def test_cache_hit_remeasure_and_key(tmp_path):
     assert key["drafters"] == {"toy": "TimedDrafter"} and key["requests"] == [1] and "machine" in key
 
 
+def test_another_kernel_build_measures_again(tmp_path, monkeypatch):
+    """A profile is keyed by the hash of the kernel sources the extension was built from
+    (setup.py writes it into dspark_ext/_build_info.py): rebuilt kernels are measured again."""
+    from dspark_ext import _build_info, cost_profile
+
+    assert len(_build_info.KERNEL_SOURCES_SHA256) == 64
+    target, drafters, kwargs = cached_setup(tmp_path)
+    first = load_or_measure(target, drafters, [1], 3, **kwargs)
+    assert first.key["kernels"] == _build_info.KERNEL_SOURCES_SHA256
+    calls = target.forward_calls
+    monkeypatch.setattr(_build_info, "KERNEL_SOURCES_SHA256", "0" * 64)
+    assert cost_profile.kernel_build() == "0" * 64
+    rebuilt = load_or_measure(target, drafters, [1], 3, **kwargs)
+    assert target.forward_calls > calls and "saved" in rebuilt.source
+    monkeypatch.undo()
+    again = load_or_measure(target, drafters, [1], 3, **kwargs)
+    assert "cached" in again.source and again.step_seconds == first.step_seconds
+
+
 def test_busy_machine_profile_is_used_but_not_saved(tmp_path):
     clock = Clock()
     target = TimedTarget(clock, jitter=0.5)  # jitter far above the 10-18 ms steps
