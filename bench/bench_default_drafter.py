@@ -38,8 +38,8 @@ from dspark_ext.cli import _encode, load_eval_prompts
 from dspark_ext.drafters import AutoregressiveDrafter, NgramDrafter
 from dspark_ext.drafters.dspark import DSparkDrafter
 from dspark_ext.drafters.hybrid import HybridDrafter, ShortBlockDrafter, default_hybrid_drafter
-from dspark_ext.protocols import Draft
 from dspark_ext.generate import generate
+from dspark_ext.protocols import Draft
 from dspark_ext.targets import load_target
 
 generate_module = importlib.import_module("dspark_ext.generate")  # the package's `generate` is the function

@@ -137,7 +137,6 @@ def test_llama_target_matches_hf(tiny_llama, max_skinny_rows):
     _drive(target, tiny_llama, HIDDEN_LAYERS)
 
 
-
 def test_llama_target_matches_hf_with_split_attention(tiny_llama, monkeypatch):
     """With free attention calls, every step whose requests have different token counts attends
     in several segments (llama.attention_segments): the logits still match transformers."""
@@ -172,6 +171,7 @@ def test_attention_segments_minimise_the_cost_model():
     assert attention_segments([8, 1, 1, 1], [408, 401, 401, 401], "cuda") == [(0, 4)]
     assert attention_segments([8, 1, 1, 1], [408, 401, 401, 401]) == [(0, 1), (1, 4)]
     assert attention_segments([8] + [1] * 32, [408] + [401] * 32) == [(0, 33)]  # past MAX_SPLIT_BATCH
+
     def cost(runs, counts, keys):
         return sum(attention_cost(b1 - b0, max(counts[b0:b1]), max(keys[b0:b1])) for b0, b1 in runs)
 
@@ -188,6 +188,7 @@ def test_attention_segments_minimise_the_cost_model():
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(segments, segments[1:]))
         splits = [list(zip((0,) + cut, cut + (B,))) for n in range(B) for cut in itertools.combinations(range(1, B), n)]
         assert cost(segments, counts, keys) == pytest.approx(min(cost(runs, counts, keys) for runs in splits))
+
 
 def test_llama_target_no_hidden(tiny_llama):
     target = LlamaTarget(Llama.from_hf(tiny_llama))

@@ -15,9 +15,9 @@ Three plans reach the loop (``plans``): "lookup" (DSpark does not run this round
 uses its lookup proposal), "hybrid" (DSpark runs, each request takes its choice) and, for a
 DSpark drafter that can draft a shorter block (``propose_block``) and a batch of several requests,
 "hybrid-short": DSpark drafts only its first ``SHORT_BLOCK`` positions, a round that costs ~70%
-of a full block's at batch 4 (4.4 ms against 6.2 on SmolLM2's drafter: the backbone's rows are
+of a full block's at batch 4 (3.8 ms against 5.6 on SmolLM2's drafter: the backbone's rows are
 the cost), for rounds where only the first drafts would be verified anyway. For one request the
-saving is ~10% (3.3 ms against 3.6) and the plan is not offered: planned on mean survivals it
+saving is ~2% (3.25 ms against 3.31) and the plan is not offered: planned on mean survivals it
 took rounds from the full block, whose lengths each round's own confidences pick, and the
 batch-1, T = 1 cells lost 1-2%. The loop prices every plan with the cost profile and may also skip
 drafting altogether. DSpark's forecast only refreshes when DSpark runs, so the loop probes its
@@ -142,22 +142,24 @@ class HybridDrafter:
 
     def propose(self, context: DraftContext) -> Draft:
         plan = context.plan or "hybrid"
-        if plan == "hybrid-short" and self.short is None:
+        short_round = plan == "hybrid-short"
+        if short_round and self.short is None:
             raise ValueError("plan 'hybrid-short' needs a DSpark drafter with propose_block")
-        use_dspark = self._choice(context)[plan if plan in ("hybrid", "hybrid-short") else "hybrid"][0]
+        choices = self._choice(context)  # every round: it also follows the requests' restarts
         self._cached_choice = None
         lookup = self.lookup.propose(context)
         self.rounds[plan] = self.rounds.get(plan, 0) + 1
         if plan == "lookup":
             self.chose_lookup += int(context.tokens.shape[0])
             return lookup
-        drafter = self.short if plan == "hybrid-short" else self.dspark
+        use_dspark = choices["hybrid-short" if short_round else "hybrid"][0]
+        drafter = self.short if short_round else self.dspark
         drafted = drafter.propose(self._dspark_context(context))
         if drafted.confidence is None or drafted.logits is None:
             raise ValueError("the hybrid's DSpark drafter must report its drafting logits and confidences "
                              "(a DSparkDrafter with a confidence head)")
         self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
-        drafted_positions = self.short.block if plan == "hybrid-short" else self.num_draft
+        drafted_positions = self.short.block if short_round else self.num_draft
         self.dspark_survival.update(drafted.confidence[:, :drafted_positions].float().cumprod(1))
         chose_dspark = int(use_dspark.sum())
         self.chose_dspark += chose_dspark
