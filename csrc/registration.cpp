@@ -16,6 +16,9 @@ TORCH_LIBRARY(dspark, m) {
   // F.linear for the few rows of a target verifying drafts, batch-invariant, on a weight packed
   // by dspark_ext.ops.pack_skinny_weight ([ceil(N / 16), K, 16]); CPU only.
   m.def("skinny_linear(Tensor input, Tensor packed_weight, int out_features, Tensor? bias) -> Tensor");
+  // Causal attention of a step's few rows per request over a [B, KVH, C, D] cache, batch-invariant; CPU only.
+  m.def("cached_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor cu_seqlens, "
+        "Tensor context_lengths, float scale) -> Tensor");
   // Internal, for tests only: core::exp_two_ulp (or, nonpositive, core::exp_nonpositive) as
   // built for one CPU instruction set ("scalar", "default", "avx2", "avx512"), elementwise.
   m.def("_exp_for_testing(Tensor x, str isa, bool nonpositive=False) -> Tensor");

@@ -169,6 +169,12 @@ def attention_cost(requests: int, rows: int, keys: int) -> float:
     return ATTENTION_CALL_US + requests * keys * (ATTENTION_KEY_US + rows * ATTENTION_QUERY_KEY_US)
 
 
+#: Steps of at most this many new tokens per request attend through ``dspark::cached_attention``
+#: on CPU in float32 (one read of each request's cache for all its rows; batch-invariant); longer
+#: ones (a prompt) through SDPA. 0 = always SDPA.
+MAX_CACHED_ATTENTION_ROWS = 16
+
+
 #: Past this many requests in a step, attention runs as one call (the split is chosen in Python
 #: every forward, in time quadratic in the batch).
 MAX_SPLIT_BATCH = 32
@@ -258,14 +264,17 @@ class Llama:
 
     Float32 on CPU, steps of at most ``max_skinny_rows`` new tokens run their projections and LM
     head through ``dspark::skinny_linear`` on weights packed here (a second copy of them), so
-    verifying eight tokens costs about what decoding one does. Those layers are then
-    batch-invariant; attention (SDPA) is not, so a token's logits still differ in the last bits
-    between decoding it alone and verifying it with others. 0 = always the BLAS GEMM."""
+    verifying eight tokens costs about what decoding one does; 0 = always the BLAS GEMM. Steps of
+    at most ``max_cached_attention_rows`` tokens per request attend through
+    ``dspark::cached_attention`` (0 = always SDPA). Both ops are batch-invariant, so a token's
+    logits and features are the same bits whether the target decodes it alone or verifies it
+    with others (``tests/test_targets.py``)."""
 
     def __init__(self, config: LlamaConfig, weights: LlamaWeights,
                  inv_freq: Optional[torch.Tensor] = None, attention_scaling: float = 1.0,
-                 max_skinny_rows: int = SKINNY_MAX_ROWS):
+                 max_skinny_rows: int = SKINNY_MAX_ROWS, max_cached_attention_rows: int = MAX_CACHED_ATTENTION_ROWS):
         self.config = config
+        self.max_cached_attention_rows = int(max_cached_attention_rows)
         self.weights = weights
         self.linears = [LayerLinears.of(lw, max_skinny_rows) for lw in weights.layers]
         self.lm_head = FusedLinear([(weights.lm_head, None)], max_skinny_rows)
@@ -280,7 +289,8 @@ class Llama:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_hf(cls, model, dtype: torch.dtype = torch.float32, device=None,
-                max_skinny_rows: int = SKINNY_MAX_ROWS) -> "Llama":
+                max_skinny_rows: int = SKINNY_MAX_ROWS,
+                max_cached_attention_rows: int = MAX_CACHED_ATTENTION_ROWS) -> "Llama":
         """Build from a transformers ``LlamaForCausalLM`` (its weights are copied/cast)."""
         hf = model.config
         config = LlamaConfig.from_hf(hf)
@@ -320,7 +330,8 @@ class Llama:
                                lm_head=embed if lm_head is None else lm_head)
         rotary = model.model.rotary_emb
         return cls(config, weights, inv_freq=rotary.inv_freq.detach().to(device),
-                   attention_scaling=getattr(rotary, "attention_scaling", 1.0), max_skinny_rows=max_skinny_rows)
+                   attention_scaling=getattr(rotary, "attention_scaling", 1.0), max_skinny_rows=max_skinny_rows,
+                   max_cached_attention_rows=max_cached_attention_rows)
 
     def new_cache(self, batch: int, capacity: int = 256) -> KVCache:
         return KVCache(self.config, batch, capacity, self.dtype, self.device)
@@ -364,10 +375,15 @@ class Llama:
         cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None, :]
         sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None, :]
 
-        # Attention runs once per segment of requests (attention_segments: usually one, the whole
-        # batch), with each segment's queries padded to its longest request.
-        segments = [_AttentionSegment.of(b0, b1, counts, key_counts, cache.lengths, row_b, row_t)
-                    for b0, b1 in attention_segments(counts, key_counts, dev)]
+        # A step of a few rows per request attends through dspark::cached_attention; a prompt
+        # (and any other device or dtype) once per segment of requests (attention_segments:
+        # usually one, the whole batch), with each segment's queries padded to its longest request.
+        cached_attention = (dev.type == "cpu" and self.dtype == torch.float32
+                            and max(counts) <= self.max_cached_attention_rows)
+        segments = [] if cached_attention else [
+            _AttentionSegment.of(b0, b1, counts, key_counts, cache.lengths, row_b, row_t)
+            for b0, b1 in attention_segments(counts, key_counts, dev)]
+        scale = hd ** -0.5
 
         x = F.embedding(token_ids, w.embed)  # [T, D]
         hiddens = {}
@@ -383,8 +399,11 @@ class Llama:
             kc, vc = cache.k[li], cache.v[li]
             kc[row_b, :, row_pos] = k
             vc[row_b, :, row_pos] = v
-            outputs = [segment.attend(q, kc, vc, KVH != H) for segment in segments]
-            o = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).reshape(T, H * hd)  # packed rows
+            if cached_attention:
+                o = torch.ops.dspark.cached_attention(q, kc, vc, cu, cache.lengths, scale).reshape(T, H * hd)
+            else:
+                outputs = [segment.attend(q, kc, vc, KVH != H) for segment in segments]
+                o = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).reshape(T, H * hd)  # packed rows
             x = x + lin.o(o)[0]
             h = _rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
             gate, up = lin.gate_up(h)

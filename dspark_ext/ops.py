@@ -152,3 +152,33 @@ def skinny_linear(input: torch.Tensor, packed_weight: torch.Tensor, out_features
     AVX-512 builds. CPU only; large inputs (a prompt) belong to ``F.linear``.
     """
     return torch.ops.dspark.skinny_linear(input, packed_weight, out_features, bias)
+
+
+@torch.library.register_fake("dspark::cached_attention")
+def _cached_attention_fake(query, key_cache, value_cache, cu_seqlens, context_lengths, scale):
+    torch._check(query.dim() == 3, lambda: "dspark::cached_attention: query must be 3-D [T, H, D]")
+    torch._check(key_cache.dim() == 4, lambda: "dspark::cached_attention: key_cache must be 4-D [B, KVH, C, D]")
+    torch._check(key_cache.shape[3] == query.shape[2],
+                 lambda: "dspark::cached_attention: key_cache.size(3) must equal query.size(2) (D)")
+    return query.new_empty(query.shape).contiguous()
+
+
+def cached_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                     cu_seqlens: torch.Tensor, context_lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a step's packed query rows over each request's cache, on CPU, as a
+    target forward runs it when it decodes a token or verifies a few drafts.
+
+    query [T, H, D] float32: request b's rows are ``cu_seqlens[b]:cu_seqlens[b+1]`` (int64
+    [B + 1]); key_cache, value_cache [B, KVH, C, D] float32, with H a multiple of KVH (query head
+    h reads KV head ``h // (H // KVH)``) and the step's own keys and values already written at
+    positions ``context_lengths[b] + t``; context_lengths [B] int64, the keys cached before the
+    step. Row t of request b attends to keys ``0 .. context_lengths[b] + t`` with softmax of
+    ``scale * q . k``. Returns [T, H, D] float32.
+
+    One task per (request, KV head) reads each cached row once for all its query heads and
+    rows, so a step of a few rows per request costs about what one row does (CPU SDPA pads
+    every request to the longest). A query's output depends only on its own row, position and
+    cache: bit-identical whatever the other rows or their number, and the same in the AVX2 and
+    AVX-512 builds. D <= 256; CPU only.
+    """
+    return torch.ops.dspark.cached_attention(query, key_cache, value_cache, cu_seqlens, context_lengths, scale)

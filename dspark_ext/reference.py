@@ -393,3 +393,23 @@ def schedule_async_reference(
     for r, j in path[:budget]:
         lengths[r] = j + 1
     return torch.tensor(lengths, dtype=torch.int32)
+
+
+def cached_attention_reference(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               cu_seqlens: torch.Tensor, context_lengths: torch.Tensor, scale: float,
+                               causal: bool = True) -> torch.Tensor:
+    """``torch.ops.dspark.cached_attention`` in float64, one query row at a time: row t of request
+    b attends to keys ``0 .. context_lengths[b] + t`` (``causal=False``: to the whole step, a
+    deliberately wrong mask for tests that must tell it apart). Returns [T, H, D] float64."""
+    T, H, D = query.shape
+    group = H // key_cache.shape[1]
+    out = torch.empty(T, H, D, dtype=torch.float64)
+    for b in range(key_cache.shape[0]):
+        first, rows = int(cu_seqlens[b]), int(cu_seqlens[b + 1] - cu_seqlens[b])
+        for t in range(rows):
+            seen = int(context_lengths[b]) + (t + 1 if causal else rows)
+            keys = key_cache[b, :, :seen].double().repeat_interleave(group, 0)  # [H, seen, D]
+            values = value_cache[b, :, :seen].double().repeat_interleave(group, 0)
+            weights = (torch.einsum("hd,hkd->hk", query[first + t].double(), keys) * scale).softmax(-1)
+            out[first + t] = torch.einsum("hk,hkd->hd", weights, values)
+    return out

@@ -15,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 
-from dspark_ext.llama import Llama  # noqa: E402
+from dspark_ext.llama import MAX_CACHED_ATTENTION_ROWS, Llama  # noqa: E402
 from dspark_ext.packed_linear import SKINNY_MAX_ROWS  # noqa: E402
 from dspark_ext.protocols import Target, TargetOutput  # noqa: E402
 from dspark_ext.targets import HFTarget, LlamaTarget  # noqa: E402
@@ -127,14 +127,42 @@ def _drive(target, hf_model, hidden_layers=None, atol=1e-5):
     assert target.lengths().tolist() == [6, 2]
 
 
+@pytest.mark.parametrize("max_cached_attention_rows", [MAX_CACHED_ATTENTION_ROWS, 2, 0],
+                         ids=["cached-attention", "cached-attention-up-to-2-rows", "sdpa"])
 @pytest.mark.parametrize("max_skinny_rows", [SKINNY_MAX_ROWS, 4, 0], ids=["skinny", "skinny-up-to-4-rows", "gemm"])
-def test_llama_target_matches_hf(tiny_llama, max_skinny_rows):
+def test_llama_target_matches_hf(tiny_llama, max_skinny_rows, max_cached_attention_rows):
     """Steps of up to ``max_skinny_rows`` tokens run through dspark::skinny_linear, larger ones
-    (and all of them at 0) through the GEMM: both match transformers."""
-    target = LlamaTarget(Llama.from_hf(tiny_llama, max_skinny_rows=max_skinny_rows), hidden_layers=HIDDEN_LAYERS)
+    (and all of them at 0) through the GEMM; steps of up to ``max_cached_attention_rows`` tokens
+    per request attend through dspark::cached_attention, the others (a prompt) through SDPA: every
+    mix matches transformers."""
+    target = LlamaTarget(Llama.from_hf(tiny_llama, max_skinny_rows=max_skinny_rows,
+                                       max_cached_attention_rows=max_cached_attention_rows),
+                         hidden_layers=HIDDEN_LAYERS)
     assert isinstance(target, Target)
     assert target.vocab_size == VOCAB and target.device == torch.device("cpu")
     _drive(target, tiny_llama, HIDDEN_LAYERS)
+
+
+def test_llama_step_is_batch_invariant(tiny_llama):
+    """With dspark::skinny_linear and dspark::cached_attention, a token's logits and features are
+    the same bits whether the target decodes it alone or verifies it among others (of its own
+    request and of other requests). The prompts are short enough (21 rows, at most 9 per request)
+    that their prefill takes the same two ops, so both targets hold the same cache."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g) for n in (7, 9, 5)]
+    new = [torch.randint(0, VOCAB, (n,), generator=g) for n in (4, 1, 3)]
+    together = LlamaTarget(Llama.from_hf(tiny_llama), hidden_layers=HIDDEN_LAYERS)
+    together.start(prompts)
+    joint = together.forward(*_pack(new))
+    row = 0
+    for b in range(3):
+        alone = LlamaTarget(Llama.from_hf(tiny_llama), hidden_layers=HIDDEN_LAYERS)
+        alone.start([prompts[b]])
+        for t in range(new[b].numel()):
+            out = alone.forward(*_pack([new[b][t:t + 1]]))
+            assert torch.equal(out.logits[0], joint.logits[row]), (b, t)
+            assert torch.equal(out.hidden_states[0], joint.hidden_states[row]), (b, t)
+            row += 1
 
 
 def test_llama_target_matches_hf_with_split_attention(tiny_llama, monkeypatch):
@@ -151,7 +179,7 @@ def test_llama_target_matches_hf_with_split_attention(tiny_llama, monkeypatch):
         return chosen[-1]
 
     monkeypatch.setattr(llama_module, "attention_segments", spy)
-    target = LlamaTarget(Llama.from_hf(tiny_llama), hidden_layers=HIDDEN_LAYERS)
+    target = LlamaTarget(Llama.from_hf(tiny_llama, max_cached_attention_rows=0), hidden_layers=HIDDEN_LAYERS)
     _drive(target, tiny_llama, HIDDEN_LAYERS)
     assert any(len(segments) > 1 for segments in chosen)
 

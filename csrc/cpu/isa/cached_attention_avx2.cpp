@@ -1,0 +1,1 @@
+#include "../cached_attention_kernel.h"
