@@ -33,7 +33,7 @@ import torch
 
 from dspark_ext.protocols import DraftContext
 
-PROFILE_VERSION = 9  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512; 5: the DSpark backbone drafts through skinny_linear on bfloat16 weights; 6: drafting rounds are timed right after a target step, as in the loop; 7: the target attends without padding where a step's requests have as many tokens, and in segments where they differ; the hybrid's short DSpark block is priced; 8: drafts over a draft vocabulary stay compact (Draft.logit_ids); 9: the target's few-row steps attend through dspark::cached_attention
+PROFILE_VERSION = 10  # 2: the target runs few-row steps through dspark::skinny_linear; 3: the drafter's bfloat16 head takes the GEMM past 8 rows, its Markov head drafts in bfloat16; 4: skinny_linear runs 9-12 rows in one pass on AVX-512; 5: the DSpark backbone drafts through skinny_linear on bfloat16 weights; 6: drafting rounds are timed right after a target step, as in the loop; 7: the target attends without padding where a step's requests have as many tokens, and in segments where they differ; the hybrid's short DSpark block is priced; 8: drafts over a draft vocabulary stay compact (Draft.logit_ids); 9: the target's few-row steps attend through dspark::cached_attention; 10: DSpark's drafts stay in markov_draft's dtype and its anchor transition runs through skinny_linear
 #: A profile whose median relative spread ((q3 - q1) / median of the repeats) exceeds this was
 #: measured on a busy machine: it serves the run that measured it but is not saved.
 BUSY_SPREAD = 0.25

@@ -52,8 +52,8 @@ class Target(Protocol):
 @dataclass
 class Draft:
     """K proposed tokens per request. ``token_ids`` [B, K] int64. ``logits`` [B, K, V] (the
-    distribution each draft was drawn from, before temperature; None = deterministic drafts,
-    verified as one-hot proposals). ``confidence`` [B, K] float32 (conditional acceptance, for
+    distribution each draft was drawn from, before temperature, in any float dtype: verify is
+    shown them widened to float32; None = deterministic drafts, verified as one-hot proposals). ``confidence`` [B, K] float32 (conditional acceptance, for
     the scheduler; None = verify all K unless the loop caps them).
 
     Two compact forms spare a drafter writing B x K whole-vocabulary rows that verify mostly never
@@ -81,7 +81,7 @@ class Draft:
         deterministic."""
         if self.logits is None:
             return None
-        rows = self.logits[mask]
+        rows = self.logits[mask].float()
         if self.logit_ids is not None:
             if rows.shape[-1] != self.logit_ids.numel():
                 raise ValueError(f"the draft's logits cover {rows.shape[-1]} ids, its logit_ids {self.logit_ids.numel()}")

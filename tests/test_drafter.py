@@ -391,20 +391,22 @@ def test_block_forward_blocks_are_independent():
 
 def test_bfloat16_drafting_runs_the_markov_head_in_bfloat16():
     """With a bfloat16 LM head (machines with native bfloat16), the Markov head drafts in
-    bfloat16 too: the reported logits are markov_draft's bfloat16 l_k widened exactly (what
-    drew the drafts, so verify sees the law that sampled them), the greedy drafts are their
-    argmax, and the converted weights follow in-place updates of the head."""
+    bfloat16 too: the reported logits are markov_draft's bfloat16 l_k (what drew the drafts;
+    verify is shown them widened exactly, so it sees the law that sampled them), the greedy
+    drafts are their argmax, and the converted weights follow in-place updates of the head."""
     drafter = small_drafter(seed=5)
     drafter.inference_lm_head_dtype = torch.bfloat16
     lengths = [9, 4]
     tokens, features = random_batch(lengths, seed=3)
     draft = drafter.propose(context_of(tokens, lengths, features, 0.0))
-    assert draft.logits.dtype == torch.float32
-    assert torch.equal(draft.logits, draft.logits.bfloat16().float())  # bfloat16 values
-    assert torch.equal(draft.token_ids, draft.logits.argmax(-1))
+    assert draft.logits.dtype == torch.bfloat16
+    widened = draft.dense_logits(drafter.cfg.vocab_size)
+    assert widened.dtype == torch.float32 and torch.equal(widened, draft.logits.float())
+    assert torch.equal(draft.token_ids, widened.argmax(-1))
     fp32 = small_drafter(seed=5).propose(context_of(tokens, lengths, features, 0.0))
-    assert not torch.equal(draft.logits, fp32.logits)
-    torch.testing.assert_close(draft.logits, fp32.logits, rtol=0.02, atol=0.1)
+    assert fp32.logits.dtype == torch.float32
+    assert not torch.equal(widened, fp32.logits)
+    torch.testing.assert_close(widened, fp32.logits, rtol=0.02, atol=0.1)
     w1_bf16, _ = drafter.markov_weights(torch.bfloat16)
     assert drafter.markov_weights(torch.bfloat16)[0] is w1_bf16  # cached
     with torch.no_grad():
@@ -532,7 +534,7 @@ def test_save_load_round_trip(tmp_path, variant):
         a = loaded.propose(context_of(tokens, lengths, features, temperature))
         loaded.inference_backbone_dtype = torch.bfloat16
         c = drafter.propose(context_of(tokens, lengths, features, temperature))
-        torch.testing.assert_close(a.logits, c.logits, rtol=2e-2, atol=5e-2)
+        torch.testing.assert_close(a.logits.float(), c.logits.float(), rtol=2e-2, atol=5e-2)
 
 
 # --------------------------------------------------------------------------- inside generate

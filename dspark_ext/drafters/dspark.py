@@ -424,10 +424,11 @@ class DSparkDrafter(nn.Module):
         return self._head_logits(hidden, dtype, self.lm_head_as, self.packed_lm_head)
 
     @staticmethod
-    def _head_logits(hidden: torch.Tensor, dtype: Optional[torch.dtype], weight_as, packed_as) -> torch.Tensor:
+    def _head_logits(hidden: torch.Tensor, dtype: Optional[torch.dtype], weight_as, packed_as,
+                     widen: bool = True) -> torch.Tensor:
         """``logits`` on a head given as ``weight_as(dtype)`` [N, D] and ``packed_as(dtype)`` (its
         ``skinny_linear`` packing, asked for only when used): the whole LM head or the draft
-        vocabulary's rows."""
+        vocabulary's rows. ``widen=False`` leaves a bfloat16 GEMM's logits in bfloat16."""
         rows = hidden.numel() // max(hidden.shape[-1], 1)
         max_rows = SKINNY_BFLOAT16_MAX_ROWS if dtype == torch.bfloat16 else SKINNY_MAX_ROWS
         if (hidden.device.type == "cpu" and not torch.is_grad_enabled() and rows <= max_rows
@@ -438,7 +439,8 @@ class DSparkDrafter(nn.Module):
         if dtype is None or dtype == torch.float32:
             return lm_head_logits(hidden.float().reshape(-1, hidden.shape[-1]), weight_as(torch.float32)).view(
                 *hidden.shape[:-1], -1)
-        return F.linear(hidden.to(dtype), weight_as(dtype)).float()
+        logits = F.linear(hidden.to(dtype), weight_as(dtype))
+        return logits.float() if widen else logits
 
     def packed_lm_head(self, dtype: torch.dtype) -> torch.Tensor:
         """The frozen LM head in ``dtype``, packed for ``skinny_linear`` (once, then cached)."""
@@ -522,12 +524,27 @@ class DSparkDrafter(nn.Module):
             self._drafting_head_key = key
         return self._drafting_head
 
-    def drafting_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Base logits U [..., V] of a drafting round, or [..., N] over the draft vocabulary."""
+    def drafting_logits(self, hidden: torch.Tensor, widen: bool = True) -> torch.Tensor:
+        """Base logits U [..., V] of a drafting round, or [..., N] over the draft vocabulary
+        (``widen=False``: a bfloat16 head's GEMM output stays bfloat16)."""
         if self.draft_vocab is None:
-            return self.logits(hidden, self.inference_lm_head_dtype)
+            return self._head_logits(hidden, self.inference_lm_head_dtype, self.lm_head_as, self.packed_lm_head, widen)
         return self._head_logits(hidden, self.inference_lm_head_dtype, lambda dtype: self.drafting_head(dtype)[0],
-                                 lambda dtype: self.drafting_head(dtype)[1])
+                                 lambda dtype: self.drafting_head(dtype)[1], widen)
+
+    def anchor_transition(self, anchor_w1: torch.Tensor) -> torch.Tensor:
+        """W2 W1[anchor] over the draft vocabulary: ``anchor_w1`` [B, r] float32 -> [B, N] float32
+        (W2's rows in float32; on CPU through ``dspark::skinny_linear`` on them packed once, one
+        read of the rows where the BLAS GEMM of this shape took ~0.35 ms at batch 4)."""
+        rows = self.drafting_markov_weights(torch.bfloat16 if self.inference_lm_head_dtype == torch.bfloat16
+                                            else torch.float32)[2]
+        if anchor_w1.device.type != "cpu" or torch.is_grad_enabled():
+            return anchor_w1 @ rows.T
+        key = (rows.data_ptr(), rows.shape)
+        if getattr(self, "_transition_packed_key", None) != key:
+            self._transition_packed = pack_skinny_weight(rows)
+            self._transition_packed_key = key
+        return torch.ops.dspark.skinny_linear(anchor_w1.contiguous(), self._transition_packed, rows.shape[0], None)
 
     # ---------------------------------------------------------------- Drafter protocol
     def reset(self, batch_size: int) -> None:
@@ -613,15 +630,17 @@ class DSparkDrafter(nn.Module):
         """The block's hidden states h [B, K, D] -> base logits, then the K drafts through
         ``dspark::markov_draft`` (Markov head and confidence)."""
         device = h.device
-        base = self.drafting_logits(h).contiguous()
         vocab = self.draft_vocab
+        # The logits stay in the GEMM's dtype (bfloat16 on CPUs with AVX512-BF16): the op reads them
+        # in its own dtype, and verify widens only the drafts it reads (Draft.verified_logits).
+        base = self.drafting_logits(h, widen=vocab is None)
         previous = anchors.to(torch.int64)
         markov_dtype = torch.bfloat16 if self.inference_lm_head_dtype == torch.bfloat16 else torch.float32
         if self.markov is not None:
             # A bfloat16 Markov head reads half the bytes of W2 at each of the K steps (one
             # request: 1.0 ms against 2.0); l_k is then rounded to bfloat16, and verify is shown
             # exactly those logits, widened.
-            w1, w2, w2_rows = self.drafting_markov_weights(markov_dtype)
+            w1, w2, _ = self.drafting_markov_weights(markov_dtype)
         else:  # parallel-only: a zero Markov head = independent draws per position
             markov_dtype = torch.float32
             w1 = w2 = torch.zeros(base.shape[-1] + (vocab is not None), 1, device=device)
@@ -632,18 +651,20 @@ class DSparkDrafter(nn.Module):
                 conf_args = (conf_args[0], torch.zeros(1, device=device), conf_args[2])
         if vocab is not None:
             # Over the draft vocabulary the anchor (any id) has no row: its transition and
-            # confidence terms join position 1's base here, and the op sees the zero row N.
+            # confidence terms join position 1's base here, and the op sees the zero row N
+            # (logit -inf) as every position's "previous token" row.
             N = vocab.numel()
-            # As the op does it: U rounded to the logits' dtype, plus the float32 transition,
-            # rounded once.
-            base = base.to(markov_dtype).float()
+            logits_in = torch.empty(*base.shape[:-1], N + 1, dtype=markov_dtype, device=device)
+            logits_in[..., :N] = base  # U rounded to the op's dtype
+            logits_in[..., N] = float("-inf")
             if self.markov is not None:
                 anchor_w1 = self.markov_weights(markov_dtype)[0][previous].float()  # [B, r]
-                base[:, 0] += anchor_w1 @ w2_rows.T
+                # As the op does it: U in the logits' dtype plus the float32 transition, rounded once.
+                logits_in[:, 0, :N] = logits_in[:, 0, :N].float() + self.anchor_transition(anchor_w1)
                 if conf_args[1] is not None:
                     conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
                     conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
-            base = torch.cat([base, base.new_full((*base.shape[:-1], 1), float("-inf"))], dim=-1)
+            base = logits_in
             previous = torch.full_like(previous, N)
         token_ids, logits, confidence = torch.ops.dspark.markov_draft(
             base.to(markov_dtype), previous, w1, w2, context.temperature.float(), context.seed, context.offset,
@@ -651,7 +672,7 @@ class DSparkDrafter(nn.Module):
         if vocab is not None:  # back to vocabulary ids; q = 0 outside the draft vocabulary (logit_ids)
             token_ids = vocab[token_ids.clamp(max=vocab.numel() - 1)]  # a bounds guard: the -inf id N is never drawn
             logits = logits[..., :-1]
-        return Draft(token_ids=token_ids, logits=logits.float(), logit_ids=vocab,
+        return Draft(token_ids=token_ids, logits=logits, logit_ids=vocab,
                      confidence=confidence if self.confidence is not None else None)
 
     # ---------------------------------------------------------------- persistence
