@@ -6,9 +6,9 @@
 // row, and its blocked kernel is built for long query blocks: with one extra row in a batch of
 // four, SmolLM2's attention cost ~1.5x a step of one row each (bench/RESULTS.md). Here one task
 // per (request, KV head) runs its queries (the heads that share the KV head, GQA, times the
-// request's rows) one at a time, the query and its accumulators in registers; the request's key
-// and value rows come from memory once and from this core's cache for the next queries. A step
-// costs about one read of the cache it attends to, plus ~1/3 of that per extra row per request.
+// request's rows), queries and accumulators in registers; the request's key and value rows come
+// from memory once and from this core's cache for the next queries. A decoding step costs about
+// one read of the cache it attends to, and each extra row per request about half of that again.
 //
 // Batch invariance: a query's output depends only on its own row, its position and the cache
 // below it. Its scores are one chain of fused multiply-adds over d in 16 lanes, then a fixed
@@ -42,39 +42,68 @@ constexpr int kMaxChunks = kAttentionMaxHeadDim / kAttentionLanes;
 // Every loop over a row's vectors fully unrolled, so the query and accumulators stay in registers.
 #define DSPARK_ATTENTION_UNROLL _Pragma("GCC unroll 32")
 
-// The 16 lanes of acc added in one tree for every build: l_i + l_{i+8}, then + 4, + 2, + 1
-// (the order of GCC's _mm512_reduce_add_ps, kept explicit so the AVX2 build matches it).
-inline float sum_lanes(const Vec (&acc)[kVecsPerLanes]) {
+// The 16 lanes of a sum added in one tree for every build: l_i + l_{i+8}, then l_i + l_{i+4},
+// then (l_0 + l_1) + (l_2 + l_3) (the pairs _mm_hadd_ps adds, so that four sums reduce together
+// in sum_lanes_of_four with the same bits as one at a time).
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+inline __m128 four_lanes(const Vec (&acc)[kVecsPerLanes]) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 all = acc[0];
   const __m256 eight = _mm256_add_ps(_mm512_castps512_ps256(all), _mm512_extractf32x8_ps(all, 1));
-#elif defined(CPU_CAPABILITY_AVX2)
+#else
   const __m256 eight = _mm256_add_ps(acc[0], acc[1]);
 #endif
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+}
 #else
+inline void four_lanes(const Vec (&acc)[kVecsPerLanes], float (&four)[4]) {
   alignas(64) float lanes[kAttentionLanes];
   for (int v = 0; v < kVecsPerLanes; ++v) acc[v].store(lanes + v * Vec::size());
-  for (int width = kAttentionLanes / 2; width >= 1; width /= 2)
-    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-  return lanes[0];
+  for (int i = 0; i < 8; ++i) lanes[i] += lanes[i + 8];
+  for (int i = 0; i < 4; ++i) four[i] = lanes[i] + lanes[i + 4];
+}
+#endif
+
+inline float sum_lanes(const Vec (&acc)[kVecsPerLanes]) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const __m128 four = four_lanes(acc);
+  const __m128 pairs = _mm_hadd_ps(four, four);  // l0 + l1, l2 + l3, ...
+  return _mm_cvtss_f32(_mm_hadd_ps(pairs, pairs));
+#else
+  float four[4];
+  four_lanes(acc, four);
+  return (four[0] + four[1]) + (four[2] + four[3]);
+#endif
+}
+
+// sum_lanes of four sums at once, each times scale, into out[0 .. 3].
+inline void sum_lanes_of_four(const Vec (&a)[kVecsPerLanes], const Vec (&b)[kVecsPerLanes],
+                              const Vec (&c)[kVecsPerLanes], const Vec (&d)[kVecsPerLanes], float scale,
+                              float* out) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const __m128 ab = _mm_hadd_ps(four_lanes(a), four_lanes(b));
+  const __m128 cd = _mm_hadd_ps(four_lanes(c), four_lanes(d));
+  _mm_storeu_ps(out, _mm_mul_ps(_mm_hadd_ps(ab, cd), _mm_set1_ps(scale)));
+#else
+  out[0] = sum_lanes(a) * scale, out[1] = sum_lanes(b) * scale;
+  out[2] = sum_lanes(c) * scale, out[3] = sum_lanes(d) * scale;
 #endif
 }
 
 // Softmax weights of one query over its keys: scores[0 .. keys) become exp(s - max) in place;
 // returns their sum. A NaN score makes the maximum NaN, so the row's output is NaN.
 inline float exponentiate(float* scores, int64_t keys) {
+  // The maximum's value does not depend on the order; at::vec::maximum and the scalar rule below
+  // both keep a NaN once they meet one.
+  auto larger = [](float m, float x) { return (x != x || x > m) ? x : m; };
+  Vec lanes_max(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + Vec::size() <= keys; j += Vec::size()) lanes_max = at::vec::maximum(lanes_max, Vec::loadu(scores + j));
+  alignas(64) float lanes[Vec::size()];
+  lanes_max.store(lanes);
   float maximum = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < keys; ++j) {
-    if (scores[j] != scores[j]) {
-      maximum = scores[j];
-      break;
-    }
-    maximum = std::max(maximum, scores[j]);
-  }
+  for (int i = 0; i < Vec::size(); ++i) maximum = larger(maximum, lanes[i]);
+  for (; j < keys; ++j) maximum = larger(maximum, scores[j]);
   Vec sum[kVecsPerLanes];
   for (int v = 0; v < kVecsPerLanes; ++v) sum[v] = Vec(0.0f);
   const Vec shift(maximum);
@@ -95,34 +124,56 @@ inline float exponentiate(float* scores, int64_t keys) {
   return sum_lanes(sum);
 }
 
-// The weighted sum of one query's values over keys 0 .. keys - 1 (weights: its softmax
-// numerators), divided by their sum; the accumulators stay in registers.
-template <int CHUNKS>
-inline void weighted_values(const float* weights, const float* value_rows, int64_t keys, int64_t D, float total,
-                            float* out) {
+// The weighted sums of N queries over the same keys 0 .. keys - 1 (weights[q]: query q's softmax
+// numerators), each divided by its total, into out[q]; every query's accumulators stay in
+// registers and sum over the keys in order. N queries at once are N independent chains per
+// vector (one query alone waits on each fused multiply-add), and share each value row's loads.
+template <int CHUNKS, int N>
+inline void weighted_values(const float* const* weights, const float* value_rows, int64_t keys, int64_t D,
+                            const float* totals, float* const* out) {
   constexpr int kVecs = CHUNKS * kVecsPerLanes;
-  Vec acc[kVecs];
+  Vec acc[N][kVecs];
   DSPARK_ATTENTION_UNROLL
-  for (int i = 0; i < kVecs; ++i) acc[i] = Vec(0.0f);
+  for (int n = 0; n < N; ++n)
+    DSPARK_ATTENTION_UNROLL
+    for (int i = 0; i < kVecs; ++i) acc[n][i] = Vec(0.0f);
   for (int64_t j = 0; j < keys; ++j) {
     const float* v_row = value_rows + j * D;
-    const Vec weight(weights[j]);
     DSPARK_ATTENTION_UNROLL
     for (int i = 0; i < kVecs; ++i) {
       const int64_t first = int64_t{i} * Vec::size();
       const Vec v_part = first + Vec::size() <= D ? Vec::loadu(v_row + first)
                          : first < D              ? Vec::loadu(v_row + first, static_cast<int>(D - first))
                                                   : Vec(0.0f);
-      acc[i] = at::vec::fmadd(v_part, weight, acc[i]);
+      DSPARK_ATTENTION_UNROLL
+      for (int n = 0; n < N; ++n) acc[n][i] = at::vec::fmadd(v_part, Vec(weights[n][j]), acc[n][i]);
     }
   }
-  const Vec sum(total);
   DSPARK_ATTENTION_UNROLL
-  for (int i = 0; i < kVecs; ++i) {
-    const int64_t first = int64_t{i} * Vec::size();
-    if (first >= D) break;
-    (acc[i] / sum).store(out + first, static_cast<int>(std::min<int64_t>(Vec::size(), D - first)));
+  for (int n = 0; n < N; ++n) {
+    const Vec sum(totals[n]);
+    DSPARK_ATTENTION_UNROLL
+    for (int i = 0; i < kVecs; ++i) {
+      const int64_t first = int64_t{i} * Vec::size();
+      if (first >= D) break;
+      (acc[n][i] / sum).store(out[n] + first, static_cast<int>(std::min<int64_t>(Vec::size(), D - first)));
+    }
   }
+}
+
+// Queries whose values accumulate together: their accumulators take at most half the vector
+// registers (16 of 32 on AVX-512, 8 of 16 on AVX2), and at most 4.
+template <int CHUNKS>
+constexpr int kQueriesPerValuePass =
+    std::clamp((Vec::size() == 16 ? 16 : 8) / (CHUNKS * kVecsPerLanes), 1, 4);
+
+template <int CHUNKS, int N = kQueriesPerValuePass<CHUNKS>>
+inline void weighted_values_of(int64_t n, const float* const* weights, const float* value_rows, int64_t keys,
+                               int64_t D, const float* totals, float* const* out) {
+  if constexpr (N > 1) {
+    if (n < N) return weighted_values_of<CHUNKS, N - 1>(n, weights, value_rows, keys, D, totals, out);
+  }
+  weighted_values<CHUNKS, N>(weights, value_rows, keys, D, totals, out);
 }
 
 // One query's scores against keys 0 .. keys - 1: scale x (one chain of fused multiply-adds over
@@ -140,9 +191,7 @@ inline void score_keys(const float* query, const float* key_rows, int64_t keys, 
            : first < D              ? Vec::loadu(query + first, static_cast<int>(D - first))
                                     : Vec(0.0f);
   }
-  for (int64_t j = 0; j < keys; ++j) {
-    const float* k = key_rows + j * D;
-    Vec acc[kVecsPerLanes];
+  auto dot = [&](const float* k, Vec (&acc)[kVecsPerLanes]) {
     DSPARK_ATTENTION_UNROLL
     for (int v = 0; v < kVecsPerLanes; ++v) acc[v] = Vec(0.0f);
     DSPARK_ATTENTION_UNROLL
@@ -153,13 +202,26 @@ inline void score_keys(const float* query, const float* key_rows, int64_t keys, 
                                                   : Vec(0.0f);
       acc[i % kVecsPerLanes] = at::vec::fmadd(q[i], k_part, acc[i % kVecsPerLanes]);
     }
-    scores[j] = sum_lanes(acc) * scale;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= keys; j += 4) {  // four keys at a time: four independent chains, one reduction
+    Vec a[kVecsPerLanes], b[kVecsPerLanes], c[kVecsPerLanes], d[kVecsPerLanes];
+    dot(key_rows + j * D, a);
+    dot(key_rows + (j + 1) * D, b);
+    dot(key_rows + (j + 2) * D, c);
+    dot(key_rows + (j + 3) * D, d);
+    sum_lanes_of_four(a, b, c, d, scale, scores + j);
+  }
+  for (; j < keys; ++j) {
+    Vec a[kVecsPerLanes];
+    dot(key_rows + j * D, a);
+    scores[j] = sum_lanes(a) * scale;
   }
 }
 
-// Every query head of KV head g and every row of request b, one query at a time: row t sees
-// keys 0 .. context + t. The request's key and value rows stay in this core's cache after the
-// first query reads them.
+// Every query head of KV head g and every row of request b: each query's scores and softmax one
+// at a time, then the values of a row's heads together (weighted_values). The request's key and
+// value rows stay in this core's cache after the first query reads them.
 template <int CHUNKS>
 inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int64_t g, std::vector<float>& scores) {
   const int64_t row0 = p.cu_seqlens[b];
@@ -168,15 +230,28 @@ inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int6
   const int64_t context = p.context_lengths[b];
   const float* key_rows = p.key_cache + (b * p.KVH + g) * p.C * p.D;
   const float* value_rows = p.value_cache + (b * p.KVH + g) * p.C * p.D;
-  scores.resize(static_cast<size_t>(std::max<int64_t>(context + rows, 0)));
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t h = g * G; h < (g + 1) * G; ++h) {
-      const int64_t seen = context + t + 1;
-      score_keys<CHUNKS>(p.query + (row0 + t) * p.query_row_stride + h * p.query_head_stride, key_rows, seen, p.D,
-                         p.scale, scores.data());
-      const float total = exponentiate(scores.data(), seen);
-      weighted_values<CHUNKS>(scores.data(), value_rows, seen, p.D, total, p.out + ((row0 + t) * p.H + h) * p.D);
+  const int64_t stride = std::max<int64_t>(context + rows, 0);
+  scores.resize(static_cast<size_t>(G * stride));
+  constexpr int kGroup = kQueriesPerValuePass<CHUNKS>;
+  for (int64_t t = 0; t < rows; ++t) {  // row t's queries (its G heads) see keys 0 .. context + t
+    const int64_t seen = context + t + 1;
+    for (int64_t h0 = 0; h0 < G; h0 += kGroup) {
+      const int64_t n = std::min<int64_t>(kGroup, G - h0);
+      const float* weights[kGroup];
+      float totals[kGroup];
+      float* out[kGroup];
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t h = g * G + h0 + i;
+        float* query_scores = scores.data() + (h0 + i) * stride;
+        score_keys<CHUNKS>(p.query + (row0 + t) * p.query_row_stride + h * p.query_head_stride, key_rows, seen, p.D,
+                           p.scale, query_scores);
+        totals[i] = exponentiate(query_scores, seen);
+        weights[i] = query_scores;
+        out[i] = p.out + ((row0 + t) * p.H + h) * p.D;
+      }
+      weighted_values_of<CHUNKS>(n, weights, value_rows, seen, p.D, totals, out);
     }
+  }
 }
 
 template <int CHUNKS = kMaxChunks>
