@@ -119,8 +119,7 @@ def main() -> int:
     print()
     print(table.text())
     if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write("\n".join(f"    {line}" for line in header) + "\n\n" + table.markdown() + "\n")
+        table.write_markdown(args.markdown, header)
     return 0
 
 

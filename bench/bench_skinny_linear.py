@@ -91,8 +91,7 @@ def main() -> int:
     print("\n".join(header))
     print(table.text())
     if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write("\n".join(f"    {line}" for line in header) + "\n\n" + table.markdown() + "\n")
+        table.write_markdown(args.markdown, header)
     return 0
 
 

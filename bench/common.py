@@ -210,6 +210,11 @@ class Table:
         rule = "|" + "|".join("---:" for _ in self.headers) + "|"
         return "\n".join([header, rule] + ["| " + " | ".join(r) + " |" for r in self.rows])
 
+    def write_markdown(self, path: str, header_lines: Sequence[str]) -> None:
+        """``path``: the header lines indented as a code block (the machine, the setup), then the table."""
+        with open(path, "w") as out:
+            out.write("\n".join(f"    {line}" for line in header_lines) + "\n\n" + self.markdown() + "\n")
+
 
 def fmt_ms(value: Optional[float]) -> str:
     if value is None:

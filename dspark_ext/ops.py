@@ -160,7 +160,7 @@ def _cached_attention_fake(query, key_cache, value_cache, cu_seqlens, context_le
     torch._check(key_cache.dim() == 4, lambda: "dspark::cached_attention: key_cache must be 4-D [B, KVH, C, D]")
     torch._check(key_cache.shape[3] == query.shape[2],
                  lambda: "dspark::cached_attention: key_cache.size(3) must equal query.size(2) (D)")
-    return query.new_empty(query.shape).contiguous()
+    return query.new_empty(query.shape)
 
 
 def cached_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

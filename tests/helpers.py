@@ -6,6 +6,8 @@ exact sequence laws)."""
 
 import itertools
 import math
+import subprocess
+import sys
 from dataclasses import dataclass, fields, replace
 from typing import List, Optional, Sequence, Union
 
@@ -1218,3 +1220,35 @@ def run_toy_engine(setting: ToySetting, scheduler, num_steps: int, *, seed: int 
     _, second_lengths, second_output, _ = one_round(y1, 1)
     y2 = torch.where(num_accepted >= 1, output[:, 1], second_output[:, 0])
     return ToyRun(*(t.reshape(M, R).cpu() for t in (y1, y2, ids[:, 0], lengths, num_accepted, second_lengths)))
+
+
+# --------------------------------------------------------------------------- CPU builds
+
+#: The CPU builds of the kernels, in order (each CPU runs a prefix of them).
+CPU_BUILDS = ["default", "avx2", "avx512"]
+
+_RUN_OP_FOR_ONE_BUILD = r"""
+import sys, torch, dspark_ext
+op = getattr(torch.ops.dspark, sys.argv[1])
+torch.save([op(*args) for args in torch.load(sys.argv[2])], sys.argv[3])
+"""
+
+
+def runnable_cpu_builds() -> List[str]:
+    """The builds of ``CPU_BUILDS`` this CPU runs (ATen's capability and every build below it)."""
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    return CPU_BUILDS[: CPU_BUILDS.index(best) + 1] if best in CPU_BUILDS else ["default"]
+
+
+def op_outputs_per_cpu_build(op_name: str, cases: Sequence[tuple], builds: Sequence[str], directory) -> dict:
+    """build -> [torch.ops.dspark.<op_name>(*args) for args in cases], each build in a process of
+    its own (``ATEN_CPU_CAPABILITY``, which picks our kernels' build as it picks ATen's)."""
+    torch.save(list(cases), directory / "inputs.pt")
+    outputs = {}
+    for build in builds:
+        subprocess.run([sys.executable, "-c", _RUN_OP_FOR_ONE_BUILD, op_name, str(directory / "inputs.pt"),
+                        str(directory / f"{build}.pt")],
+                       env={"ATEN_CPU_CAPABILITY": build, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                       timeout=300, check=True)
+        outputs[build] = torch.load(directory / f"{build}.pt")
+    return outputs

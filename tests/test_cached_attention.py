@@ -13,14 +13,12 @@ Its contract, checked here:
 - bad input raises naming the argument; opcheck and torch.compile(fullgraph=True).
 """
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from dspark_ext.ops import cached_attention
 from dspark_ext.reference import cached_attention_reference as _reference
+from helpers import op_outputs_per_cpu_build, runnable_cpu_builds
 
 
 def _case(counts, contexts, H=6, KVH=2, D=64, C=None, seed=0):
@@ -192,32 +190,14 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(q), block(q))
 
 
-_RUN_ONE_CAPABILITY = r"""
-import sys, torch, dspark_ext
-inputs = torch.load(sys.argv[1])
-torch.save([torch.ops.dspark.cached_attention(*args) for args in inputs], sys.argv[2])
-"""
-
-
-def _available_builds():
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    return {"avx2": ["default", "avx2"], "avx512": ["default", "avx2", "avx512"]}.get(best, ["default"])
-
-
-@pytest.mark.skipif(len(_available_builds()) < 3, reason="needs a CPU that runs both the AVX2 and AVX-512 builds")
+@pytest.mark.skipif(len(runnable_cpu_builds()) < 3, reason="needs a CPU that runs both the AVX2 and AVX-512 builds")
 def test_avx2_and_avx512_builds_give_the_same_bits(tmp_path):
     """The plain build (no FMA) rounds each product, so it agrees only within rounding."""
     cases = []
     for i, (counts, contexts, H, KVH, D) in enumerate(CASES):
         q, k, v, cu, ctx = _case(counts, contexts, H, KVH, D, seed=20 + i)
         cases.append((q, k, v, cu, ctx, D ** -0.5))
-    torch.save(cases, tmp_path / "inputs.pt")
-    outputs = {}
-    for build in _available_builds():
-        subprocess.run([sys.executable, "-c", _RUN_ONE_CAPABILITY, str(tmp_path / "inputs.pt"), str(tmp_path / f"{build}.pt")],
-                       env={"ATEN_CPU_CAPABILITY": build, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                       timeout=300, check=True)
-        outputs[build] = torch.load(tmp_path / f"{build}.pt")
+    outputs = op_outputs_per_cpu_build("cached_attention", cases, ["default", "avx2", "avx512"], tmp_path)
     for case, avx2, avx512, plain in zip(cases, outputs["avx2"], outputs["avx512"], outputs["default"]):
         assert torch.equal(avx2, avx512)
         assert _close(plain, _reference(*case))

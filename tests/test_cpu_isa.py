@@ -16,9 +16,7 @@ import sys
 import pytest
 import torch
 
-from helpers import MARKOV_LOGIT_TOLERANCE
-
-CAPABILITIES = ["default", "avx2", "avx512"]
+from helpers import MARKOV_LOGIT_TOLERANCE, runnable_cpu_builds
 
 _RUN_ONE_CAPABILITY = r"""
 import sys, torch, dspark_ext
@@ -91,9 +89,8 @@ def _outputs_with(capability: str, inputs_path, outputs_path) -> dict:
 
 def _supported_capabilities() -> list:
     """The builds this CPU can run, best last."""
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    supported = CAPABILITIES[: CAPABILITIES.index(best) + 1] if best in CAPABILITIES else ["default"]
-    if best == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read():
+    supported = runnable_cpu_builds()
+    if supported[-1] == "avx512" and "avx512_bf16" in open("/proc/cpuinfo").read():
         supported.insert(-1, AVX512_WITHOUT_BF16_DOT)
     return supported
 

@@ -12,15 +12,13 @@ Its contract, checked here:
   the argument; opcheck and torch.compile(fullgraph=True).
 """
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dspark_ext.ops import SKINNY_BLOCK, pack_skinny_weight, skinny_linear
+from helpers import op_outputs_per_cpu_build, runnable_cpu_builds
 
 # (M, N, K): tails of the register tiles (8 or 3 rows; on AVX-512, 9-12 rows run one 2 x 12 tile),
 # of the block (16 features) and of the pair of blocks; K = 1 and odd K; 35 blocks of K = 576 split
@@ -213,31 +211,13 @@ def test_torch_compile_fullgraph():
     assert torch.equal(compiled(x), mlp(x))
 
 
-_RUN_ONE_CAPABILITY = r"""
-import sys, torch, dspark_ext
-inputs = torch.load(sys.argv[1])
-torch.save([torch.ops.dspark.skinny_linear(*args) for args in inputs], sys.argv[2])
-"""
-
-
-def _available_vector_builds():
-    best = torch.backends.cpu.get_cpu_capability().lower()
-    return {"avx2": ["avx2"], "avx512": ["avx2", "avx512"]}.get(best, [])
-
-
-@pytest.mark.skipif(len(_available_vector_builds()) < 2, reason="needs a CPU that runs both the AVX2 and AVX-512 builds")
+@pytest.mark.skipif(len(runnable_cpu_builds()) < 3, reason="needs a CPU that runs both the AVX2 and AVX-512 builds")
 def test_avx2_and_avx512_builds_give_the_same_bits(tmp_path):
     cases = []
     for M, N, K in SHAPES:
         x, w, b = _inputs(M, N, K, seed=M + N)
         cases += [(x, pack_skinny_weight(w), N, b), (x, pack_skinny_weight(w.bfloat16()), N, b)]
-    torch.save(cases, tmp_path / "inputs.pt")
-    outputs = {}
-    for build in _available_vector_builds():
-        subprocess.run([sys.executable, "-c", _RUN_ONE_CAPABILITY, str(tmp_path / "inputs.pt"), str(tmp_path / f"{build}.pt")],
-                       env={"ATEN_CPU_CAPABILITY": build, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                       timeout=300, check=True)
-        outputs[build] = torch.load(tmp_path / f"{build}.pt")
+    outputs = op_outputs_per_cpu_build("skinny_linear", cases, ["avx2", "avx512"], tmp_path)
     for avx2, avx512 in zip(outputs["avx2"], outputs["avx512"]):
         assert torch.equal(avx2, avx512)
 

@@ -42,6 +42,13 @@ constexpr int kMaxChunks = kAttentionMaxHeadDim / kAttentionLanes;
 // Every loop over a row's vectors fully unrolled, so the query and accumulators stay in registers.
 #define DSPARK_ATTENTION_UNROLL _Pragma("GCC unroll 32")
 
+// The vector of a row of D floats that starts at lane ``first``; lanes past D are zero.
+inline Vec load_part(const float* row, int64_t first, int64_t D) {
+  return first + Vec::size() <= D ? Vec::loadu(row + first)
+         : first < D              ? Vec::loadu(row + first, static_cast<int>(D - first))
+                                  : Vec(0.0f);
+}
+
 // The 16 lanes of a sum added in one tree for every build: l_i + l_{i+8}, then l_i + l_{i+4},
 // then (l_0 + l_1) + (l_2 + l_3) (the pairs _mm_hadd_ps adds, so that four sums reduce together
 // in sum_lanes_of_four with the same bits as one at a time).
@@ -141,10 +148,7 @@ inline void weighted_values(const float* const* weights, const float* value_rows
     const float* v_row = value_rows + j * D;
     DSPARK_ATTENTION_UNROLL
     for (int i = 0; i < kVecs; ++i) {
-      const int64_t first = int64_t{i} * Vec::size();
-      const Vec v_part = first + Vec::size() <= D ? Vec::loadu(v_row + first)
-                         : first < D              ? Vec::loadu(v_row + first, static_cast<int>(D - first))
-                                                  : Vec(0.0f);
+      const Vec v_part = load_part(v_row, int64_t{i} * Vec::size(), D);
       DSPARK_ATTENTION_UNROLL
       for (int n = 0; n < N; ++n) acc[n][i] = at::vec::fmadd(v_part, Vec(weights[n][j]), acc[n][i]);
     }
@@ -185,23 +189,13 @@ inline void score_keys(const float* query, const float* key_rows, int64_t keys, 
   constexpr int kVecs = CHUNKS * kVecsPerLanes;
   Vec q[kVecs];
   DSPARK_ATTENTION_UNROLL
-  for (int i = 0; i < kVecs; ++i) {
-    const int64_t first = int64_t{i} * Vec::size();
-    q[i] = first + Vec::size() <= D ? Vec::loadu(query + first)
-           : first < D              ? Vec::loadu(query + first, static_cast<int>(D - first))
-                                    : Vec(0.0f);
-  }
+  for (int i = 0; i < kVecs; ++i) q[i] = load_part(query, int64_t{i} * Vec::size(), D);
   auto dot = [&](const float* k, Vec (&acc)[kVecsPerLanes]) {
     DSPARK_ATTENTION_UNROLL
     for (int v = 0; v < kVecsPerLanes; ++v) acc[v] = Vec(0.0f);
     DSPARK_ATTENTION_UNROLL
-    for (int i = 0; i < kVecs; ++i) {
-      const int64_t first = int64_t{i} * Vec::size();
-      const Vec k_part = first + Vec::size() <= D ? Vec::loadu(k + first)
-                         : first < D              ? Vec::loadu(k + first, static_cast<int>(D - first))
-                                                  : Vec(0.0f);
-      acc[i % kVecsPerLanes] = at::vec::fmadd(q[i], k_part, acc[i % kVecsPerLanes]);
-    }
+    for (int i = 0; i < kVecs; ++i)
+      acc[i % kVecsPerLanes] = at::vec::fmadd(q[i], load_part(k, int64_t{i} * Vec::size(), D), acc[i % kVecsPerLanes]);
   };
   int64_t j = 0;
   for (; j + 4 <= keys; j += 4) {  // four keys at a time: four independent chains, one reduction

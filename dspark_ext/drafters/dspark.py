@@ -532,19 +532,18 @@ class DSparkDrafter(nn.Module):
         return self._head_logits(hidden, self.inference_lm_head_dtype, lambda dtype: self.drafting_head(dtype)[0],
                                  lambda dtype: self.drafting_head(dtype)[1], widen)
 
-    def anchor_transition(self, anchor_w1: torch.Tensor) -> torch.Tensor:
-        """W2 W1[anchor] over the draft vocabulary: ``anchor_w1`` [B, r] float32 -> [B, N] float32
-        (W2's rows in float32; on CPU through ``dspark::skinny_linear`` on them packed once, one
-        read of the rows where the BLAS GEMM of this shape took ~0.35 ms at batch 4)."""
-        rows = self.drafting_markov_weights(torch.bfloat16 if self.inference_lm_head_dtype == torch.bfloat16
-                                            else torch.float32)[2]
+    def anchor_transition(self, anchor_w1: torch.Tensor, w2_rows: torch.Tensor) -> torch.Tensor:
+        """W2 W1[anchor] over the draft vocabulary: ``anchor_w1`` [B, r] float32 and ``w2_rows``
+        [N, r] float32 (``drafting_markov_weights``' third item) -> [B, N] float32; on CPU through
+        ``dspark::skinny_linear`` on the rows packed once (one read of them, where the BLAS GEMM of
+        this shape took ~0.35 ms at batch 4)."""
         if anchor_w1.device.type != "cpu" or torch.is_grad_enabled():
-            return anchor_w1 @ rows.T
-        key = (rows.data_ptr(), rows.shape)
+            return anchor_w1 @ w2_rows.T
+        key = (w2_rows.data_ptr(), w2_rows.shape)
         if getattr(self, "_transition_packed_key", None) != key:
-            self._transition_packed = pack_skinny_weight(rows)
+            self._transition_packed = pack_skinny_weight(w2_rows)
             self._transition_packed_key = key
-        return torch.ops.dspark.skinny_linear(anchor_w1.contiguous(), self._transition_packed, rows.shape[0], None)
+        return torch.ops.dspark.skinny_linear(anchor_w1.contiguous(), self._transition_packed, w2_rows.shape[0], None)
 
     # ---------------------------------------------------------------- Drafter protocol
     def reset(self, batch_size: int) -> None:
@@ -640,7 +639,7 @@ class DSparkDrafter(nn.Module):
             # A bfloat16 Markov head reads half the bytes of W2 at each of the K steps (one
             # request: 1.0 ms against 2.0); l_k is then rounded to bfloat16, and verify is shown
             # exactly those logits, widened.
-            w1, w2, _ = self.drafting_markov_weights(markov_dtype)
+            w1, w2, w2_rows = self.drafting_markov_weights(markov_dtype)
         else:  # parallel-only: a zero Markov head = independent draws per position
             markov_dtype = torch.float32
             w1 = w2 = torch.zeros(base.shape[-1] + (vocab is not None), 1, device=device)
@@ -660,7 +659,7 @@ class DSparkDrafter(nn.Module):
             if self.markov is not None:
                 anchor_w1 = self.markov_weights(markov_dtype)[0][previous].float()  # [B, r]
                 # As the op does it: U in the logits' dtype plus the float32 transition, rounded once.
-                logits_in[:, 0, :N] = logits_in[:, 0, :N].float() + self.anchor_transition(anchor_w1)
+                logits_in[:, 0, :N] = logits_in[:, 0, :N].float() + self.anchor_transition(anchor_w1, w2_rows)
                 if conf_args[1] is not None:
                     conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
                     conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
