@@ -16,7 +16,8 @@ target's attention in one padded call per step, as before ``dspark_ext.llama.att
 ``--plan-margin M`` (the default with ``dspark_ext.generate.PLAN_MARGIN`` = M, the multiple of
 drafting nothing's throughput a plan must promise), ``--without-short-block`` (the default
 without its "hybrid-short" plan), ``--short-block N`` (its short block drafting N positions) and
-``--dense-drafts`` (its drafts' laws written over the whole vocabulary, as before compact drafts).
+``--dense-drafts`` (its drafts' laws written over the whole vocabulary, as before compact drafts)
+and ``--compare-drafter FOLDER`` (the default with another saved DSpark drafter).
 Evaluation prompts only; the lookup calibration,
 the datastore and the drafter never saw them.
 """
@@ -63,6 +64,7 @@ EXTRA_ARMS = {
     "margin": ("plan margin", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "short": ("other short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "dense": ("dense drafts", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
+    "other drafter": ("other DSpark drafter", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
 }
 
 
@@ -135,6 +137,8 @@ def main() -> None:
     parser.add_argument("--dense-drafts", action="store_true",
                         help="add the default with its drafts' laws written over the whole vocabulary (no "
                              "Draft.logit_ids / point_mass), as before compact drafts")
+    parser.add_argument("--compare-drafter", default=None, metavar="FOLDER",
+                        help="arm: the default with this saved DSpark drafter instead of the installed one")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -167,6 +171,8 @@ def main() -> None:
     if args.dense_drafts:
         hybrids["dense"] = default_hybrid_drafter(target)
         variants["dense"] = (HybridDrafter, "propose", dense_drafts(HybridDrafter.propose, DSparkDrafter.draft_from_hidden))
+    if args.compare_drafter:
+        hybrids["other drafter"] = default_hybrid_drafter(target, dspark_folder=args.compare_drafter)
     if args.plan_margin is not None:
         hybrids["margin"] = default_hybrid_drafter(target)
         variants["margin"] = (generate_module, "PLAN_MARGIN", args.plan_margin)

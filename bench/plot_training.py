@@ -2,9 +2,10 @@
 
     python bench/plot_training.py RUN_FOLDER bench/dspark_training.png
 
-Left: each sweep arm's teacher-forced 1 - TV at position 1 (training batches, 10-step means)
-against training time. Right: the variants' 1 - TV at positions 1 and 4 and their greedy
-agreement at position 1 against steps; a dotted line marks a variant's warm restart.
+Left (when the run had a learning-rate sweep): each sweep arm's teacher-forced 1 - TV at
+position 1 (training batches, 10-step means) against training time. Right: the variants' 1 - TV
+at positions 1 and 4 and their greedy agreement at position 1 against steps; a dotted line marks
+a variant's warm restart, and the title names the drafter a variant started from (--init-drafter).
 """
 
 import json
@@ -16,16 +17,18 @@ def main(run: Path, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4))
+    arms = sorted((run / "sweep").glob("*/result.json"))
+    fig = Figure(figsize=(11, 4) if arms else (6, 4))
     FigureCanvasAgg(fig)
-    sweep_ax, run_ax = fig.subplots(1, 2)
-    for arm in sorted((run / "sweep").glob("*/result.json")):
+    sweep_ax, run_ax = fig.subplots(1, 2) if arms else (None, fig.subplots(1, 1))
+    for arm in arms:
         result = json.loads(arm.read_text())
         h = result["history"]
         sweep_ax.plot([r["elapsed"] / 60 for r in h], [r["accept_t1"][0] for r in h],
                       label=f"{result['name']} (held-out {result['score']:.3f})")
-    sweep_ax.set(xlabel="training minutes", ylabel="1 - TV, position 1 (train batches)", title="learning-rate sweep")
-    sweep_ax.legend(fontsize=7)
+    if arms:
+        sweep_ax.set(xlabel="training minutes", ylabel="1 - TV, position 1 (train batches)", title="learning-rate sweep")
+        sweep_ax.legend(fontsize=7)
     for variant, style in (("dspark", "-"), ("parallel", "--"), ("mtp1", ":")):
         path = run / variant / "history.json"
         if not path.is_file():
@@ -42,7 +45,9 @@ def main(run: Path, out: Path) -> None:
         if info.get("restart_step"):  # --restart-minutes: where the second cycle began
             run_ax.axvline(info["restart_step"], color="grey", linewidth=0.8, linestyle=":")
             run_ax.annotate(f"{variant}: warm restart", (info["restart_step"], 0.02), fontsize=7, color="grey")
-    run_ax.set(xlabel="step", ylabel="teacher-forced, training batches", title="variants")
+    started_from = {name: info["init_drafter"] for name, info in variants.items() if info.get("init_drafter")}
+    title = "variants" + "".join(f"; {name} started from {src}" for name, src in started_from.items())
+    run_ax.set(xlabel="step", ylabel="teacher-forced, training batches", title=title)
     run_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

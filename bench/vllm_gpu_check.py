@@ -391,12 +391,16 @@ def run_end_to_end(args) -> bool:
 def run_dspark_end_to_end(args) -> bool:
     """vLLM's DSpark path serving ``args.dspark_drafter`` exported for vLLM, plugin off and on."""
     sys.path.insert(0, str(REPO))
-    from dspark_ext.drafters.export import export_vllm, load_for_export
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dspark_ext.drafters.export import export_vllm, load_for_export, needs_target_lm_head
 
     folder = Path(tempfile.mkdtemp(prefix="dspark_vllm_dspark_"))
-    drafter = load_for_export(args.dspark_drafter)
+    lm_head = None
+    if needs_target_lm_head(args.dspark_drafter):  # a draft vocabulary exports its rows of the target's LM head
+        lm_head = AutoModelForCausalLM.from_pretrained(args.model).get_output_embeddings().weight.detach().float()
+    drafter = load_for_export(args.dspark_drafter, lm_head)
     export = export_vllm(drafter, folder / "export")
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,

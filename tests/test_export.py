@@ -38,7 +38,11 @@ def neox_rope(x, positions, theta):
 
 def vllm_semantics_draft(t, config, embed, lm_head, features, anchor, anchor_pos):
     """Greedy drafts [K], logits [K, V] and confidences [K] of one request, as vLLM's
-    Qwen3DSparkModel computes them from the exported tensors ``t`` and ``config``."""
+    Qwen3DSparkModel computes them from the exported tensors ``t`` and ``config``. A
+    reduced-vocabulary export (``draft_vocab_size``) brings its own ``lm_head`` rows; its logits
+    are over those N ids, and draft id i is target id i + ``d2t[i]`` (which W1 embeds next)."""
+    if "draft_vocab_size" in config:
+        lm_head = t["lm_head.weight"]
     K, eps, theta = config["block_size"], config["rms_norm_eps"], config["rope_theta"]
     H, KVH, hd = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
     ctx = rms(features @ t["fc.weight"].T, t["hidden_norm.weight"], eps)  # [S, D]
@@ -69,6 +73,8 @@ def vllm_semantics_draft(t, config, embed, lm_head, features, anchor, anchor_pos
         row = base[j] + t["markov_head.markov_w2.weight"] @ e
         z = torch.cat([hidden[j], e]) @ t["confidence_head.proj.weight"][0] + t["confidence_head.proj.bias"][0]
         prev = int(row.argmax())
+        if "draft_vocab_size" in config:
+            prev += int(t["d2t"][prev])
         tokens.append(prev)
         logits.append(row)
         conf.append(torch.sigmoid(z))
@@ -76,11 +82,13 @@ def vllm_semantics_draft(t, config, embed, lm_head, features, anchor, anchor_pos
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("fold", [True, False])
-def test_export_computes_what_the_drafter_proposes(tmp_path, fold):
+@pytest.mark.parametrize("fold, vocab", [(True, 0), (False, 0), (True, 24)])
+def test_export_computes_what_the_drafter_proposes(tmp_path, fold, vocab):
     drafter = small_drafter(seed=3, **VLLM_LAYOUT)
     g = torch.Generator().manual_seed(5)
     drafter.backbone.feature_scale.copy_(torch.rand(drafter.backbone.feature_scale.shape, generator=g) * 3 + 0.1)
+    if vocab:  # drafts from 24 ids: vLLM's reduced-vocabulary DSpark
+        drafter.set_draft_vocabulary({"ranked_ids": torch.randperm(V, generator=g).tolist()}, vocab)
     lengths = [9, 1, 5]
     tokens, features = random_batch(lengths, seed=4)
     draft = drafter.propose(context_of(tokens, lengths, features, temperature=0.0))
@@ -142,7 +150,7 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", "--format", "vllm", str(tmp_path / "drafter"), str(tmp_path / "out")]) == 0
     assert "num_speculative_tokens" in capsys.readouterr().err
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["block_size"] == drafter.num_draft
+    assert config["block_size"] == drafter.num_draft and "draft_vocab_size" not in config
     small_drafter(seed=6).save(tmp_path / "v1")
     assert main(["export", str(tmp_path / "v1"), str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err

@@ -325,3 +325,17 @@ def test_recalibrate_without_a_trained_drafter_fails_before_loading_the_model(mo
     assert cli.main(["train", "--out", str(tmp_path), "--recalibrate"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == f"dspark: error: --recalibrate needs a trained DSpark drafter in {tmp_path / 'dspark' / 'drafter'}"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--draft-vocab", "-1"], "--draft-vocab must be >= 0 (0 = the whole vocabulary), got -1"),
+    (["--init-drafter", "/nonexistent/drafter"],
+     "--init-drafter /nonexistent/drafter: no saved drafter there (config.json and model.safetensors)"),
+])
+def test_bad_training_flags_fail_before_loading_the_model(monkeypatch, capsys, tmp_path, flags, message):
+    def load_target(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(targets, "load_target", load_target)
+    assert cli.main(["train", "--out", str(tmp_path), *flags]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"dspark: error: {message}"

@@ -250,3 +250,175 @@ def test_recipe_calibrates_sts_on_the_extra_heldout_answers(tmp_path, monkeypatc
         info["biases"])
     assert again.cfg.sts_temperature == pytest.approx(info["temperatures"])
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in weights.items())
+
+
+# --------------------------------------------------------------------------- draft vocabulary
+
+
+def vocabulary_drafter(target, data, root, size, seed=0):
+    """A DSpark drafter over the ``size`` ids of a fixed ranking, its Markov head random (the
+    recipe's starts at zero, which would hide W2's rows from the loss)."""
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS, draft_vocab_size=size, seed=seed)
+    ranking = {"ranked_ids": torch.randperm(96, generator=torch.Generator().manual_seed(5)).tolist()}
+    drafter = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3, draft_vocab_ranking=ranking)
+    drafter.training_lm_head_dtype = None
+    with torch.no_grad():
+        drafter.markov.w2.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return drafter
+
+
+def recorded_terms(batch_terms):
+    """A ``vocabulary_terms`` that keeps what ``draft_vocabulary_terms`` returned."""
+    def terms(*args):
+        batch_terms.append(train.draft_vocabulary_terms(*args))
+        return batch_terms[-1]
+    return terms
+
+
+def test_draft_vocabulary_loss_is_tv_between_the_drafted_law_and_the_full_target_law(mixed):
+    """Over a draft vocabulary, the loss's TV is between q (softmax over the N ids, zero
+    elsewhere: what ``propose`` samples) and the target's whole-vocabulary law; CE is q's at
+    the label (0 where the label is outside the ids); greedy agreement is q's argmax against
+    the target's. A TV that forgets the target's mass outside the ids is told apart."""
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    drafter = vocabulary_drafter(target, data, root, size=40)
+    ids = data.train_ids[:6]  # target-written (data labels) and ShareGPT (argmax labels) sequences
+    batch = data.batch(ids, [torch.tensor([4, 6, 5]) for _ in ids], drafter.num_draft)
+    got = []
+    with torch.no_grad():
+        dspark_loss(drafter, batch, vocabulary_terms=recorded_terms(got))
+        tv, ce, hit = got[0]
+        h = drafter.block_hidden(batch["context"], batch["context_positions"], batch["anchor_ids"],
+                                 batch["anchor_positions"], batch["context_mask"]).reshape(-1, drafter.cfg.hidden_size)
+        logits = h @ drafter.lm_head.T + drafter.markov.w1(batch["prev"]).reshape(h.shape[0], -1) @ drafter.markov.w2.weight.T
+        outside = torch.ones(96, dtype=torch.bool)
+        outside[drafter.draft_vocab] = False
+        q = torch.softmax(logits.masked_fill(outside, float("-inf")), -1)
+        p = torch.softmax(batch["final"].reshape(h.shape[0], -1) @ drafter.lm_head.T, -1)
+        data_labels = batch["data_labels"][:, None].expand(-1, h.shape[0] // len(ids)).reshape(-1)
+        labels = torch.where(data_labels, batch["targets"].reshape(-1), p.argmax(-1))
+    assert 0.3 < float(p[:, outside].sum(-1).mean()) < 0.8 and bool(outside[labels].any()) and bool((~outside[labels]).any())
+    expected_tv = 0.5 * (q - p).abs().sum(-1)
+    torch.testing.assert_close(tv, expected_tv, rtol=1e-5, atol=1e-5)
+    expected_ce = torch.where(outside[labels], 0.0, -torch.log(q.gather(-1, labels[:, None])[:, 0]))
+    torch.testing.assert_close(ce, expected_ce, rtol=1e-5, atol=1e-5)
+    assert torch.equal(hit, q.argmax(-1) == p.argmax(-1))
+    forgetful = 0.5 * (q - p)[:, ~outside].abs().sum(-1)  # the broken variant
+    assert not torch.allclose(forgetful, expected_tv, atol=1e-2)
+
+
+def test_a_draft_vocabulary_of_every_id_is_the_whole_vocabulary_loss(mixed):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    everything = vocabulary_drafter(target, data, root, size=96)
+    whole = vocabulary_drafter(target, data, root, size=96)
+    whole.set_draft_vocabulary(None, 0)
+    batch = data.sample(torch.Generator().manual_seed(2), 4, 6, everything.num_draft)
+    with torch.no_grad():
+        (a, ma), (b, mb) = dspark_loss(everything, batch), dspark_loss(whole, batch)
+    assert float(a) == pytest.approx(float(b), rel=1e-5)
+    assert ma["accept_t1"] == pytest.approx(mb["accept_t1"], abs=1e-6) and ma["greedy_match"] == mb["greedy_match"]
+
+
+def test_teacher_statistics_are_cached_beside_the_shards_and_change_nothing(mixed, tmp_path):
+    import shutil
+
+    target, records, paths, root = mixed
+    copies = [shutil.copy(p, tmp_path / p.name) for p in paths]
+    data = FeatureCache([tmp_path / p.name for p in paths], heldout_every=100)
+    drafter = vocabulary_drafter(target, data, root, size=40)
+    batch = data.sample(torch.Generator().manual_seed(3), 4, 6, drafter.num_draft)
+    data.load_teacher_statistics(drafter.lm_head)
+    sides = sorted(tmp_path.glob("*.teacher-float32.pt"))
+    assert len(sides) == len(copies)
+    with_stats = data.sample(torch.Generator().manual_seed(3), 4, 6, drafter.num_draft)
+    logits = with_stats["final"] @ drafter.lm_head.T
+    torch.testing.assert_close(with_stats["teacher_lse"], torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(with_stats["teacher_argmax"], logits.argmax(-1))
+    with torch.no_grad():
+        assert float(dspark_loss(drafter, with_stats)[0]) == pytest.approx(float(dspark_loss(drafter, batch)[0]), rel=1e-5)
+    stamps = [s.stat().st_mtime_ns for s in sides]
+    again = FeatureCache([tmp_path / p.name for p in paths], heldout_every=100)
+    again.load_teacher_statistics(drafter.lm_head)  # read, not recomputed
+    assert [s.stat().st_mtime_ns for s in sides] == stamps and torch.equal(again.teacher_lse, data.teacher_lse)
+    # Statistics of another dtype than the drafter's training LM head are refused.
+    drafter.training_lm_head_dtype = torch.bfloat16
+    with pytest.raises(ValueError, match="teacher statistics were computed in torch.float32"):
+        train.train_drafter(drafter, data, TrainConfig(steps=1), tmp_path / "ckpt.pt")
+
+
+def test_training_over_a_draft_vocabulary_reduces_its_loss(mixed, tmp_path):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    drafter = vocabulary_drafter(target, data, root, size=40)
+    data.load_teacher_statistics(drafter.lm_head)
+    try:
+        batch = data.sample(torch.Generator().manual_seed(4), 8, 8, drafter.num_draft)
+        with torch.no_grad():
+            loss0, m0 = dspark_loss(drafter, batch)
+        train.train_drafter(drafter, data, TrainConfig(steps=40, warmup_steps=5, checkpoint_every=100, lr=3e-3,
+                                                        sequences_per_step=4, anchors_per_sequence=8),
+                            tmp_path / "ckpt.pt")
+        with torch.no_grad():
+            loss1, m1 = dspark_loss(drafter, batch)
+    finally:
+        for side in root.glob("features/*.teacher-*.pt"):  # the module's other tests read the shards without them
+            side.unlink()
+    assert float(loss1) < 0.8 * float(loss0) and m1["tv"] < m0["tv"], (float(loss0), float(loss1))
+    outside = torch.ones(96, dtype=torch.bool)
+    outside[drafter.draft_vocab] = False
+    untouched = vocabulary_drafter(target, data, root, size=40).markov.w2.weight[outside]
+    assert torch.equal(drafter.markov.w2.weight.detach()[outside], untouched.detach())  # rows the loss never reads
+
+
+def test_warm_start_loads_a_saved_drafter_of_the_same_architecture(mixed, tmp_path):
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    saved = vocabulary_drafter(target, data, root, size=40, seed=1)
+    saved.confidence.sts_temperature = torch.full((saved.num_draft,), 2.0)  # a calibrated drafter
+    saved.save(tmp_path / "saved")
+    fresh = vocabulary_drafter(target, data, root, size=40, seed=2)
+    train.warm_start(fresh, tmp_path / "saved")
+    assert fresh.confidence.sts_temperature.numel() == 0  # the calibration is not carried over
+    for name, value in saved.state_dict().items():
+        if name == "confidence.sts_temperature":
+            continue
+        expected = value.to(torch.float16).float() if value.is_floating_point() and name != "confidence.sts_temperature" else value
+        assert torch.equal(fresh.state_dict()[name], expected), name
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS)
+    other = new_drafter(cfg, target, "parallel", data.feature_statistics(), noise_token_id=3)
+    with pytest.raises(ValueError, match="another architecture"):
+        train.warm_start(other, tmp_path / "saved")
+
+
+def test_recipe_trains_over_a_draft_vocabulary_and_warm_starts(tmp_path, monkeypatch):
+    """``draft_vocab_size``: the recipe ranks the training answers' ids, trains over the first N
+    (teacher statistics cached beside the shards, in the training LM head's bfloat16) and saves
+    a drafter that drafts from them; ``init_drafter``: a second run starts from that drafter's
+    weights and records it in its notes."""
+    from dspark_ext.drafters.dspark import DSparkDrafter
+    from dspark_ext.llama import Llama
+    from dspark_ext.targets import LlamaTarget
+
+    convs = [sharegpt(i, " ".join(["w" * (1 + (i * 7 + j) % 9) for j in range(3)]), "a b") for i in range(12)]
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: iter(convs))
+    target = LlamaTarget(Llama.from_hf(tiny_llama()))
+    tok = ChatTokenizer()
+    tok.eos_token_id = None
+    cfg = RecipeConfig(out_dir=tmp_path / "first", num_prompts=4, max_new_tokens=12, generation_batch_size=4,
+                       context_layers=CONTEXT_LAYERS, variants=["dspark"], sts_prompts=3, sps_max_tokens=4, draft_vocab_size=16,
+                       train=TrainConfig(steps=3, sequences_per_step=2, anchors_per_sequence=2, checkpoint_every=100))
+    train.run_recipe(cfg, target, tok, log=lambda m: None)
+    assert len(list((tmp_path / "first" / "features").glob("*.teacher-bfloat16.pt"))) == 1
+    embed, head = target.model.weights.embed.float(), target.model.weights.lm_head.float()
+    first = DSparkDrafter.load(tmp_path / "first" / "dspark" / "drafter", embed, head)
+    assert first.cfg.draft_vocab_size == 16 and first.draft_vocab.numel() == 16
+    ranked = first.draft_vocab_ranking["ranked_ids"]
+    assert sorted(ranked[:16]) == first.draft_vocab.tolist()
+
+    summary = train.run_recipe(replace(cfg, out_dir=tmp_path / "second", init_drafter=tmp_path / "first" / "dspark" / "drafter",
+                                       train=replace(cfg.train, steps=1)), target, tok, log=lambda m: None)
+    assert summary["variants"]["dspark"]["init_drafter"] == "drafter"
+    second = DSparkDrafter.load(tmp_path / "second" / "dspark" / "drafter", embed, head)
+    assert second.cfg.notes["init_drafter"]["notes"]["train_steps"] == 3 and second.cfg.notes["train_steps"] == 1

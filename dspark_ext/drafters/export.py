@@ -7,7 +7,10 @@ made from target features (``fc`` -> ``hidden_norm`` -> each layer's own k/v pro
 ``embed(dspark_noise_token_id)`` x (K - 1) with every query a prediction
 (``sample_from_anchor``), the target's LM head, ``markov_head.markov_w1`` / ``markov_w2`` and
 ``confidence_head.proj`` over ``[h_k; W1[x_{k-1}]]``. The target's embedding and LM head are
-not stored: vLLM shares the target's.
+not stored: vLLM shares the target's. A drafter with a draft vocabulary of N ids exports as
+vLLM's reduced-vocabulary DSpark: ``draft_vocab_size`` N in the config, the target LM head's N
+rows as the draft's own ``lm_head``, W2's N rows, and ``d2t`` (draft id i drafts target id
+i + d2t[i]), so vLLM drafts from the same ids as ``propose`` does here.
 
 A drafter maps onto that format exactly when ``DrafterConfig.vllm_compatible``: per-head q/k
 norms, the noise token's embedding as the mask query, and context features scaled per
@@ -40,15 +43,32 @@ _LAYER_NAMES = {
 }
 
 
-def load_for_export(folder):
-    """A drafter saved by ``DSparkDrafter.save``, without its target: the target's embedding and
-    LM head are part of neither the drafter folder nor the export, so a zero-stride placeholder
-    stands in for them."""
+def needs_target_lm_head(folder) -> bool:
+    """Whether exporting the drafter saved in ``folder`` needs its target's LM head (it drafts
+    from a draft vocabulary, whose LM head rows the export stores)."""
+    from dspark_ext.drafters.dspark import CONFIG_FILE
+
+    return bool(json.loads((Path(folder) / CONFIG_FILE).read_text()).get("draft_vocab_size"))
+
+
+def load_for_export(folder, lm_head: torch.Tensor = None):
+    """A drafter saved by ``DSparkDrafter.save``. The target's embedding is part of neither the
+    drafter folder nor the export, so a zero-stride placeholder stands in for it, and for the LM
+    head unless ``lm_head`` [V, D] is given: a drafter with a draft vocabulary needs it
+    (``needs_target_lm_head``)."""
     from dspark_ext.drafters.dspark import CONFIG_FILE, DSparkDrafter
 
     config = json.loads((Path(folder) / CONFIG_FILE).read_text())
     placeholder = torch.zeros(1, config["hidden_size"]).expand(config["vocab_size"], -1)
-    return DSparkDrafter.load(folder, placeholder)
+    if lm_head is None and config.get("draft_vocab_size"):
+        raise ValueError(f"{folder} drafts from a draft vocabulary: its export stores those rows of the target's "
+                         "LM head, so the target is needed")
+    if lm_head is not None and tuple(lm_head.shape) != (config["vocab_size"], config["hidden_size"]):
+        raise ValueError(f"the target's LM head is {list(lm_head.shape)}, the drafter's config says "
+                         f"[{config['vocab_size']}, {config['hidden_size']}]: another target?")
+    drafter = DSparkDrafter.load(folder, placeholder, placeholder if lm_head is None else lm_head.float())
+    drafter.has_target_lm_head = lm_head is not None
+    return drafter
 
 
 def vllm_tensors(drafter) -> Dict[str, torch.Tensor]:
@@ -74,7 +94,17 @@ def vllm_tensors(drafter) -> Dict[str, torch.Tensor]:
     if drafter.confidence is not None:
         out["confidence_head.proj.weight"] = drafter.confidence.linear.weight
         out["confidence_head.proj.bias"] = drafter.confidence.linear.bias
-    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+    if drafter.draft_vocab is not None:
+        if not getattr(drafter, "has_target_lm_head", True):
+            raise ValueError("a drafter with a draft vocabulary exports its rows of the target's LM head: "
+                             "load it with the target's (load_for_export(folder, lm_head))")
+        ids = drafter.draft_vocab.cpu()
+        out["markov_head.markov_w2.weight"] = drafter.markov.w2.weight[drafter.draft_vocab]
+        out["lm_head.weight"] = drafter.lm_head[drafter.draft_vocab]
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+    if drafter.draft_vocab is not None:
+        tensors["d2t"] = ids - torch.arange(ids.numel())  # EAGLE-3's offsets: target id = i + d2t[i]
+    return tensors
 
 
 def vllm_config(drafter, dtype: torch.dtype) -> dict:
@@ -117,6 +147,7 @@ def vllm_config(drafter, dtype: torch.dtype) -> dict:
         "markov_head_type": "vanilla",
         "enable_confidence_head": drafter.confidence is not None,
         "confidence_head_with_markov": drafter.confidence is not None,
+        **({"draft_vocab_size": int(drafter.draft_vocab.numel())} if drafter.draft_vocab is not None else {}),
         "dspark_ext": {
             "format": f"vllm {VLLM_FORMAT_VERSION} Qwen3DSparkModel",
             "target": cfg.target,
@@ -138,7 +169,8 @@ def export_vllm(drafter, out, dtype: torch.dtype = torch.bfloat16) -> Path:
     config = vllm_config(drafter, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()},
+              str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=1))
     return out

@@ -147,3 +147,61 @@ def test_export_config_is_json_vllm_keys(exported):
     config = json.loads((out / "config.json").read_text())
     assert config["target_layer_ids"] == [i - 1 for i in CONTEXT_LAYERS]
     assert config["dspark_ext"]["context_layers_hf_numbering"] == CONTEXT_LAYERS
+
+
+@pytest.fixture(scope="module")
+def exported_draft_vocabulary(tmp_path_factory, exported):
+    """The same drafter drafting from 40 of the target's ids, exported with ``--model`` (the
+    export stores those rows of the target's LM head)."""
+    from safetensors.torch import load_file
+
+    target_dir, _, drafter = exported
+    root = tmp_path_factory.mktemp("export-vocab")
+    ranked = torch.randperm(drafter.cfg.vocab_size, generator=torch.Generator().manual_seed(1)).tolist()
+    drafter.set_draft_vocabulary({"ranked_ids": ranked}, 40)
+    try:
+        drafter.save(root / "drafter", dtype=torch.float32)
+    finally:
+        drafter.set_draft_vocabulary(None, 0)
+    out = root / "vllm"
+    base = [sys.executable, "-m", "dspark_ext.cli", "export", "--format", "vllm", "--dtype", "float32",
+            str(root / "drafter"), str(out)]
+    cli = subprocess.run(base + ["--model", str(target_dir)], capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    lm_head = load_file(str(target_dir / "model.safetensors"))["lm_head.weight"].float()
+    return target_dir, out, drafter, torch.tensor(sorted(ranked[:40])), lm_head
+
+
+def test_vllm_loads_a_reduced_vocabulary_export(exported_draft_vocabulary):
+    """vLLM's reduced-vocabulary DSpark: the draft's own LM head is the target's rows of the
+    draft vocabulary, W2 has those rows, and d2t maps draft id i back to the target id drafted
+    here; every tensor is consumed."""
+    from safetensors.torch import load_file
+
+    target_dir, out, drafter, ids, lm_head = exported_draft_vocabulary
+    config, spec = vllm_setup(target_dir, out)
+    assert spec.draft_model_config.hf_config.draft_vocab_size == 40
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["d2t"].dtype == torch.int64
+    model = build_and_load(config, weights)
+    params = dict(model.named_parameters())
+    # vLLM pads a ParallelLMHead's rows to a multiple of 64: the draft ids are its first 40.
+    torch.testing.assert_close(params["lm_head.weight"].data[:40], lm_head[ids], rtol=0, atol=0)
+    torch.testing.assert_close(params["model.markov_head.markov_w2.weight"].data[:40],
+                               drafter.markov.w2.weight.detach()[ids], rtol=0, atol=0)
+    torch.testing.assert_close(params["model.markov_head.markov_w1.weight"].data,
+                               drafter.markov.w1.weight.detach(), rtol=0, atol=0)
+    assert torch.equal(model.map_draft_to_target(torch.arange(40)), ids)
+    assert set(params) - {"model." + n for n in weights} - {"lm_head.weight", "draft_id_to_target_id"} == {
+        "model.embed_tokens.weight", "model.mask_embedding"} | {
+        n for n in params if "qkv_proj" in n or "gate_up_proj" in n}
+
+
+def test_a_reduced_vocabulary_export_needs_the_target(exported_draft_vocabulary, tmp_path):
+    target_dir, out, drafter, ids, lm_head = exported_draft_vocabulary
+    from dspark_ext.drafters.export import load_for_export
+
+    with pytest.raises(ValueError, match="the target is needed"):
+        load_for_export(out.parent / "drafter")
+    with pytest.raises(ValueError, match="another target"):
+        load_for_export(out.parent / "drafter", lm_head[:, :-1])
