@@ -248,6 +248,14 @@ def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: i
     return paths
 
 
+@torch.no_grad()
+def teacher_statistics(final: torch.Tensor, lm_head: torch.Tensor):
+    """(logsumexp [N] float32, argmax [N] int64) of the target's logits ``final`` [N, D] @
+    ``lm_head``^T over the whole vocabulary, the matmul in ``lm_head``'s dtype."""
+    logits = torch.nn.functional.linear(final.to(lm_head.dtype), lm_head).float()
+    return torch.logsumexp(logits, -1), logits.argmax(-1)
+
+
 def shard_teacher_statistics(path: Path, final: torch.Tensor, lm_head: torch.Tensor, progress=None,
                              rows_per_chunk: int = 2048):
     """(logsumexp [N] float32, argmax [N] int32) of ``final`` [N, D] @ ``lm_head``^T, the matmul
@@ -260,11 +268,9 @@ def shard_teacher_statistics(path: Path, final: torch.Tensor, lm_head: torch.Ten
             return stats["lse"], stats["argmax"]
     lse = torch.empty(final.shape[0])
     argmax = torch.empty(final.shape[0], dtype=torch.int32)
-    with torch.no_grad():
-        for begin in range(0, final.shape[0], rows_per_chunk):
-            logits = torch.nn.functional.linear(final[begin:begin + rows_per_chunk].to(lm_head.dtype), lm_head).float()
-            lse[begin:begin + rows_per_chunk] = torch.logsumexp(logits, -1)
-            argmax[begin:begin + rows_per_chunk] = logits.argmax(-1).int()
+    for begin in range(0, final.shape[0], rows_per_chunk):
+        lse[begin:begin + rows_per_chunk], chunk_argmax = teacher_statistics(final[begin:begin + rows_per_chunk], lm_head)
+        argmax[begin:begin + rows_per_chunk] = chunk_argmax.int()
     tmp = side.with_suffix(f".tmp{os.getpid()}")
     torch.save({"lse": lse, "argmax": argmax}, tmp)
     os.replace(tmp, side)
@@ -514,9 +520,7 @@ def dspark_loss(drafter, batch: Dict[str, torch.Tensor], weights: LossWeights = 
         if "teacher_lse" in batch:
             teacher_lse, teacher_argmax = batch["teacher_lse"].reshape(-1), batch["teacher_argmax"].reshape(-1)
         else:
-            with torch.no_grad():
-                target_logits = torch.nn.functional.linear(final.to(lm_head.dtype), lm_head).float()
-                teacher_lse, teacher_argmax = torch.logsumexp(target_logits, -1), target_logits.argmax(-1)
+            teacher_lse, teacher_argmax = teacher_statistics(final, lm_head)
         index = _vocabulary_index(drafter)
         labels = torch.where(flat_data_labels, targets, teacher_argmax)
         vocab = drafter.draft_vocab
