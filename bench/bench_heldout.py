@@ -24,18 +24,24 @@ from pathlib import Path
 import torch
 
 
+def shard_files(folder: Path, name_format: str) -> list:
+    """The files ``name_format.format(0)``, ``.format(1)``, ... a recipe stage wrote in ``folder``."""
+    paths = []
+    while (folder / name_format.format(len(paths))).is_file():
+        paths.append(folder / name_format.format(len(paths)))
+    return paths
+
+
 def answer_records(folder: Path) -> list:
-    return [r for path in sorted(folder.glob("answers_*.json")) for r in json.loads(path.read_text())]
+    from dspark_ext.train import ANSWER_FILE
+
+    return [r for path in shard_files(folder, ANSWER_FILE) for r in json.loads(path.read_text())]
 
 
 def feature_paths(folder: Path) -> list:
     from dspark_ext.train import FEATURE_FILE
 
-    paths, i = [], 0
-    while (folder / FEATURE_FILE.format(i)).is_file():
-        paths.append(folder / FEATURE_FILE.format(i))
-        i += 1
-    return paths
+    return shard_files(folder, FEATURE_FILE)
 
 
 def survival(acc: torch.Tensor, depth: int = 3) -> list:

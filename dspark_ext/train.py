@@ -161,6 +161,9 @@ def draft_vocabulary_ranking(records: Sequence[dict]) -> dict:
             "notes": {"answers": len(records), "answer_tokens": sum(counts.values()), "distinct_ids": len(ranked)}}
 
 
+ANSWER_FILE = "answers_{:05d}.json"
+
+
 def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_tokens: int,
                batch_size: int, eos_token_id, temperatures: Sequence[float] = (0.0, 1.0),
                seed: int = 0) -> List[dict]:
@@ -175,7 +178,7 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
     start = time.perf_counter()
     produced = 0
     for i in range(num_batches):
-        path = out_dir / f"answers_{i:05d}.json"
+        path = out_dir / ANSWER_FILE.format(i)
         if not path.is_file():
             batch = prompts[i * batch_size:(i + 1) * batch_size]
             temps = [temperatures[(i * batch_size + j) % len(temperatures)] for j in range(len(batch))]
