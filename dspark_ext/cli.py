@@ -781,8 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = the whole vocabulary); the loss then reads only those rows of the LM head: "
                         "~3x faster steps at 8192 of SmolLM2's 49152 ids")
     t.add_argument("--init-drafter", default=None,
-                   help="start the DSpark variant from this saved drafter's weights (same architecture), "
-                        "with a fresh optimizer and schedule")
+                   help="start the DSpark variant from this saved drafter's weights (same widths and heads), "
+                        "with a fresh optimizer and schedule; with more --layers than it has, the extra "
+                        "layers start with zeroed output projections (the grown drafter drafts as the "
+                        "saved one until it trains)")
     t.add_argument("--data-dtype", choices=["float32", "bfloat16"], default="bfloat16",
                    help="dtype of the target while it answers prompts and computes features (bfloat16 is "
                         "~3x faster on CPUs with AMX; features are stored in float16 either way)")

@@ -874,8 +874,11 @@ def saved_drafter_notes(folder) -> dict:
 
 def warm_start(drafter, folder) -> None:
     """Loads the weights of the drafter saved in ``folder`` into ``drafter`` (same architecture:
-    layers, widths, heads, context layers; the draft vocabulary and the STS calibration stay
-    ``drafter``'s: training invalidates a calibration)."""
+    widths, heads, context layers; the draft vocabulary and the STS calibration stay
+    ``drafter``'s: training invalidates a calibration). ``drafter`` may have more backbone layers
+    than the saved one: the saved layers come first, and each extra layer keeps its own
+    initialisation with its output projections (``o``, ``down``) zeroed, so it adds nothing to the
+    residual stream and the grown drafter starts drafting exactly as the saved one does."""
     from safetensors.torch import load_file
 
     from dspark_ext.drafters.dspark import WEIGHTS_FILE
@@ -885,12 +888,19 @@ def warm_start(drafter, folder) -> None:
         raise ValueError(f"init drafter: no {WEIGHTS_FILE} in {folder}")
     calibration = {"confidence.sts_temperature"}
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items() if k not in calibration}
-    mine = {k: v for k, v in drafter.state_dict().items() if k not in calibration}
+    saved_layers = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
+    extra_layers = range(saved_layers, len(drafter.backbone.layers))
+    mine = {k: v for k, v in drafter.state_dict().items() if k not in calibration
+            and not any(k.startswith(f"backbone.layers.{i}.") for i in extra_layers)}
     wrong = sorted(set(mine) ^ set(state)) + [k for k in mine if k in state and mine[k].shape != state[k].shape]
     if wrong:
         raise ValueError(f"init drafter {folder}: another architecture (tensors missing, extra or of another shape: "
                          f"{', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''})")
     drafter.load_state_dict({**drafter.state_dict(), **state})
+    with torch.no_grad():
+        for i in extra_layers:
+            drafter.backbone.layers[i].o.weight.zero_()
+            drafter.backbone.layers[i].down.weight.zero_()
 
 
 def lr_sweep(cfg: RecipeConfig, target, data: FeatureCache, feature_stats, noise_token_id: int, out: Path,

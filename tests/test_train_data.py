@@ -22,7 +22,7 @@ pytest.importorskip("transformers")
 from dspark_ext import train  # noqa: E402
 from dspark_ext.train import (  # noqa: E402
     FeatureCache, RecipeConfig, TrainConfig, cache_features, default_noise_token_id, dspark_loss, head_terms,
-    heldout_rollouts, lr_sweep, new_drafter, prepare_sharegpt_answers,
+    heldout_rollouts, lr_sweep, new_drafter, prepare_sharegpt_answers, teacher_forced,
 )
 from test_generate import tiny_llama  # noqa: E402
 
@@ -390,6 +390,41 @@ def test_warm_start_loads_a_saved_drafter_of_the_same_architecture(mixed, tmp_pa
     other = new_drafter(cfg, target, "parallel", data.feature_statistics(), noise_token_id=3)
     with pytest.raises(ValueError, match="another architecture"):
         train.warm_start(other, tmp_path / "saved")
+
+
+def test_warm_start_grows_a_saved_drafter_by_layers_that_start_silent(mixed, tmp_path):
+    """A 2-layer drafter warm-started from a saved 1-layer one: layer 0 is the saved layer, the
+    extra layer keeps its own initialisation with ``o`` and ``down`` zeroed, so its drafting
+    logits and confidences equal the saved drafter's; it then trains (its output projections
+    get gradients). A saved drafter with more layers than the new one is refused."""
+    target, records, paths, root = mixed
+    data = FeatureCache(paths, heldout_every=100)
+    saved = vocabulary_drafter(target, data, root, size=40, seed=1)
+    saved.save(tmp_path / "saved")
+    reloaded = vocabulary_drafter(target, data, root, size=40, seed=1)
+    train.warm_start(reloaded, tmp_path / "saved")  # the saved weights as float16 rounds them
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS, draft_vocab_size=40, seed=2, num_layers=2)
+    ranking = {"ranked_ids": torch.randperm(96, generator=torch.Generator().manual_seed(5)).tolist()}
+    grown = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3,
+                        init_from_target=True, draft_vocab_ranking=ranking)
+    grown.training_lm_head_dtype = None
+    fresh_q = grown.backbone.layers[1].q.weight.detach().clone()
+    train.warm_start(grown, tmp_path / "saved")
+    extra = grown.backbone.layers[1]
+    assert torch.count_nonzero(extra.o.weight) == 0 and torch.count_nonzero(extra.down.weight) == 0
+    assert torch.equal(extra.q.weight, fresh_q) and torch.count_nonzero(fresh_q) > 0
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(grown.state_dict()[name], value), name
+    batch = data.sample(torch.Generator().manual_seed(4), 4, 4, grown.num_draft)
+    with torch.no_grad():
+        (logits, z), (logits_saved, z_saved) = teacher_forced(grown, batch), teacher_forced(reloaded, batch)
+    assert torch.allclose(logits, logits_saved, atol=1e-5) and torch.allclose(z, z_saved, atol=1e-5)
+    loss, _ = dspark_loss(grown, batch)
+    loss.backward()
+    assert extra.o.weight.grad.abs().sum() > 0 and extra.down.weight.grad.abs().sum() > 0
+    grown.save(tmp_path / "grown")
+    with pytest.raises(ValueError, match="another architecture"):
+        train.warm_start(reloaded, tmp_path / "grown")
 
 
 def test_recipe_trains_over_a_draft_vocabulary_and_warm_starts(tmp_path, monkeypatch):
