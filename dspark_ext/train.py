@@ -890,8 +890,8 @@ def warm_start(drafter, folder) -> None:
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items() if k not in calibration}
     saved_layers = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
     extra_layers = range(saved_layers, len(drafter.backbone.layers))
-    mine = {k: v for k, v in drafter.state_dict().items() if k not in calibration
-            and not any(k.startswith(f"backbone.layers.{i}.") for i in extra_layers)}
+    extra_prefixes = tuple(f"backbone.layers.{i}." for i in extra_layers)
+    mine = {k: v for k, v in drafter.state_dict().items() if k not in calibration and not k.startswith(extra_prefixes)}
     wrong = sorted(set(mine) ^ set(state)) + [k for k in mine if k in state and mine[k].shape != state[k].shape]
     if wrong:
         raise ValueError(f"init drafter {folder}: another architecture (tensors missing, extra or of another shape: "

@@ -255,12 +255,14 @@ def test_recipe_calibrates_sts_on_the_extra_heldout_answers(tmp_path, monkeypatc
 # --------------------------------------------------------------------------- draft vocabulary
 
 
-def vocabulary_drafter(target, data, root, size, seed=0):
+def vocabulary_drafter(target, data, root, size, seed=0, num_layers=1, init_from_target=False):
     """A DSpark drafter over the ``size`` ids of a fixed ranking, its Markov head random (the
     recipe's starts at zero, which would hide W2's rows from the loss)."""
-    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS, draft_vocab_size=size, seed=seed)
+    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS, draft_vocab_size=size, seed=seed,
+                       num_layers=num_layers)
     ranking = {"ranked_ids": torch.randperm(96, generator=torch.Generator().manual_seed(5)).tolist()}
-    drafter = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3, draft_vocab_ranking=ranking)
+    drafter = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3,
+                          init_from_target=init_from_target, draft_vocab_ranking=ranking)
     drafter.training_lm_head_dtype = None
     with torch.no_grad():
         drafter.markov.w2.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
@@ -403,11 +405,7 @@ def test_warm_start_grows_a_saved_drafter_by_layers_that_start_silent(mixed, tmp
     saved.save(tmp_path / "saved")
     reloaded = vocabulary_drafter(target, data, root, size=40, seed=1)
     train.warm_start(reloaded, tmp_path / "saved")  # the saved weights as float16 rounds them
-    cfg = RecipeConfig(out_dir=root, context_layers=CONTEXT_LAYERS, draft_vocab_size=40, seed=2, num_layers=2)
-    ranking = {"ranked_ids": torch.randperm(96, generator=torch.Generator().manual_seed(5)).tolist()}
-    grown = new_drafter(cfg, target, "dspark", data.feature_statistics(), noise_token_id=3,
-                        init_from_target=True, draft_vocab_ranking=ranking)
-    grown.training_lm_head_dtype = None
+    grown = vocabulary_drafter(target, data, root, size=40, seed=2, num_layers=2, init_from_target=True)
     fresh_q = grown.backbone.layers[1].q.weight.detach().clone()
     train.warm_start(grown, tmp_path / "saved")
     extra = grown.backbone.layers[1]
