@@ -65,6 +65,7 @@ EXTRA_ARMS = {
     "short": ("other short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "dense": ("dense drafts", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
     "other drafter": ("other DSpark drafter", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
+    "tokens/s objective": ("tokens/s objective", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
 }
 
 
@@ -139,6 +140,10 @@ def main() -> None:
                              "Draft.logit_ids / point_mass), as before compact drafts")
     parser.add_argument("--compare-drafter", default=None, metavar="FOLDER",
                         help="arm: the default with this saved DSpark drafter instead of the installed one")
+    parser.add_argument("--tokens-per-second-objective", action="store_true",
+                        help="arm: the default planning rounds of several requests by tokens per second with "
+                             "only the drafts weighted by their request's chance of being last, as before "
+                             "dspark_ext.generate.CALL_END_OBJECTIVE")
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -176,6 +181,9 @@ def main() -> None:
     if args.plan_margin is not None:
         hybrids["margin"] = default_hybrid_drafter(target)
         variants["margin"] = (generate_module, "PLAN_MARGIN", args.plan_margin)
+    if args.tokens_per_second_objective:
+        hybrids["tokens/s objective"] = default_hybrid_drafter(target)
+        variants["tokens/s objective"] = (generate_module, "CALL_END_OBJECTIVE", False)
     extra = [name for name in hybrids if name != "default"]
     names = DRAFTERS + tuple(extra)
     lookup = NgramDrafter(num_draft=5, max_ngram=3, min_ngram=2)  # `dspark generate --drafter ngram`

@@ -9,6 +9,8 @@ SmolLM2-135M-Instruct, MT-Bench prompts, 24 rounds into a greedy generation).
 * **draft vocabulary** (shipped): the drafter samples from its ``draft_vocab_size`` most frequent
   ids, so its LM head and Markov head read that many rows, and its backbone's projections are
   packed in bfloat16 for ``dspark::skinny_linear``;
+* **unfused layers**: the same with each backbone layer run as its own ops (its norms, RoPE,
+  attention and MLP from Python) instead of one ``dspark::draft_layer`` call;
 * **float32 backbone**: the same with the backbone's projections packed in float32;
 * **module backbone** (what it ran before): the backbone's own ``nn.Linear`` matmuls;
 * **whole vocabulary** (the reference): every id;
@@ -46,6 +48,7 @@ from dspark_ext.protocols import DraftContext  # noqa: E402
 from dspark_ext.targets import load_target  # noqa: E402
 
 generation = importlib.import_module("dspark_ext.generate")
+dspark_module = importlib.import_module("dspark_ext.drafters.dspark")
 
 #: Bytes read before every timed call to evict the caches (these machines have up to 480 MiB of
 #: last-level cache).
@@ -122,13 +125,21 @@ def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbo
         return propose
 
     forms = {name: form(name) for name in drafters}
+
+    def unfused():  # the shipped form with each backbone layer as its own ops, not one draft_layer call
+        dspark_module.FUSED_DRAFT_LAYERS = False
+        try:
+            return forms["draft vocabulary"]()
+        finally:
+            dspark_module.FUSED_DRAFT_LAYERS = True
+    forms["unfused layers"] = unfused
     weights = round_weights(shipped)
     forms["read"] = lambda: [w.sum() for w in weights]
     for fn in forms.values():  # compile, pack, warm
         fn()
     shipped_ids = forms["draft vocabulary"]().token_ids
     agree = {other: float((shipped_ids == forms[other]().token_ids).float().mean())
-             for other in ("whole vocabulary", "module backbone")}
+             for other in ("whole vocabulary", "module backbone", "unfused layers")}
     flush = torch.ones(FLUSH_BYTES // 4)
     samples = {name: [] for name in forms}
     for _ in range(repeats):
@@ -181,10 +192,11 @@ def main() -> None:
     shipped = default.dspark
     lines = machine_lines("cpu")
     lines.append(f"draft vocabulary: {shipped.cfg.draft_vocab_size or 'every id'} of {shipped.cfg.vocab_size} ids")
-    propose_table = Table(["B", "draft vocabulary ms", "float32 backbone ms", "module backbone ms",
-                           "whole vocabulary ms", "compiled ms", "read ms", "module / draft vocabulary",
-                           "whole / draft vocabulary", "compiled / draft vocabulary", "draft vocabulary / read",
-                           "same drafts: whole vocabulary", "same drafts: module backbone"])
+    propose_table = Table(["B", "draft vocabulary ms", "unfused layers ms", "float32 backbone ms",
+                           "module backbone ms", "whole vocabulary ms", "compiled ms", "read ms",
+                           "unfused / draft vocabulary", "module / draft vocabulary", "whole / draft vocabulary",
+                           "compiled / draft vocabulary", "draft vocabulary / read", "same drafts: whole vocabulary",
+                           "same drafts: module backbone", "same drafts: unfused layers"])
     planning_table = Table(["B", "choose_plan ms per round", "rounds per call"])
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
@@ -193,11 +205,13 @@ def main() -> None:
         mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
         compiled = medians.get("compiled")
         modules = medians["module backbone"]
-        propose_table.add([batch_size, f"{mine:.2f}", f"{medians['float32 backbone']:.2f}", f"{modules:.2f}",
-                           f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}", f"{read:.2f}",
-                           f"{modules / mine:.2f}x", f"{whole / mine:.2f}x",
+        unfused = medians["unfused layers"]
+        propose_table.add([batch_size, f"{mine:.2f}", f"{unfused:.2f}", f"{medians['float32 backbone']:.2f}",
+                           f"{modules:.2f}", f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}",
+                           f"{read:.2f}", f"{unfused / mine:.2f}x", f"{modules / mine:.2f}x", f"{whole / mine:.2f}x",
                            "-" if compiled is None else f"{compiled / mine:.2f}x", f"{mine / read:.2f}x",
-                           f"{agree['whole vocabulary']:.0%}", f"{agree['module backbone']:.0%}"])
+                           f"{agree['whole vocabulary']:.0%}", f"{agree['module backbone']:.0%}",
+                           f"{agree['unfused layers']:.0%}"])
         cost = default.cost_profile(target, requests=[batch_size])
         plan_ms, rounds = planning_per_round(target, default, cost, prompts, args.planning_calls)
         planning_table.add([batch_size, f"{plan_ms:.3f}", f"{rounds:g}"])

@@ -19,6 +19,13 @@ TORCH_LIBRARY(dspark, m) {
   // Causal attention of a step's few rows per request over a [B, KVH, C, D] cache, batch-invariant; CPU only.
   m.def("cached_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor cu_seqlens, "
         "Tensor context_lengths, float scale) -> Tensor");
+  // One pre-norm decoder layer of a DSpark drafter's backbone over a drafting block (Q rows per
+  // request), on projections packed for skinny_linear; writes the block's keys and values into
+  // the caches [B, C, KVH, D] at block_slot; CPU only.
+  m.def("draft_layer(Tensor x, Tensor rope_cos, Tensor rope_sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+        "Tensor context_lengths, int block_slot, Tensor attn_norm, Tensor qkv_weight, Tensor? q_norm, "
+        "Tensor? k_norm, Tensor o_weight, Tensor mlp_norm, Tensor gate_up_weight, Tensor down_weight, "
+        "int num_heads, float eps) -> Tensor");
   // Internal, for tests only: core::exp_two_ulp (or, nonpositive, core::exp_nonpositive) as
   // built for one CPU instruction set ("scalar", "default", "avx2", "avx512"), elementwise.
   m.def("_exp_for_testing(Tensor x, str isa, bool nonpositive=False) -> Tensor");

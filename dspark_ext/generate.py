@@ -4,7 +4,7 @@ One round, for every unfinished request b (finished requests send nothing):
 
 1. **plan** (with a cost profile): from forecasts that only look at earlier rounds, pick how to
    draft, or not to draft at all, whichever promises the most tokens per second once the
-   drafting is paid for (``choose_plan``; in a batch, a request's drafts count by its chance
+   drafting is paid for (``choose_plan``; in a batch, a request's tokens count by its chance
    of being the last to finish, since the call ends with it: ``draft_worth``);
 2. the drafter proposes K tokens (skipped when K = 0 or the plan is not to draft);
 3. n_b of them are kept: K capped by the tokens left (``max_new - generated - 1``), or, with a
@@ -71,6 +71,14 @@ PLAN_MARGIN = 1.0
 #: so it cannot bias the output law.
 QUIET_ROUNDS = 4
 MAX_UNPLANNED = 8
+#: In a round of several requests, plans are priced by how fast they bring the call's end closer:
+#: every token a request makes, its round's own token included, counts by the request's chance of
+#: being the last to finish (``draft_worth``), and drafting nothing makes the sum of those per
+#: step. False: tokens per second with only the drafts weighted (before 2026-12-06), which counts
+#: a request far ahead as much as the one the call waits for and so priced drafting for a lagging
+#: request as a small gain on the whole batch's tokens. Either way its inputs are fixed before
+#: the round draws a token.
+CALL_END_OBJECTIVE = True
 
 
 @dataclass
@@ -351,9 +359,10 @@ class _Generation:
         return lead_discounts([max(left) - r_left for r_left in left], spread)
 
     def choose_plan(self, context: DraftContext, caps: torch.Tensor, active: torch.Tensor) -> Optional[DraftPlan]:
-        """The plan with the most expected tokens per second, or None (draft nothing). A draft
-        counts as much as it can bring the call's end closer (``draft_worth``); in a round of
-        several requests this also sets ``plan_lengths``, the lengths the plan was priced at.
+        """The plan with the most expected tokens per second, or None (draft nothing). In a round
+        of several requests a token counts as much as it can bring the call's end closer
+        (``draft_worth``, ``CALL_END_OBJECTIVE``), and this also sets ``plan_lengths``, the lengths
+        the plan was priced at.
         Every input is fixed before this round draws a token: earlier rounds, the sequence so far
         and the tokens each request has made."""
         self.plan_lengths = None
@@ -364,21 +373,22 @@ class _Generation:
             return DraftPlan("default", survival=None, parts=())
         R = int(active.sum())
         step_seconds = self.step_seconds(R)
-        plain = plain_decoding_throughput(R, step_seconds)
         active_caps = caps[active]
-        worth = None
+        worth = self.draft_worth(active) if CALL_END_OBJECTIVE else None  # None in a round of one request
+        plain = (plain_decoding_throughput(R, step_seconds) if worth is None
+                 else sum(worth) / float(step_seconds[R]))  # worth of the tokens a round that drafts nothing makes
         best, best_rate, best_lengths = None, 0.0, None
         for plan in plans:
             survival = plan.survival[active]
             draft_seconds = self.draft_seconds(plan, R)
-            # Every draft weighted 1 bounds the weighted rate from above (weights are <= 1), so a
-            # plan that loses unweighted loses weighted: most rounds that draft nothing stop here.
-            rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds)
-            if not rate > PLAN_MARGIN * plain:
-                continue
-            if R > 1:
-                worth = self.draft_worth(active) if worth is None else worth
-                rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds, worth)
+            if worth is not None:
+                rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds, worth,
+                                                weigh_base=True)
+            else:
+                rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds)
+                if R > 1 and rate > PLAN_MARGIN * plain:  # tokens per second, each request's drafts weighted
+                    rate, lengths = best_throughput(survival, active_caps, step_seconds, draft_seconds,
+                                                    self.draft_worth(active))
             if rate > PLAN_MARGIN * plain and rate > best_rate:
                 best, best_rate, best_lengths = plan, rate, lengths
         for plan in plans:  # probe forecasts that only refresh when their plan runs
@@ -393,7 +403,7 @@ class _Generation:
                 best, best_lengths = plan, None
         for plan in plans:
             self.rounds_without[plan.name] = 0 if best is plan else self.rounds_without.get(plan.name, 0) + 1
-        if best_lengths is not None and worth is not None:
+        if best_lengths is not None and R > 1:
             self.plan_lengths = torch.zeros(self.B, dtype=torch.int64, device=self.device)
             self.plan_lengths[active] = torch.tensor(best_lengths, dtype=torch.int64, device=self.device)
         return best

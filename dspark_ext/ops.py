@@ -182,3 +182,38 @@ def cached_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
     AVX-512 builds. D <= 256; CPU only.
     """
     return torch.ops.dspark.cached_attention(query, key_cache, value_cache, cu_seqlens, context_lengths, scale)
+
+
+@torch.library.register_fake("dspark::draft_layer")
+def _draft_layer_fake(x, rope_cos, rope_sin, key_cache, value_cache, context_lengths, block_slot, attn_norm,
+                      qkv_weight, q_norm, k_norm, o_weight, mlp_norm, gate_up_weight, down_weight, num_heads, eps):
+    torch._check(x.dim() == 3, lambda: "dspark::draft_layer: x must be 3-D [B, Q, D]")
+    torch._check(key_cache.dim() == 4, lambda: "dspark::draft_layer: key_cache must be 4-D [B, C, KVH, head dim]")
+    return x.new_empty(x.shape)
+
+
+def draft_layer(x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor, key_cache: torch.Tensor,
+                value_cache: torch.Tensor, context_lengths: torch.Tensor, block_slot: int, attn_norm: torch.Tensor,
+                qkv_weight: torch.Tensor, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                o_weight: torch.Tensor, mlp_norm: torch.Tensor, gate_up_weight: torch.Tensor,
+                down_weight: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+    """One pre-norm decoder layer of a DSpark drafter's backbone over a drafting round's block, on
+    CPU, in one call (from Python the layer's ~35 small ops cost more than their arithmetic).
+
+    x [B, Q, D] float32: the block's rows; rope_cos / rope_sin [B, Q, hd] float32: their RoPE
+    tables (rotate_half); key_cache / value_cache [B, C, KVH, hd] float32, contiguous, holding each
+    request's context keys/values at positions ``0 .. context_lengths[b]`` (int64 [B], at most
+    ``block_slot``): the op writes the block's keys and values at ``block_slot .. block_slot + Q``
+    (every request alike) and each block row attends to its request's context and to the whole
+    block (bidirectional), with softmax(q . k / sqrt(hd)), GQA (query head h reads KV head
+    ``h // (num_heads // KVH)``). Weights: ``qkv_weight`` ([(H + 2 KVH) hd, D]: q, k, v rows),
+    ``o_weight`` ([D, H hd]), ``gate_up_weight`` ([2 I, D]: gate, up rows) and ``down_weight``
+    ([D, I]), each packed by ``pack_skinny_weight`` (float32 or bfloat16); ``attn_norm`` /
+    ``mlp_norm`` [D] and the optional per-head ``q_norm`` / ``k_norm`` [hd] RMSNorm weights
+    (Qwen3's, applied before RoPE), ``eps`` their epsilon. Returns x + attention + MLP, [B, Q, D]
+    float32, what ``dspark_ext.drafters.dspark.BackboneLayer.forward`` computes within rounding.
+    CPU only.
+    """
+    return torch.ops.dspark.draft_layer(x, rope_cos, rope_sin, key_cache, value_cache, context_lengths, block_slot,
+                                        attn_norm, qkv_weight, q_norm, k_norm, o_weight, mlp_norm, gate_up_weight,
+                                        down_weight, num_heads, eps)

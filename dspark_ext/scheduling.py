@@ -125,7 +125,8 @@ def schedule_async(
 
 
 def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: torch.Tensor,
-                    draft_seconds: float, weights: Optional[Sequence[float]] = None) -> Tuple[float, List[int]]:
+                    draft_seconds: float, weights: Optional[Sequence[float]] = None,
+                    weigh_base: bool = False) -> Tuple[float, List[int]]:
     """The best expected tokens per second of one round in which R requests draft with
     forecast ``survival`` [R, K] (P(first j + 1 drafts accepted)), at most ``caps`` [R] drafts
     each, the drafting costs ``draft_seconds`` and verifying n tokens costs ``step_seconds[n]``
@@ -137,7 +138,9 @@ def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: to
     ``weights`` [R] in [0, 1] (default all 1): what a draft token of each request is worth
     (e.g. ``lead_discounts``). Request r's drafts count ``weights[r] * survival[r, j]``, still
     falling with j, so the admitted drafts stay a prefix of each request; the R tokens every
-    round makes count 1 each, so all weights 1 is the plain tokens-per-second objective."""
+    round makes count 1 each, or with ``weigh_base`` ``weights[r]`` each (how fast the round
+    brings a batch call's end closer, ``dspark_ext.generate.CALL_END_OBJECTIVE``); all weights 1
+    is the plain tokens-per-second objective either way."""
     num_requests, num_draft = survival.shape
     # Plain Python: a round plans over a few dozen candidates, where tensor ops cost more in
     # dispatch than in work (the loop calls this every round).
@@ -148,7 +151,7 @@ def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: to
                       for value in values[:max(cap, 0)] if value > 0 and weight > 0),  # NaN > 0 is False
                      key=lambda candidate: -candidate[0])[: max(len(step) - 1 - num_requests, 0)]
     lengths, best_lengths = [0] * num_requests, [0] * num_requests
-    best = tau = float(num_requests)
+    best = tau = float(sum(weight_list)) if weigh_base else float(num_requests)
     best /= draft_seconds + step[num_requests]
     for admitted, (value, row) in enumerate(ordered, start=1):
         tau += value

@@ -915,3 +915,68 @@ def test_propose_block_drafts_a_shorter_block():
     assert bool(((short.confidence > 0) & (short.confidence < 1)).all())
     with pytest.raises(ValueError, match="block must be in"):
         drafter.propose_block(context_of(tokens, lengths, features, 0.0, new_from=[0, 0]), drafter.num_draft + 1)
+
+
+def test_drafting_rounds_read_rotary_tables_bitwise_and_attend_the_cache_in_place():
+    """A drafting round looks its RoPE tables up (``DSparkBackbone.rotary_tables``, grown by
+    doubling) instead of computing them: the same bits as ``rotary_tables`` at every position;
+    and it writes its block's keys after the context in the cache (``block_slot``) instead of
+    concatenating them to a copy: the same hidden states as the concatenation, bit for bit."""
+    from dspark_ext.drafters.dspark import rotary_tables
+
+    drafter = small_drafter(seed=5)
+    backbone = drafter.backbone
+    for top in (7, 300, 3000):  # grows the table twice
+        positions = torch.arange(top + 1)[None].flip(1)
+        cos, sin = backbone.rotary_tables(positions)
+        expected_cos, expected_sin = rotary_tables(positions, backbone.inv_freq)
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+    assert backbone._rope_table[0].shape[0] == 4096
+
+    g = torch.Generator().manual_seed(6)
+    B, S, Q = 3, 11, drafter.num_draft
+    cfg = drafter.cfg
+    x = torch.randn(B, Q, cfg.hidden_size, generator=g)
+    positions = torch.tensor([[4], [11], [8]]) + torch.arange(Q)
+    caches = [(torch.randn(B, S + Q + 2, cfg.num_kv_heads, cfg.head_dim, generator=g),
+               torch.randn(B, S + Q + 2, cfg.num_kv_heads, cfg.head_dim, generator=g)) for _ in backbone.layers]
+    lengths = torch.tensor([4, 11, 8])
+    ctx_mask = torch.arange(S)[None] < lengths[:, None]
+    mask = torch.cat([ctx_mask[:, None].expand(B, Q, S), torch.ones(B, Q, Q, dtype=torch.bool)], 2)
+    packed = backbone.packed(torch.float32)
+    with torch.no_grad():
+        concatenated = backbone(x, positions, [(k[:, :S].clone(), v[:, :S].clone()) for k, v in caches], mask, packed)
+        in_place = backbone(x, positions, caches, mask, packed, block_slot=S)
+    assert torch.equal(in_place, concatenated)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafting_rounds_run_each_layer_as_one_draft_layer_call(monkeypatch, temperature):
+    """On CPU, with the projections packed, a round's backbone layers run as ``dspark::draft_layer``
+    calls: the same drafts as the layers' own ops (``FUSED_DRAFT_LAYERS`` off), logits and
+    confidences within rounding, over several rounds of a growing context."""
+    import dspark_ext.drafters.dspark as dspark_module
+
+    lengths = [9, 1, 5, 13]
+    tokens, features = random_batch(lengths, seed=7)
+    drafts, calls = {}, []
+    op = torch.ops.dspark.draft_layer
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[6])
+            return op(*args)
+
+    monkeypatch.setattr(torch.ops.dspark, "draft_layer", Counting(), raising=False)
+    for fused in (True, False):
+        monkeypatch.setattr(dspark_module, "FUSED_DRAFT_LAYERS", fused)
+        drafter = small_drafter(seed=8, num_layers=2)
+        drafter.inference_backbone_dtype = torch.float32
+        drafts[fused] = [drafter.propose(context_of(tokens, lengths, features, temperature, new_from=[0] * 4))]
+        grown = [n + 2 for n in lengths]
+        more_tokens, more_features = random_batch(grown, seed=7)
+        drafts[fused].append(drafter.propose(context_of(more_tokens, grown, more_features, temperature,
+                                                        new_from=[n - 1 for n in lengths])))
+    assert len(calls) == 2 * 2 and calls[0] == max(lengths) - 1  # two layers, two rounds; the block after the context
+    for fused, unfused in zip(drafts[True], drafts[False]):
+        assert_drafts_equal(fused, unfused)

@@ -149,8 +149,9 @@ def test_greedy_equals_plain_decoding(cost):
 
 
 def test_best_throughput_is_the_best_prefix_of_the_admission_order():
-    """Unweighted and weighted (a draft of request r worth weights[r] of a token), against every
-    set of drafts that is a prefix per request; the lengths returned reach the rate returned."""
+    """Unweighted and weighted (a draft of request r worth weights[r] of a token, and with
+    ``weigh_base`` its round's own token too), against every set of drafts that is a prefix per
+    request; the lengths returned reach the rate returned."""
     g = torch.Generator().manual_seed(0)
     for trial in range(80):
         R = int(torch.randint(1, 4, (1,), generator=g))
@@ -159,18 +160,20 @@ def test_best_throughput_is_the_best_prefix_of_the_admission_order():
         step = torch.cat([torch.zeros(1), 1.0 + 0.1 * torch.rand(R * (K + 1), generator=g).cumsum(0)]).double()
         draft = float(torch.rand(1, generator=g))
         weights = None if trial % 2 == 0 else torch.rand(R, generator=g).tolist()
-        got, lengths = best_throughput(survival, caps, step, draft, weights)
+        weigh_base = trial % 4 == 3
+        got, lengths = best_throughput(survival, caps, step, draft, weights, weigh_base=weigh_base)
         w = [1.0] * R if weights is None else weights
 
         def rate(prefix):
-            tau = R + sum(w[r] * float(survival[r, :l].sum()) for r, l in enumerate(prefix))
+            base = sum(w) if weigh_base else R  # every round's own token of request r counts w[r] too
+            tau = base + sum(w[r] * float(survival[r, :l].sum()) for r, l in enumerate(prefix))
             return tau / (draft + float(step[R + sum(prefix)]))
 
         best = max(rate(prefix) for prefix in itertools.product(*[range(int(c) + 1) for c in caps]))
         assert got == pytest.approx(best, rel=1e-6)  # float32 survivals summed in float64 or float32
         assert rate(lengths) == pytest.approx(got, rel=1e-6)
         assert all(0 <= l <= int(c) for l, c in zip(lengths, caps))
-        if weights is not None:  # the loop skips weighting a plan that loses unweighted: a bound
+        if weights is not None and not weigh_base:  # weighting only the drafts never raises the rate
             assert got <= best_throughput(survival, caps, step, draft)[0] * (1 + 1e-12)
     assert plain_decoding_throughput(2, torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)) == 0.5
 
@@ -484,6 +487,42 @@ def test_a_lead_nobody_can_catch_makes_drafts_worthless():
     assert one.plan_lengths is None and one.draft_worth(torch.ones(1, dtype=torch.bool)) is None
 
 
+def test_a_lagging_request_is_drafted_for_when_only_it_decides_the_calls_end(monkeypatch):
+    """``CALL_END_OBJECTIVE``: every token a request makes in a round, its round's own token
+    included, counts by the request's chance of being last. Request 0 is 10 tokens ahead with no
+    spread (worth 0): drafting for request 1 alone brings the call's end 1.9 tokens closer per
+    round for 1.625 s against 1 token per 1.01 s, so it is planned; counting request 0's own
+    token at 1 (tokens per second with only the drafts weighted) prices the same round at 2.9
+    tokens for 1.625 s against 2 per 1.01 s, and drafts nothing."""
+    import importlib
+
+    from dspark_ext.generate import _Generation
+    from dspark_ext.protocols import DraftPlan
+
+    generation = importlib.import_module("dspark_ext.generate")
+    target = TrigramTarget(V, seed=6, scale=3.0, period=1)
+    cost = ToyCost(base=1.0, per_token=0.01, draft={"a": 0.6})
+    survival = torch.tensor([[0.5, 0.3, 0.1], [0.5, 0.3, 0.1]])
+
+    class Planned:
+        num_draft = K
+
+        def plans(self, context):
+            return [DraftPlan("p", survival=survival, parts=("a",))]
+
+    def plan_of_lagging_round():
+        state = _Generation(target, Planned(), [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
+        state.generated = torch.tensor([10, 0])
+        state.round_tokens = (20.0, 20.0, 20)  # no spread: only request 1 can be last
+        plan = state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool))
+        return plan, state.plan_lengths
+
+    plan, lengths = plan_of_lagging_round()
+    assert plan is not None and plan.name == "p" and lengths.tolist() == [0, K]
+    monkeypatch.setattr(generation, "CALL_END_OBJECTIVE", False)
+    assert plan_of_lagging_round()[0] is None
+
+
 def test_planning_backs_off_while_nothing_is_worth_drafting():
     """After QUIET_ROUNDS planned rounds in a row drafted nothing, rounds go unplanned in
     stretches of 1, 2, 4, ... up to MAX_UNPLANNED; a plan that drafts resets the stretch; no cost
@@ -543,7 +582,7 @@ def test_planning_backoff_follows_target_law(monkeypatch, temperature):
     monkeypatch.setattr(generation, "QUIET_ROUNDS", 1)
     monkeypatch.setattr(generation, "MAX_UNPLANNED", 1)
     target = law_target()
-    cost = ToyCost(per_token=0.2, draft={"lookup": 0.25, "dspark": 0.3})
+    cost = ToyCost(per_token=0.2, draft={"lookup": 0.25, "dspark": 0.3, "dspark-short": 0.3})
     tokens = LAW_TOKENS + 1
     result = generate(target, hybrid(), [LAW_PROMPT] * LAW_SAMPLES, tokens + 1, temperature=temperature, seed=1000,
                       cost=cost)

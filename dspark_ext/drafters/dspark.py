@@ -144,11 +144,6 @@ def apply_rotary(x: torch.Tensor, tables) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """rotate_half RoPE of ``x`` [..., S, heads, hd] at ``positions`` [..., S]."""
-    return apply_rotary(x, rotary_tables(positions, inv_freq))
-
-
 @dataclass
 class PackedLayer:
     """A backbone layer's projections packed for drafting rounds (``BackboneLayer.packed``):
@@ -159,6 +154,15 @@ class PackedLayer:
     gate_up: FusedLinear
     down: FusedLinear
     context_kv: FusedLinear
+
+
+#: Drafting rounds on CPU run each backbone layer as one ``dspark::draft_layer`` call (False: the
+#: layer's own ops, as training runs it; bench/bench_drafting_round.py times both).
+FUSED_DRAFT_LAYERS = True
+
+
+def _weight(norm: Optional[RMSNorm]) -> Optional[torch.Tensor]:
+    return None if norm is None else norm.weight.detach()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -194,15 +198,25 @@ class BackboneLayer(nn.Module):
                            down=fused(self.down), context_kv=fused(self.k, self.v))
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                   packed: Optional[PackedLayer] = None):
-        """Keys/values [B, S, KVH, hd] of the (projected, normed) context features [B, S, D]."""
+                   packed: Optional[PackedLayer] = None, rope: Optional[tuple] = None):
+        """Keys/values [B, S, KVH, hd] of the (projected, normed) context features [B, S, D]
+        (``rope``: ``rotary_tables`` of ``positions``, if the caller has them)."""
         B, S, _ = context.shape
         if packed is None:
             k, v = self.k(context), self.v(context)
         else:
             k, v = packed.context_kv(_rows(context))
-        k = rotary(self._norm_k(k.view(B, S, self.num_kv_heads, self.head_dim)), positions, inv_freq)
+        k = apply_rotary(self._norm_k(k.view(B, S, self.num_kv_heads, self.head_dim)),
+                         rope if rope is not None else rotary_tables(positions, inv_freq))
         return k, v.view(B, S, self.num_kv_heads, self.head_dim)
+
+    def _fused(self, x: torch.Tensor, packed: Optional[PackedLayer], context_lengths, ctx_k) -> bool:
+        """Whether a drafting round's layer runs as one ``dspark::draft_layer`` call: on CPU, with
+        the projections packed and the block attending to the cache in place (``block_slot`` and
+        the requests' ``context_lengths`` given)."""
+        return (FUSED_DRAFT_LAYERS and packed is not None and context_lengths is not None and x.device.type == "cpu"
+                and packed.qkv.packed is not None and x.shape[0] * x.shape[1] <= packed.qkv.max_skinny_rows
+                and ctx_k.is_contiguous())
 
     def _norm_q(self, q: torch.Tensor) -> torch.Tensor:
         return q if self.q_norm is None else self.q_norm(q)
@@ -210,22 +224,42 @@ class BackboneLayer(nn.Module):
     def _norm_k(self, k: torch.Tensor) -> torch.Tensor:
         return k if self.k_norm is None else self.k_norm(k)
 
-    def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask, packed: Optional[PackedLayer] = None):
+    def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask, packed: Optional[PackedLayer] = None,
+                rope: Optional[tuple] = None, block_slot: Optional[int] = None,
+                context_lengths: Optional[torch.Tensor] = None):
         """x [B, Q, D] block rows at ``positions`` [B, Q]; ctx_k/ctx_v [B, S, KVH, hd]; mask
         [B, Q, S + Q] bool (True = may attend) over (context keys, block keys). ``packed``: the
-        projections as ``packed`` made them (drafting rounds), else the modules (training)."""
+        projections as ``packed`` made them (drafting rounds), else the modules (training).
+        ``rope``: ``rotary_tables`` of ``positions``, if the caller has them. ``block_slot`` = S:
+        ctx_k/ctx_v are caches with room for Q more rows after their first S; the block's keys
+        and values are written there and attended in place (no concatenated copy of the cache).
+        With ``context_lengths`` [B] int64 too (the context keys each request's mask allows: a
+        prefix), a drafting round on CPU runs the layer as one ``dspark::draft_layer`` call."""
         B, Q, D = x.shape
         H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if self._fused(x, packed, context_lengths, ctx_k):
+            cos, sin = rope if rope is not None else rotary_tables(positions, inv_freq)
+            return torch.ops.dspark.draft_layer(
+                x, cos.squeeze(-2), sin.squeeze(-2), ctx_k, ctx_v, context_lengths, block_slot,
+                self.attn_norm.weight.detach(), packed.qkv.packed, _weight(self.q_norm), _weight(self.k_norm),
+                packed.o.packed, self.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, H,
+                self.attn_norm.eps)
         h = self.attn_norm(x)
         if packed is None:
             q, k, v = self.q(h), self.k(h), self.v(h)
         else:
             q, k, v = packed.qkv(_rows(h))
-        tables = rotary_tables(positions, inv_freq)  # queries and block keys share their positions
+        tables = rope if rope is not None else rotary_tables(positions, inv_freq)  # queries and block keys share them
         q = apply_rotary(self._norm_q(q.view(B, Q, H, hd)), tables)
         k = apply_rotary(self._norm_k(k.view(B, Q, KVH, hd)), tables)
-        keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
-        vals = torch.cat([ctx_v, v.view(B, Q, KVH, hd)], dim=1).transpose(1, 2)
+        if block_slot is None:
+            keys = torch.cat([ctx_k, k], dim=1).transpose(1, 2)  # [B, KVH, S + Q, hd]
+            vals = torch.cat([ctx_v, v.view(B, Q, KVH, hd)], dim=1).transpose(1, 2)
+        else:
+            end = block_slot + Q
+            ctx_k[:, block_slot:end] = k
+            ctx_v[:, block_slot:end] = v.view(B, Q, KVH, hd)
+            keys, vals = ctx_k[:, :end].transpose(1, 2), ctx_v[:, :end].transpose(1, 2)
         # enable_gqa: each group of query heads reads its K/V head in place (no repeated copy).
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys, vals, attn_mask=mask[:, None], enable_gqa=KVH != H)
         o = o.transpose(1, 2).reshape(B, Q, H * hd)
@@ -309,7 +343,8 @@ class DSparkBackbone(nn.Module):
 
     def context_kv(self, context: torch.Tensor, positions: torch.Tensor, packed: Optional["PackedBackbone"] = None):
         layers = [None] * len(self.layers) if packed is None else packed.layers
-        return [layer.context_kv(context, positions, self.inv_freq, p) for layer, p in zip(self.layers, layers)]
+        rope = None if packed is None else self.rotary_tables(positions)
+        return [layer.context_kv(context, positions, self.inv_freq, p, rope) for layer, p in zip(self.layers, layers)]
 
     def block_inputs(self, embedding: torch.Tensor, anchor_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
         """[anchor embedding, mask x (K - 1)] for anchors [...] -> [..., K, D]."""
@@ -319,12 +354,28 @@ class DSparkBackbone(nn.Module):
         masks = mask.expand(*anchor_ids.shape, num_draft - 1, -1)
         return torch.cat([anchor[..., None, :], masks], dim=-2)
 
-    def forward(self, x, positions, kv, mask, packed: Optional["PackedBackbone"] = None) -> torch.Tensor:
-        """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D]."""
+    def forward(self, x, positions, kv, mask, packed: Optional["PackedBackbone"] = None,
+                block_slot: Optional[int] = None, context_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D] (``block_slot``,
+        ``context_lengths``: see ``BackboneLayer.forward``)."""
         layers = [None] * len(self.layers) if packed is None else packed.layers
+        rope = None if packed is None else self.rotary_tables(positions)
         for layer, (ck, cv), p in zip(self.layers, kv, layers):
-            x = layer(x, positions, self.inv_freq, ck, cv, mask, p)
+            x = layer(x, positions, self.inv_freq, ck, cv, mask, p, rope, block_slot, context_lengths)
         return self.norm(x)
+
+    def rotary_tables(self, positions: torch.Tensor):
+        """``rotary_tables(positions, inv_freq)``, looked up in a table of every position below
+        the largest seen so far (grown by doubling; the same products and cos/sin, so the same
+        bits): two index ops where computing them takes seven, in every layer of every round."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
+            size = max(1 << max(needed - 1, 0).bit_length(), 256)
+            cos, sin = rotary_tables(torch.arange(size, device=positions.device), self.inv_freq.to(positions.device))
+            table = self._rope_table = (cos[:, 0], sin[:, 0])  # [size, hd]
+        cos, sin = table
+        return cos[positions][..., None, :], sin[positions][..., None, :]
 
 
 @dataclass
@@ -569,7 +620,7 @@ class DSparkDrafter(nn.Module):
         if bool((self._cache_len != new_from).any()):
             raise ValueError(f"context features skipped: cached up to {self._cache_len.tolist()}, "
                              f"new features start at {new_from.tolist()}")
-        capacity = int(ends.max()) if B else 0
+        capacity = int(ends.max()) + self.num_draft if B else 0  # room for a block after the context (block_slot)
         if not self._cache_k or self._cache_k[0].shape[1] < capacity:
             grown = max(capacity, 2 * (self._cache_k[0].shape[1] if self._cache_k else 128))
             shape = (B, grown, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -614,8 +665,8 @@ class DSparkDrafter(nn.Module):
         positions = last[:, None] + torch.arange(K, device=device)
         ctx_mask = torch.arange(S, device=device)[None] < self._cache_len.to(device)[:, None]  # [B, S]
         mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
-        kv = [(k[:, :S], v[:, :S]) for k, v in zip(self._cache_k, self._cache_v)]
-        h = self.backbone(x, positions, kv, mask, packed)
+        h = self.backbone(x, positions, list(zip(self._cache_k, self._cache_v)), mask, packed, block_slot=S,
+                          context_lengths=self._cache_len.to(device))
         return self.draft_from_hidden(h, anchors, context)
 
     def _packed_backbone(self, device):
