@@ -21,7 +21,8 @@ SmolLM2-135M-Instruct, MT-Bench prompts, 24 rounds into a greedy generation).
 
 A round drafts right after the target's step has streamed ~540 MB of weights through the caches,
 so every timed call starts from caches flushed the same way (a 1 GiB read); warm, the form timed
-after another would find the drafter's weights in the cache.
+after another would find the drafter's weights in the cache. ``--warm`` times them warm anyway:
+what is left is the round's own work and framework overhead, without the memory traffic.
 
 Then the planning the loop adds to every round of the default (``choose_plan``, which runs the
 prompt lookup and the forecasts), measured inside a real call at T = 1 (``generate``'s own
@@ -98,7 +99,8 @@ def round_weights(drafter: DSparkDrafter):
 
 
 @torch.no_grad()
-def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbone: bool, repeats: int):
+def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbone: bool, repeats: int,
+                 flush_caches: bool = True):
     """Median ms of each form (``shipped`` loaded from ``folder``), and the share of its drafts
     the whole vocabulary and the module backbone propose alike (one greedy round)."""
     whole = DSparkDrafter.for_target(folder, target)
@@ -140,7 +142,7 @@ def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbo
     shipped_ids = forms["draft vocabulary"]().token_ids
     agree = {other: float((shipped_ids == forms[other]().token_ids).float().mean())
              for other in ("whole vocabulary", "module backbone", "unfused layers")}
-    flush = torch.ones(FLUSH_BYTES // 4)
+    flush = torch.ones(FLUSH_BYTES // 4 if flush_caches else 1)
     samples = {name: [] for name in forms}
     for _ in range(repeats):
         for name, fn in forms.items():
@@ -183,6 +185,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--planning-calls", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the backbone")
+    parser.add_argument("--warm", action="store_true",
+                        help="time every call without flushing the caches first (the weights stay cached)")
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
 
@@ -201,7 +205,8 @@ def main() -> None:
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
         target.hidden_layers = list(shipped.cfg.context_layers)
-        medians, agree = time_propose(target, shipped, shipped_drafter_path(), prompts, args.compile, args.repeats)
+        medians, agree = time_propose(target, shipped, shipped_drafter_path(), prompts, args.compile, args.repeats,
+                                      flush_caches=not args.warm)
         mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
         compiled = medians.get("compiled")
         modules = medians["module backbone"]
@@ -218,7 +223,8 @@ def main() -> None:
         print(propose_table.text(), "\n", planning_table.text(), flush=True)
     report = "\n".join(["    " + line for line in lines] + [
         f"    run time {time.perf_counter() - started:.0f} s", "",
-        "DSpark `propose`, one round after a flushed cache (context cache fed one row, K = 7 drafted):", "",
+        f"DSpark `propose`, one round {'with warm caches' if args.warm else 'after a flushed cache'} "
+        "(context cache fed one row, K = 7 drafted):", "",
         propose_table.markdown(), "",
         "The loop's planning in a default generation at T = 1 (MT-Bench, 96 tokens per request):", "",
         planning_table.markdown(), ""])
