@@ -153,3 +153,27 @@ def test_opcheck():
             layer.k_norm.weight.detach(), packed.o.packed, layer.mlp_norm.weight.detach(), packed.gate_up.packed,
             packed.down.packed, 6, 1e-5)
     torch.library.opcheck(torch.ops.dspark.draft_layer, args)
+
+
+def test_strided_operands_read_as_their_values():
+    """Norm weights, packed weights and the input as strided views (every operand is read as
+    its values, not as its memory)."""
+    cfg, layer = _layer(6, 2, 16, True, seed=5)
+    packed = layer.packed(torch.bfloat16)
+    x, positions, keys, values, ctx = _case(cfg, [5, 0, 9], 9, 4, seed=6)
+    _, inv_freq = _reference(layer, packed, x, positions, keys, values, ctx, 9)
+    cos, sin = rotary_tables(positions, inv_freq)
+
+    def strided(t):  # the same values in a transposed (non-contiguous) layout
+        return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t.repeat_interleave(2)[::2]
+
+    def run(view):
+        args = [x, cos.squeeze(-2), sin.squeeze(-2), keys.clone(), values.clone(), ctx, 9, layer.attn_norm.weight.detach(),
+                packed.qkv.packed, layer.q_norm.weight.detach(), layer.k_norm.weight.detach(), packed.o.packed,
+                layer.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, 6, 1e-5]
+        for i in (0, 1, 2, 7, 8, 9, 10, 11, 12, 13, 14):
+            args[i] = view(args[i])
+        assert view is not strided or not args[8].is_contiguous()
+        return draft_layer(*args)
+
+    assert torch.equal(run(strided), run(lambda t: t))

@@ -118,9 +118,13 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
     TORCH_CHECK(length_data[b] >= 0 && length_data[b] <= block_slot, kOp, ": context_lengths[", b,
                 "] must be in [0, block_slot = ", block_slot, "], got ", length_data[b]);
 
+  // Every operand read through a raw pointer is made contiguous first (a strided view is copied).
   const at::Tensor input = x.contiguous(), cos = rope_cos.contiguous(), sin = rope_sin.contiguous();
   const at::Tensor qn = q_norm.has_value() ? q_norm->contiguous() : at::Tensor();
   const at::Tensor kn = k_norm.has_value() ? k_norm->contiguous() : at::Tensor();
+  const at::Tensor attn_w = attn_norm.contiguous(), mlp_w = mlp_norm.contiguous();
+  const at::Tensor qkv_w = qkv_weight.contiguous(), o_w = o_weight.contiguous();
+  const at::Tensor gate_up_w = gate_up_weight.contiguous(), down_w = down_weight.contiguous();
   const int64_t M = B * Q;
   const float* in = input.data_ptr<float>();
   at::Tensor out = at::empty({B, Q, D}, x.options());
@@ -130,8 +134,8 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
 
   // Attention block: norm, q/k/v, per-head q/k norms and RoPE, the block's keys and values into
   // the cache after the context, SDPA over the cache in place.
-  for (int64_t m = 0; m < M; ++m) rms_norm(in + m * D, attn_norm.data_ptr<float>(), &normed[m * D], D, float(eps));
-  packed_linear(qkv_weight, normed.data(), M, D, qkv_width, qkv.data());
+  for (int64_t m = 0; m < M; ++m) rms_norm(in + m * D, attn_w.data_ptr<float>(), &normed[m * D], D, float(eps));
+  packed_linear(qkv_w, normed.data(), M, D, qkv_width, qkv.data());
   float* keys = key_cache.data_ptr<float>();
   float* values = value_cache.data_ptr<float>();
   for (int64_t m = 0; m < M; ++m) {
@@ -165,17 +169,17 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
   const at::Tensor attended = at::scaled_dot_product_attention(queries, key_view, value_view, mask, 0.0, false,
                                                                std::nullopt, KVH != H)
                                   .transpose(1, 2).contiguous();  // [B, Q, H, hd]
-  packed_linear(o_weight, attended.data_ptr<float>(), M, H * hd, D, residual);
+  packed_linear(o_w, attended.data_ptr<float>(), M, H * hd, D, residual);
   for (int64_t i = 0; i < M * D; ++i) residual[i] = in[i] + residual[i];
 
   // MLP block: norm, gate/up, SiLU(gate) * up, down, residual.
-  for (int64_t m = 0; m < M; ++m) rms_norm(residual + m * D, mlp_norm.data_ptr<float>(), &normed[m * D], D, float(eps));
-  packed_linear(gate_up_weight, normed.data(), M, D, 2 * I, gate_up.data());
+  for (int64_t m = 0; m < M; ++m) rms_norm(residual + m * D, mlp_w.data_ptr<float>(), &normed[m * D], D, float(eps));
+  packed_linear(gate_up_w, normed.data(), M, D, 2 * I, gate_up.data());
   const at::Tensor gate_and_up = at::from_blob(gate_up.data(), {M, 2 * I}, x.options());
   // ATen's vectorized SiLU: the exp is most of this block's arithmetic.
-  const at::Tensor activation = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I));
+  const at::Tensor activation = at::silu(gate_and_up.narrow(1, 0, I)).mul_(gate_and_up.narrow(1, I, I)).contiguous();
   std::vector<float> down(M * D);
-  packed_linear(down_weight, activation.data_ptr<float>(), M, I, D, down.data());
+  packed_linear(down_w, activation.data_ptr<float>(), M, I, D, down.data());
   for (int64_t i = 0; i < M * D; ++i) residual[i] += down[i];
   return out;
 }
