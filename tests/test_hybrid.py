@@ -15,7 +15,7 @@ from dspark_ext.drafters import MarkovDrafter, NgramDrafter
 from dspark_ext.drafters.hybrid import HybridDrafter
 from dspark_ext.drafters.lookup import NUM_RECORDS, LookupCalibration
 from dspark_ext.generate import generate
-from dspark_ext.protocols import Draft, DraftContext
+from dspark_ext.protocols import Draft, DraftContext, DraftPlan
 from dspark_ext.scheduling import best_throughput, lead_discounts, plain_decoding_throughput
 from helpers import assert_matches_distribution, check_distribution, sequence_codes
 from toy_targets import TrigramTarget
@@ -418,38 +418,39 @@ def test_lagged_forecasts_start_from_the_drafters_heldout_survival():
     assert torch.allclose(plan.survival, torch.tensor(held_out).expand(2, K))
 
 
+class OnePlan:
+    """A drafter offering one plan, "p", priced as the cost part "a", with a fixed forecast
+    (its first rows in a round of fewer requests)."""
+
+    num_draft = K
+
+    def __init__(self, survival, fresh=True):
+        self.survival, self.fresh = survival, fresh
+
+    def plans(self, context):
+        return [DraftPlan("p", survival=self.survival[:context.tokens.shape[0]], parts=("a",), fresh=self.fresh)]
+
+
 def test_plan_margin():
     """Every plan, fresh (a calibrated forecast) or lagged (a mean of its drafter's own
     confidences on this text), in a round of one request or several, only has to beat drafting
     nothing (PLAN_MARGIN = 1): a plan worth 1.03x is chosen, one worth nothing is not."""
     from dspark_ext.generate import PLAN_MARGIN, _Generation
-    from dspark_ext.protocols import DraftPlan
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     cost = ToyCost(base=1.0, per_token=0.0, draft={"a": 0.0})
     # With free verification and drafting, tau = 1 + s: a rate of 1.03x drafting nothing.
-    survival = torch.tensor([[0.03, 0.0, 0.0]])
-
-    class Planned:
-        num_draft = K
-
-        def __init__(self, fresh):
-            self.fresh = fresh
-
-        def plans(self, context):
-            return [DraftPlan("p", survival=survival, parts=("a",), fresh=self.fresh)]
-
     assert PLAN_MARGIN < 1.03
     for requests in (1, 2):
         survival = torch.tensor([[0.03, 0.0, 0.0]] * requests)
         for fresh in (True, False):
-            state = _Generation(target, Planned(fresh), [torch.tensor([1, 2])] * requests, [10] * requests, 1.0, 0,
-                                None, None, cost, None)
+            state = _Generation(target, OnePlan(survival, fresh), [torch.tensor([1, 2])] * requests, [10] * requests,
+                                1.0, 0, None, None, cost, None)
             plan = state.choose_plan(state.draft_context(), torch.tensor([K] * requests),
                                      torch.ones(requests, dtype=torch.bool))
             assert plan is not None and plan.name == "p"
     survival = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # nothing to gain: even a fresh plan loses
-    state = _Generation(target, Planned(True), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost, None)
+    state = _Generation(target, OnePlan(survival), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost, None)
     assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool)) is None
 
 
@@ -459,19 +460,11 @@ def test_a_lead_nobody_can_catch_makes_drafts_worthless():
     round has varied yet (spread 0), only the requests with the most tokens left are planned
     drafts; once progress has varied, a small lead still counts."""
     from dspark_ext.generate import _Generation
-    from dspark_ext.protocols import DraftPlan
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     cost = ToyCost(base=1.0, per_token=0.01, draft={"a": 0.0})
-    survival = torch.tensor([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]])
-
-    class Planned:
-        num_draft = K
-
-        def plans(self, context):
-            return [DraftPlan("p", survival=survival[:context.tokens.shape[0]], parts=("a",))]
-
-    state = _Generation(target, Planned(), [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
+    planned = OnePlan(torch.tensor([[0.9, 0.8, 0.7], [0.9, 0.8, 0.7]]))
+    state = _Generation(target, planned, [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
     active = torch.ones(2, dtype=torch.bool)
     state.generated = torch.tensor([3, 0])  # request 0 is 3 tokens ahead
     state.round_tokens = (20.0, 20.0, 20)  # 20 request-rounds of one token each: no spread
@@ -482,7 +475,7 @@ def test_a_lead_nobody_can_catch_makes_drafts_worthless():
     assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), active).name == "p"
     assert state.plan_lengths.tolist() == [K, K]
     assert 0.3 < state.draft_worth(active)[0] < 1.0
-    one = _Generation(target, Planned(), [torch.tensor([1, 2])], [40], 1.0, 0, None, None, cost, None)
+    one = _Generation(target, planned, [torch.tensor([1, 2])], [40], 1.0, 0, None, None, cost, None)
     assert one.choose_plan(one.draft_context(), torch.tensor([K]), torch.ones(1, dtype=torch.bool)).name == "p"
     assert one.plan_lengths is None and one.draft_worth(torch.ones(1, dtype=torch.bool)) is None
 
@@ -497,21 +490,14 @@ def test_a_lagging_request_is_drafted_for_when_only_it_decides_the_calls_end(mon
     import importlib
 
     from dspark_ext.generate import _Generation
-    from dspark_ext.protocols import DraftPlan
 
     generation = importlib.import_module("dspark_ext.generate")
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     cost = ToyCost(base=1.0, per_token=0.01, draft={"a": 0.6})
-    survival = torch.tensor([[0.5, 0.3, 0.1], [0.5, 0.3, 0.1]])
-
-    class Planned:
-        num_draft = K
-
-        def plans(self, context):
-            return [DraftPlan("p", survival=survival, parts=("a",))]
+    planned = OnePlan(torch.tensor([[0.5, 0.3, 0.1], [0.5, 0.3, 0.1]]))
 
     def plan_of_lagging_round():
-        state = _Generation(target, Planned(), [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
+        state = _Generation(target, planned, [torch.tensor([1, 2])] * 2, [40, 40], 1.0, 0, None, None, cost, None)
         state.generated = torch.tensor([10, 0])
         state.round_tokens = (20.0, 20.0, 20)  # no spread: only request 1 can be last
         plan = state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool))
@@ -530,8 +516,6 @@ def test_planning_backs_off_while_nothing_is_worth_drafting():
     import importlib
 
     generation = importlib.import_module("dspark_ext.generate")
-    from dspark_ext.protocols import DraftPlan
-
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     worth = {"draft": False}
 

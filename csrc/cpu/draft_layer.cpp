@@ -20,6 +20,7 @@
 
 #include "../checks.h"
 #include "cpu_isa.h"
+#include "packed_weight_checks.h"
 #include "skinny_linear_dispatch.h"
 
 namespace dspark::cpu {
@@ -52,17 +53,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t head_dim, floa
   for (int64_t i = 0; i < head_dim; ++i) scratch[i] = x[i];
   for (int64_t i = 0; i < half; ++i) x[i] = scratch[i] * cos[i] - scratch[i + half] * sin[i];
   for (int64_t i = half; i < head_dim; ++i) x[i] = scratch[i] * cos[i] + scratch[i - half] * sin[i];
-}
-
-void check_packed(const char* name, const at::Tensor& packed, int64_t out_features, int64_t in_features,
-                  const at::Tensor& x) {
-  check_dim(kOp, name, packed, 3);
-  check_dtype(kOp, name, packed, {at::kFloat, at::kBFloat16});
-  check_same_device(kOp, name, packed, x, "x");
-  const int64_t blocks = (out_features + kSkinnyBlock - 1) / kSkinnyBlock;
-  TORCH_CHECK(packed.size(0) == blocks && packed.size(1) == in_features && packed.size(2) == kSkinnyBlock, kOp, ": ",
-              name, " must be a [", out_features, ", ", in_features, "] weight packed by "
-              "dspark_ext.ops.pack_skinny_weight, shape [", blocks, ", ", in_features, ", 16], got ", packed.sizes());
 }
 
 at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
@@ -108,10 +98,10 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
   const int64_t H = num_heads, qkv_width = (H + 2 * KVH) * hd;
   check_dim(kOp, "down_weight", down_weight, 3);
   const int64_t I = down_weight.size(1);
-  check_packed("qkv_weight", qkv_weight, qkv_width, D, x);
-  check_packed("o_weight", o_weight, D, H * hd, x);
-  check_packed("gate_up_weight", gate_up_weight, 2 * I, D, x);
-  check_packed("down_weight", down_weight, D, I, x);
+  check_packed_weight(kOp, "qkv_weight", qkv_weight, qkv_width, D, "D = x.size(2)", x, "x");
+  check_packed_weight(kOp, "o_weight", o_weight, D, H * hd, "num_heads x head dim", x, "x");
+  check_packed_weight(kOp, "gate_up_weight", gate_up_weight, 2 * I, D, "D = x.size(2)", x, "x");
+  check_packed_weight(kOp, "down_weight", down_weight, D, I, "I = down_weight.size(1)", x, "x");
   const at::Tensor lengths = context_lengths.contiguous();
   const int64_t* length_data = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)

@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "cpu_isa.h"
+#include "packed_weight_checks.h"
 #include "skinny_linear_dispatch.h"
 
 namespace dspark::cpu {
@@ -20,18 +21,11 @@ constexpr const char* kOp = "dspark::skinny_linear";
 at::Tensor skinny_linear_cpu(const at::Tensor& input, const at::Tensor& packed_weight, int64_t out_features,
                              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 1, kOp, ": input must have at least 1 dimension ([*, K]), got a scalar");
-  check_dim(kOp, "packed_weight", packed_weight, 3);
   check_dtype(kOp, "input", input, {at::kFloat});
-  check_dtype(kOp, "packed_weight", packed_weight, {at::kFloat, at::kBFloat16});
-  check_same_device(kOp, "packed_weight", packed_weight, input, "input");
   TORCH_CHECK(out_features >= 0, kOp, ": out_features must be >= 0, got ", out_features);
   const int64_t N = out_features;
   const int64_t K = input.size(-1);
-  const int64_t blocks = (N + kSkinnyBlock - 1) / kSkinnyBlock;
-  TORCH_CHECK(packed_weight.size(0) == blocks && packed_weight.size(1) == K && packed_weight.size(2) == kSkinnyBlock,
-              kOp, ": packed_weight must have shape [ceil(out_features / 16), K, 16] = [", blocks, ", ", K,
-              ", 16] (out_features = ", N, ", K = input.size(-1)), got ", packed_weight.sizes(),
-              "; pack the [N, K] weight with dspark_ext.ops.pack_skinny_weight");
+  check_packed_weight(kOp, "packed_weight", packed_weight, N, K, "input.size(-1)", input, "input");
   if (bias.has_value()) check_vector(kOp, "bias", *bias, at::kFloat, N, "out_features", input, "input");
 
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end() - 1);
