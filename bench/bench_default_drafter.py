@@ -43,6 +43,9 @@ from dspark_ext.generate import generate
 from dspark_ext.protocols import Draft
 from dspark_ext.targets import load_target
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import patched  # noqa: E402
+
 generate_module = importlib.import_module("dspark_ext.generate")  # the package's `generate` is the function
 
 DRAFTERS = ("ar", "ngram", "default")
@@ -67,17 +70,6 @@ EXTRA_ARMS = {
     "other drafter": ("other DSpark drafter", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "tokens/s objective": ("tokens/s objective", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
 }
-
-
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    """``module.name`` set to ``value`` for the duration (an arm's variant of the library)."""
-    saved = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, saved)
 
 
 def dense_drafts(hybrid_propose, draft_from_hidden):

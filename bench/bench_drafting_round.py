@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Table, machine_lines  # noqa: E402
+from common import Table, machine_lines, patched  # noqa: E402
 
 from dspark_ext.cli import _encode, load_eval_prompts  # noqa: E402
 from dspark_ext.drafters.dspark import DSparkDrafter, shipped_drafter_path  # noqa: E402
@@ -102,7 +102,8 @@ def round_weights(drafter: DSparkDrafter):
 def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbone: bool, repeats: int,
                  flush_caches: bool = True):
     """Median ms of each form (``shipped`` loaded from ``folder``), and the share of its drafts
-    the whole vocabulary and the module backbone propose alike (one greedy round)."""
+    the whole vocabulary, the module backbone and the unfused layers propose alike (one greedy
+    round)."""
     whole = DSparkDrafter.for_target(folder, target)
     whole.set_draft_vocabulary(None, 0)
     drafters = {"draft vocabulary": shipped, "whole vocabulary": whole}
@@ -129,11 +130,8 @@ def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbo
     forms = {name: form(name) for name in drafters}
 
     def unfused():  # the shipped form with each backbone layer as its own ops, not one draft_layer call
-        dspark_module.FUSED_DRAFT_LAYERS = False
-        try:
+        with patched(dspark_module, "FUSED_DRAFT_LAYERS", False):
             return forms["draft vocabulary"]()
-        finally:
-            dspark_module.FUSED_DRAFT_LAYERS = True
     forms["unfused layers"] = unfused
     weights = round_weights(shipped)
     forms["read"] = lambda: [w.sum() for w in weights]

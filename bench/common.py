@@ -12,6 +12,7 @@ Conventions:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -21,6 +22,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` set to ``value`` for the duration (an arm's variant of the library)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
 
 # --------------------------------------------------------------------------- timers
 
