@@ -90,8 +90,11 @@ class Draft:
             raise ValueError(f"the draft's logits cover {rows.shape[-1]} ids, the target's vocabulary {vocab_size}")
         if self.point_mass is not None:
             # A deterministic draft as a law: log-probability 0 at its token, -inf elsewhere.
-            one_hot = torch.full_like(rows, float("-inf")).scatter_(1, self.token_ids[mask].to(torch.int64)[:, None], 0.0)
-            rows = torch.where(self.point_mass[:, None].expand_as(mask)[mask][:, None], one_hot, rows)
+            # In place (``rows`` is this call's own copy: boolean indexing copies), one pass.
+            deterministic = self.point_mass[:, None].expand_as(mask)[mask][:, None]
+            token = self.token_ids[mask].to(torch.int64)[:, None]
+            at_token = torch.where(deterministic, 0.0, rows.gather(1, token))
+            rows.masked_fill_(deterministic, float("-inf")).scatter_(1, token, at_token)
         return rows
 
 

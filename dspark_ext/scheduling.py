@@ -8,6 +8,8 @@ Algorithm 1 composed from torch ops (bitwise equal to the op, the baseline of
 bench/bench_schedule.py).
 """
 
+import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -163,11 +165,22 @@ def best_throughput(survival: torch.Tensor, caps: torch.Tensor, step_seconds: to
 
 
 #: ``lead_discounts``: a request more than this many spreads ahead counts 0 (its chance of
-#: being last is then below 1e-17 of the leader's), and the quadrature grid of shortfalls
-#: reaches this far past the others, in spreads, at ``_GRID_STEP`` spreads per point.
+#: being last is then below 1e-17 of the leader's).
 _IRRELEVANT_LEAD = 12.0
-_GRID_REACH = 8.0
-_GRID_STEP = 0.05
+#: Gauss-Hermite nodes of ``lead_discounts``' expectation over a standard normal: 24 agree with a
+#: 400-point grid of the integral to 1e-5 on random batches, in ~40 us of plain Python (the grid
+#: in torch ops cost 100-200 us of dispatch in every planned round of a batch).
+_QUADRATURE_NODES = 24
+
+
+@functools.lru_cache(maxsize=None)
+def _standard_normal_quadrature(n: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(nodes, weights) with sum_i w_i f(x_i) ~ E f(Z), Z ~ N(0, 1): Golub-Welsch on the
+    probabilists' Hermite recurrence (eigenvalues of its Jacobi matrix; weights the squared
+    first components of the eigenvectors)."""
+    k = torch.arange(1, n, dtype=torch.float64).sqrt()
+    nodes, vectors = torch.linalg.eigh(torch.diag(k, 1) + torch.diag(k, -1))
+    return tuple(nodes.tolist()), tuple((vectors[0] ** 2).tolist())
 
 
 def lead_discounts(ahead: Sequence[float], spread: float) -> List[float]:
@@ -178,27 +191,37 @@ def lead_discounts(ahead: Sequence[float], spread: float) -> List[float]:
     ``spread``: the standard deviation, in tokens, of how far a request gets by the time the
     call would end. Model: each request's shortfall then is normal, mean -ahead[r], sd
     ``spread``, independent; r is last when its shortfall is the largest, with probability
-    integral f_r(x) prod_{c != r} F_c(x) dx (f, F: its density and distribution). With all
-    requests level every token is worth 1 (tokens per second); a lead that the others' luck is
-    unlikely to erase makes that request's drafts worth little. ``spread`` 0: 1 for the
-    requests with the most left, 0 for the others. Cost O(distinct leads x grid), whatever R."""
+    E prod_{c != r} Phi(Z - (ahead[r] - ahead[c]) / spread) over Z ~ N(0, 1) (Phi: the
+    standard normal distribution). With all requests level every token is worth 1 (tokens per
+    second); a lead that the others' luck is unlikely to erase makes that request's drafts worth
+    little. ``spread`` 0: 1 for the requests with the most left, 0 for the others. Cost
+    O(distinct leads^2 x nodes), whatever R."""
     ahead = [float(a) for a in ahead]
     if not ahead or min(ahead) == max(ahead):
         return [1.0] * len(ahead)
     if not spread > 0:
         return [1.0 if a <= min(ahead) else 0.0 for a in ahead]
-    lead = torch.tensor(ahead, dtype=torch.float64)
-    lead = lead - lead.min()
-    values, inverse, counts = torch.unique(lead, return_inverse=True, return_counts=True)
-    x = torch.arange(-(_IRRELEVANT_LEAD + _GRID_REACH), _GRID_REACH + _GRID_STEP / 2, _GRID_STEP,
-                     dtype=torch.float64) * spread  # shortfalls
-    standardised = (x[None, :] + values[:, None]) / spread  # [distinct, grid]
-    log_below = torch.special.log_ndtr(standardised)
-    log_all_below = (counts[:, None].double() * log_below).sum(0)  # log prod over every request
-    density = torch.exp(-0.5 * standardised**2)
-    last = (density * torch.exp(log_all_below[None, :] - log_below)).sum(1)  # the others below r's
-    last = torch.where(values <= _IRRELEVANT_LEAD * spread, last, 0.0)
-    return (last / last.max())[inverse].tolist()
+    least = min(ahead)
+    counts: dict = {}  # distinct leads, in spreads -> how many requests have it
+    for a in ahead:
+        lead = (a - least) / spread
+        counts[lead] = counts.get(lead, 0) + 1
+    nodes, weights = _standard_normal_quadrature(_QUADRATURE_NODES)
+    chance = {}
+    for lead in counts:
+        if lead > _IRRELEVANT_LEAD:
+            chance[lead] = 0.0
+            continue
+        # The others: every request but this one (one fewer of its own lead).
+        others = [(lead - other, count - (other == lead)) for other, count in counts.items() if count - (other == lead)]
+        total = 0.0
+        for x, w in zip(nodes, weights):
+            for gap, count in others:
+                w *= (0.5 * math.erfc((gap - x) * math.sqrt(0.5))) ** count  # Phi(x - gap)
+            total += w
+        chance[lead] = total
+    likeliest = max(chance.values())
+    return [chance[(a - least) / spread] / likeliest for a in ahead]
 
 
 def plain_decoding_throughput(num_requests: int, step_seconds: torch.Tensor) -> float:

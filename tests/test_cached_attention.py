@@ -5,7 +5,8 @@ Its contract, checked here:
 - within float32 rounding of the float64 softmax attention, for GQA ratios 1-4, head dims that
   are and are not multiples of 16, ragged steps (empty requests, an empty context), and a check
   that tells the causal mask from a wrong one;
-- batch invariance: a query's output is bit-identical alone or among any other rows;
+- batch invariance: a query's output is bit-identical alone or among any other rows, whatever
+  the thread count (which splits a request's rows into pieces);
 - NaN and garbage stay where they belong: a NaN query poisons only its own row and head, and
   cache positions past a query's keys are never read;
 - the AVX2 and AVX-512 builds give the same bits (a subprocess per build; the plain build agrees
@@ -90,6 +91,23 @@ def test_batch_invariant(counts, contexts, H, KVH, D):
     rows = torch.cat([torch.arange(int(cu[b]), int(cu[b + 1])) for b in keep])
     sub_cu = torch.tensor([0] + [counts[b] for b in keep]).cumsum(0)
     assert torch.equal(cached_attention(q[rows], k[keep], v[keep], sub_cu, ctx[keep], 0.3), out[rows])
+
+
+@pytest.mark.parametrize("counts,contexts,H,KVH", [([8], [300], 9, 3), ([5, 2], [40, 70], 4, 1), ([3], [0], 2, 2)])
+def test_rows_shared_out_among_threads_give_the_same_bits(counts, contexts, H, KVH):
+    """With fewer (request, KV head) pairs than twice the threads, a step's rows are split into
+    pieces per thread count; every split gives the bits of the rows one at a time."""
+    q, k, v, cu, ctx = _case(counts, contexts, H, KVH, 64, seed=11)
+    alone = torch.cat([cached_attention(q[int(cu[b]) + t:int(cu[b]) + t + 1], k[b:b + 1], v[b:b + 1],
+                                        torch.tensor([0, 1]), ctx[b:b + 1] + t, 0.125)
+                       for b in range(len(counts)) for t in range(counts[b])])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 4, 8):
+            torch.set_num_threads(n)
+            assert torch.equal(cached_attention(q, k, v, cu, ctx, 0.125), alone), n
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_nan_query_stays_in_its_row_and_head():

@@ -443,6 +443,11 @@ def test_draft_verified_logits_expand_only_the_selected_drafts():
     expected[2, 9] = 0.0  # request 1 is deterministic: a point mass at its draft 9, whatever its logits
     assert torch.equal(rows, expected)
     assert torch.equal(draft.dense_logits(V)[mask], rows)
+    # Without a draft vocabulary too; the point masses are written into a copy, never the draft.
+    dense = torch.randn(2, 3, V)
+    kept = dense.clone()
+    rows = Draft(token_ids=token_ids, logits=dense, point_mass=torch.tensor([False, True])).verified_logits(mask, V)
+    assert torch.equal(rows[:2], dense[0, :2]) and torch.equal(rows[2], expected[2]) and torch.equal(dense, kept)
     assert Draft(token_ids=token_ids).verified_logits(mask, V) is None
     with pytest.raises(ValueError, match="logit_ids"):
         Draft(token_ids=token_ids, logits=logits, logit_ids=ids[:2]).verified_logits(mask, V)

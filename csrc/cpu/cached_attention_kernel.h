@@ -5,10 +5,11 @@
 // Why not SDPA: CPU SDPA pads every request to the longest one's rows and pays for each padded
 // row, and its blocked kernel is built for long query blocks: with one extra row in a batch of
 // four, SmolLM2's attention cost ~1.5x a step of one row each (bench/RESULTS.md). Here one task
-// per (request, KV head) runs its queries (the heads that share the KV head, GQA, times the
-// request's rows), queries and accumulators in registers; the request's key and value rows come
-// from memory once and from this core's cache for the next queries. A decoding step costs about
-// one read of the cache it attends to, and each extra row per request about half of that again.
+// per (request, KV head), or per piece of its rows (row_pieces), runs its queries (the heads that
+// share the KV head, GQA, times the request's rows), queries and accumulators in registers; the
+// request's key and value rows come from memory once and from this core's cache for the next
+// queries. A decoding step costs about one read of the cache it attends to, and each extra row
+// per request about half of that again.
 //
 // Batch invariance: a query's output depends only on its own row, its position and the cache
 // below it. Its scores are one chain of fused multiply-adds over d in 16 lanes, then a fixed
@@ -29,6 +30,7 @@
 
 #include "cached_attention_dispatch.h"
 #include "vec_exp.h"
+
 
 namespace dspark::cpu {
 namespace CPU_CAPABILITY {
@@ -217,7 +219,8 @@ inline void score_keys(const float* query, const float* key_rows, int64_t keys, 
 // at a time, then the values of a row's heads together (weighted_values). The request's key and
 // value rows stay in this core's cache after the first query reads them.
 template <int CHUNKS>
-inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int64_t g, std::vector<float>& scores) {
+inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int64_t g, int64_t t_begin, int64_t t_end,
+                                std::vector<float>& scores) {
   const int64_t row0 = p.cu_seqlens[b];
   const int64_t rows = p.cu_seqlens[b + 1] - row0;
   const int64_t G = p.H / p.KVH;
@@ -227,7 +230,7 @@ inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int6
   const int64_t stride = std::max<int64_t>(context + rows, 0);
   scores.resize(static_cast<size_t>(G * stride));
   constexpr int kGroup = kQueriesPerValuePass<CHUNKS>;
-  for (int64_t t = 0; t < rows; ++t) {  // row t's queries (its G heads) see keys 0 .. context + t
+  for (int64_t t = t_begin; t < t_end; ++t) {  // row t's queries (its G heads) see keys 0 .. context + t
     const int64_t seen = context + t + 1;
     for (int64_t h0 = 0; h0 < G; h0 += kGroup) {
       const int64_t n = std::min<int64_t>(kGroup, G - h0);
@@ -249,22 +252,44 @@ inline void attend_request_head(const CachedAttentionProblem& p, int64_t b, int6
 }
 
 template <int CHUNKS = kMaxChunks>
-inline void attend_request_head_of(const CachedAttentionProblem& p, int64_t b, int64_t g, std::vector<float>& scores) {
+inline void attend_request_head_of(const CachedAttentionProblem& p, int64_t b, int64_t g, int64_t t_begin,
+                                   int64_t t_end, std::vector<float>& scores) {
   const int64_t chunks = (p.D + kAttentionLanes - 1) / kAttentionLanes;
   if constexpr (CHUNKS > 1) {
-    if (chunks < CHUNKS) return attend_request_head_of<CHUNKS - 1>(p, b, g, scores);
+    if (chunks < CHUNKS) return attend_request_head_of<CHUNKS - 1>(p, b, g, t_begin, t_end, scores);
   }
-  attend_request_head<CHUNKS>(p, b, g, scores);
+  attend_request_head<CHUNKS>(p, b, g, t_begin, t_end, scores);
+}
+
+// Pieces each (request, KV head)'s rows are split into, one task each: with fewer such pairs
+// than twice the threads (one request of SmolLM2: 3 KV heads on 2 threads, one with twice the
+// other's queries) the rows of a verification step are shared out. A piece's queries are the
+// same arithmetic as in a whole task (each query reads only its own row and the cache), so the
+// split changes no bit; each piece reads its request's keys and values again, which still
+// measured faster from 2 rows on (bench/RESULTS.md).
+inline int64_t row_pieces(const CachedAttentionProblem& p) {
+  const int64_t pairs = p.B * p.KVH;
+  const int64_t wanted = 2 * static_cast<int64_t>(at::get_num_threads());
+  if (pairs >= wanted) return 1;
+  int64_t most_rows = 0;
+  for (int64_t b = 0; b < p.B; ++b) most_rows = std::max(most_rows, p.cu_seqlens[b + 1] - p.cu_seqlens[b]);
+  return std::clamp<int64_t>(std::min((wanted + pairs - 1) / pairs, most_rows), 1, wanted);
 }
 
 }  // namespace attention
 
 void run_cached_attention(const CachedAttentionProblem& p) {
   if (p.B == 0 || p.KVH == 0) return;
-  at::parallel_for(0, p.B * p.KVH, 1, [&](int64_t begin, int64_t end) {
+  const int64_t pieces = attention::row_pieces(p);
+  at::parallel_for(0, p.B * p.KVH * pieces, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task)
-      attention::attend_request_head_of(p, task / p.KVH, task % p.KVH, scores);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t piece = task % pieces, head = task / pieces;
+      const int64_t b = head / p.KVH, g = head % p.KVH;
+      const int64_t rows = p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+      const int64_t t_begin = rows * piece / pieces, t_end = rows * (piece + 1) / pieces;
+      if (t_begin < t_end) attention::attend_request_head_of(p, b, g, t_begin, t_end, scores);
+    }
   });
 }
 

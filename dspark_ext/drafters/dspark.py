@@ -635,7 +635,7 @@ class DSparkDrafter(nn.Module):
             self._cache_len = torch.maximum(self._cache_len, ends)
             return
         rows = torch.repeat_interleave(torch.arange(B), counts)
-        pos = torch.cat([torch.arange(int(s), int(e)) for s, e in zip(new_from, ends) if e > s])
+        pos = torch.cat([torch.arange(s, e) for s, e in zip(new_from.tolist(), ends.tolist()) if e > s])
         rows_d, pos_d = rows.to(device), pos.to(device)
         ctx = self.backbone.project_context(feats[rows_d, pos_d], packed)[None]  # [1, n, D]
         for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed)):
