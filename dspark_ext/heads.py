@@ -200,15 +200,31 @@ class ConfidenceHead(nn.Module):
         ``dspark::markov_draft``: ``conf_base = w_h . h + bias``, ``conf_w_prev = w_prev``, and the
         STS temperatures (None when uncalibrated). Detached: drafting has no autograd."""
         self._check_hidden_states(hidden_states)
-        weight = self.linear.weight.detach().float()[0]
-        bias = self.linear.bias.detach().float()
-        conf_base = hidden_states.detach().float() @ weight[: self.hidden_size] + bias
-        sts = self._sts_for(hidden_states.shape[1])
-        conf_temperature = None if sts is None else sts.to(hidden_states.device)
-        if conf_temperature is not None and self.sts_bias.numel():
+        w_h, bias, w_prev, conf_temperature, sts_offset = self._op_constants(hidden_states.shape[1], hidden_states.device)
+        conf_base = hidden_states.detach().float() @ w_h + bias
+        if sts_offset is not None:
             # sigmoid((z + b T) / T) = sigmoid(z / T + b): the op's temperature scaling, offset.
-            conf_base = conf_base + (self._sts_bias_for(hidden_states.shape[1]) * sts).to(conf_base.device)
-        return conf_base.contiguous(), weight[self.hidden_size :].contiguous(), conf_temperature
+            conf_base = conf_base + sts_offset
+        return conf_base.contiguous(), w_prev, conf_temperature
+
+    def _op_constants(self, num_draft: int, device):
+        """(w_h [H], bias [1], w_prev [r], STS temperatures [K] or None, b T [K] or None) for
+        ``op_arguments``, float32 on ``device``, built once per weight version and K: drafting
+        rounds call it every round, where each small op costs more than its arithmetic."""
+        weight, bias, sts, sts_bias = self.linear.weight, self.linear.bias, self.sts_temperature, self.sts_bias
+        key = (num_draft, str(device), *((t.data_ptr(), t._version) for t in (weight, bias, sts, sts_bias)))
+        if getattr(self, "_op_constants_key", None) != key:
+            w = weight.detach().float()[0]
+            temperature = self._sts_for(num_draft)
+            temperature = None if temperature is None else temperature.to(device)
+            offset = None
+            if temperature is not None and sts_bias.numel():
+                offset = (self._sts_bias_for(num_draft).to(device) * temperature)
+            self._op_constants_value = (w[: self.hidden_size].to(device).contiguous(),
+                                        bias.detach().float().to(device), w[self.hidden_size:].to(device).contiguous(),
+                                        temperature, offset)
+            self._op_constants_key = key
+        return self._op_constants_value
 
     def draft(
         self,

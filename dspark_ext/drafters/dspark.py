@@ -341,9 +341,12 @@ class DSparkBackbone(nn.Module):
             return self.context_norm(self.context_proj(x))
         return self.context_norm(packed.context_proj(_rows(x))[0].view(*x.shape[:-1], -1))
 
-    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, packed: Optional["PackedBackbone"] = None):
+    def context_kv(self, context: torch.Tensor, positions: torch.Tensor, packed: Optional["PackedBackbone"] = None,
+                   largest: Optional[int] = None):
+        """Each layer's context keys/values of ``context`` at ``positions`` (``largest``: their
+        largest, if the caller knows it: no host read of it)."""
         layers = [None] * len(self.layers) if packed is None else packed.layers
-        rope = None if packed is None else self.rotary_tables(positions)
+        rope = None if packed is None else self.rotary_tables(positions, largest)
         return [layer.context_kv(context, positions, self.inv_freq, p, rope) for layer, p in zip(self.layers, layers)]
 
     def block_inputs(self, embedding: torch.Tensor, anchor_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
@@ -355,20 +358,31 @@ class DSparkBackbone(nn.Module):
         return torch.cat([anchor[..., None, :], masks], dim=-2)
 
     def forward(self, x, positions, kv, mask, packed: Optional["PackedBackbone"] = None,
-                block_slot: Optional[int] = None, context_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+                block_slot: Optional[int] = None, context_lengths: Optional[torch.Tensor] = None,
+                largest: Optional[int] = None) -> torch.Tensor:
         """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D] (``block_slot``,
-        ``context_lengths``: see ``BackboneLayer.forward``)."""
+        ``context_lengths``: see ``BackboneLayer.forward``; ``largest``: the largest position,
+        if the caller knows it)."""
         layers = [None] * len(self.layers) if packed is None else packed.layers
-        rope = None if packed is None else self.rotary_tables(positions)
+        rope = None if packed is None else self.rotary_tables(positions, largest)
         for layer, (ck, cv), p in zip(self.layers, kv, layers):
             x = layer(x, positions, self.inv_freq, ck, cv, mask, p, rope, block_slot, context_lengths)
         return self.norm(x)
 
-    def rotary_tables(self, positions: torch.Tensor):
+    def fuses_every_layer(self, x: torch.Tensor, packed: Optional["PackedBackbone"], context_lengths, caches) -> bool:
+        """Whether every layer of a drafting round over ``x`` runs as one ``dspark::draft_layer``
+        call (then none reads the round's attention mask)."""
+        return packed is not None and all(layer._fused(x, p, context_lengths, ck)
+                                          for layer, p, (ck, _) in zip(self.layers, packed.layers, caches))
+
+    def rotary_tables(self, positions: torch.Tensor, largest: Optional[int] = None):
         """``rotary_tables(positions, inv_freq)``, looked up in a table of every position below
         the largest seen so far (grown by doubling; the same products and cos/sin, so the same
-        bits): two index ops where computing them takes seven, in every layer of every round."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        bits): two index ops where computing them takes seven, in every layer of every round.
+        ``largest``: max(positions), when the caller knows it (else read from the tensor)."""
+        if largest is None:
+            largest = int(positions.max()) if positions.numel() else -1
+        needed = largest + 1
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
             size = max(1 << max(needed - 1, 0).bit_length(), 256)
@@ -602,25 +616,26 @@ class DSparkDrafter(nn.Module):
         self._cache_k, self._cache_v = [], []
         self._cache_len = torch.zeros(batch_size, dtype=torch.int64)
 
-    def _append_context(self, context: DraftContext, packed: Optional[PackedBackbone]) -> None:
+    def _append_context(self, context: DraftContext, packed: Optional[PackedBackbone]) -> List[int]:
         """Projects the features of positions [new_from[b], lengths[b] - 1) into the cache
-        (through ``packed``, the round's ``_packed_backbone``, or the modules)."""
+        (through ``packed``, the round's ``_packed_backbone``, or the modules); returns the
+        requests' ends max(lengths[b] - 1, 0)."""
         if context.hidden_states is None:
             raise ValueError("DSparkDrafter needs the target's context features: build the target with "
                              f"hidden_layers={self.cfg.context_layers}")
         feats = context.hidden_states
         B = context.tokens.shape[0]
         device = feats.device
-        new_from = (context.new_from if context.new_from is not None
-                    else torch.zeros(B, dtype=torch.int64)).to("cpu", torch.int64)
-        ends = (context.lengths.to("cpu", torch.int64) - 1).clamp(min=0)
+        # The bookkeeping in Python lists: a round's few requests, where each distinct torch op
+        # costs tens of microseconds right after a target step has evicted its code from cache.
+        new_from = context.new_from.tolist() if context.new_from is not None else [0] * B
+        ends = [max(length - 1, 0) for length in context.lengths.tolist()]
         if self._cache_len.shape[0] != B or not self._cache_k or self._cache_k[0].device != device:
             self.reset(B)  # a new batch size, or the drafter moved to another device
-        self._cache_len = torch.where(new_from == 0, torch.zeros_like(self._cache_len), self._cache_len)
-        if bool((self._cache_len != new_from).any()):
-            raise ValueError(f"context features skipped: cached up to {self._cache_len.tolist()}, "
-                             f"new features start at {new_from.tolist()}")
-        capacity = int(ends.max()) + self.num_draft if B else 0  # room for a block after the context (block_slot)
+        cached = [0 if start == 0 else length for start, length in zip(new_from, self._cache_len.tolist())]
+        if cached != new_from:
+            raise ValueError(f"context features skipped: cached up to {cached}, new features start at {new_from}")
+        capacity = max(ends) + self.num_draft if B else 0  # room for a block after the context (block_slot)
         if not self._cache_k or self._cache_k[0].shape[1] < capacity:
             grown = max(capacity, 2 * (self._cache_k[0].shape[1] if self._cache_k else 128))
             shape = (B, grown, self.cfg.num_kv_heads, self.cfg.head_dim)
@@ -630,18 +645,17 @@ class DSparkDrafter(nn.Module):
             for i in range(len(old_k)):
                 self._cache_k[i][:, :old_k[i].shape[1]] = old_k[i]
                 self._cache_v[i][:, :old_v[i].shape[1]] = old_v[i]
-        counts = (ends - new_from).clamp(min=0)
-        if int(counts.sum()) == 0:
-            self._cache_len = torch.maximum(self._cache_len, ends)
-            return
-        rows = torch.repeat_interleave(torch.arange(B), counts)
-        pos = torch.cat([torch.arange(s, e) for s, e in zip(new_from.tolist(), ends.tolist()) if e > s])
-        rows_d, pos_d = rows.to(device), pos.to(device)
+        rows = [b for b in range(B) for _ in range(new_from[b], ends[b])]
+        positions = [p for b in range(B) for p in range(new_from[b], ends[b])]
+        self._cache_len = torch.tensor([max(c, e) for c, e in zip(cached, ends)], dtype=torch.int64)
+        if not rows:
+            return ends
+        rows_d, pos_d = torch.tensor([rows, positions], dtype=torch.int64).to(device)
         ctx = self.backbone.project_context(feats[rows_d, pos_d], packed)[None]  # [1, n, D]
-        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed)):
+        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed, largest=max(positions))):
             self._cache_k[i][rows_d, pos_d] = k[0]
             self._cache_v[i][rows_d, pos_d] = v[0]
-        self._cache_len = torch.maximum(self._cache_len, ends)
+        return ends
 
     def propose(self, context: DraftContext) -> Draft:
         return self.propose_block(context, self.num_draft)
@@ -657,16 +671,20 @@ class DSparkDrafter(nn.Module):
         B, K = context.tokens.shape[0], int(block)
         device = context.tokens.device
         packed = self._packed_backbone(device)
-        self._append_context(context, packed)
+        ends = self._append_context(context, packed)
         last = (context.lengths - 1).to(device)
         anchors = context.tokens[torch.arange(B, device=device), last]
         S = int(self._cache_len.max())
         x = self.backbone.block_inputs(self.embedding, anchors, K)  # [B, K, D]
         positions = last[:, None] + torch.arange(K, device=device)
-        ctx_mask = torch.arange(S, device=device)[None] < self._cache_len.to(device)[:, None]  # [B, S]
-        mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
-        h = self.backbone(x, positions, list(zip(self._cache_k, self._cache_v)), mask, packed, block_slot=S,
-                          context_lengths=self._cache_len.to(device))
+        caches = list(zip(self._cache_k, self._cache_v))
+        context_lengths = self._cache_len.to(device)
+        mask = None  # read only by layers that do not run as one dspark::draft_layer call
+        if not self.backbone.fuses_every_layer(x, packed, context_lengths, caches):
+            ctx_mask = torch.arange(S, device=device)[None] < context_lengths[:, None]  # [B, S]
+            mask = torch.cat([ctx_mask[:, None, :].expand(B, K, S), torch.ones(B, K, K, dtype=torch.bool, device=device)], 2)
+        h = self.backbone(x, positions, caches, mask, packed, block_slot=S, context_lengths=context_lengths,
+                          largest=max(ends) + K - 1 if B else None)
         return self.draft_from_hidden(h, anchors, context)
 
     def _packed_backbone(self, device):
