@@ -417,7 +417,7 @@ class _Generation:
         self.features_shown = self.seq_len - 1  # the drafter sees every row, finished ones included
         if tuple(draft.token_ids.shape) != (B, K):
             raise ValueError(f"the drafter proposed {list(draft.token_ids.shape)} tokens, expected [{B}, {K}]")
-        if draft.confidence is not None:
+        if draft.confidence is not None and not hasattr(self.drafter, "plans"):  # only ``plans`` reads it
             self.lagged_survival.update(draft.confidence.float().cumprod(1))
         return draft
 

@@ -158,7 +158,7 @@ class HybridDrafter:
         if drafted.confidence is None or drafted.logits is None:
             raise ValueError("the hybrid's DSpark drafter must report its drafting logits and confidences "
                              "(a DSparkDrafter with a confidence head)")
-        self._dspark_fed = (context.lengths.cpu().to(torch.int64) - 1).clamp(min=0)
+        self._dspark_fed = torch.tensor([max(length - 1, 0) for length in context.lengths.tolist()], dtype=torch.int64)
         drafted_positions = self.short.block if short_round else self.num_draft
         self.dspark_survival.update(drafted.confidence[:, :drafted_positions].float().cumprod(1))
         chose_dspark = int(use_dspark.sum())
