@@ -49,6 +49,19 @@ inline void check_vector(const char* op, const char* name, const at::Tensor& t, 
   check_same_device(op, name, t, reference, reference_name);
 }
 
+// A pair of KV caches (cached_attention, draft_layer): key_cache 4-D float32, value_cache float32
+// of key_cache's shape, both on the reference's device.
+inline void check_kv_caches(const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                            const at::Tensor& reference, const char* reference_name) {
+  check_dim(op, "key_cache", key_cache, 4);
+  check_dtype(op, "key_cache", key_cache, {at::kFloat});
+  check_dtype(op, "value_cache", value_cache, {at::kFloat});
+  check_same_device(op, "key_cache", key_cache, reference, reference_name);
+  check_same_device(op, "value_cache", value_cache, reference, reference_name);
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op, ": value_cache must have key_cache's shape ",
+              key_cache.sizes(), ", got ", value_cache.sizes());
+}
+
 // The per-request sampling controls every sampling op takes: temperature [B] float32,
 // seed and offset [B] int64.
 inline void check_sampling_controls(const char* op, const at::Tensor& temperature, const at::Tensor& seed,

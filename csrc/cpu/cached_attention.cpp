@@ -20,14 +20,8 @@ constexpr const char* kOp = "dspark::cached_attention";
 at::Tensor cached_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                 const at::Tensor& cu_seqlens, const at::Tensor& context_lengths, double scale) {
   check_dim(kOp, "query", query, 3);
-  check_dim(kOp, "key_cache", key_cache, 4);
   check_dtype(kOp, "query", query, {at::kFloat});
-  check_dtype(kOp, "key_cache", key_cache, {at::kFloat});
-  check_dtype(kOp, "value_cache", value_cache, {at::kFloat});
-  check_same_device(kOp, "key_cache", key_cache, query, "query");
-  check_same_device(kOp, "value_cache", value_cache, query, "query");
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), kOp, ": value_cache must have key_cache's shape ",
-              key_cache.sizes(), ", got ", value_cache.sizes());
+  check_kv_caches(kOp, key_cache, value_cache, query, "query");
   const int64_t T = query.size(0), H = query.size(1), D = query.size(2);
   const int64_t B = key_cache.size(0), KVH = key_cache.size(1), C = key_cache.size(2);
   check_size(kOp, "key_cache", key_cache, 3, D, "head dim D = query.size(2)");

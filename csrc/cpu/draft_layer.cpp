@@ -64,13 +64,7 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
                            int64_t num_heads, double eps) {
   check_dim(kOp, "x", x, 3);
   check_dtype(kOp, "x", x, {at::kFloat});
-  check_dim(kOp, "key_cache", key_cache, 4);
-  check_dtype(kOp, "key_cache", key_cache, {at::kFloat});
-  check_dtype(kOp, "value_cache", value_cache, {at::kFloat});
-  check_same_device(kOp, "key_cache", key_cache, x, "x");
-  check_same_device(kOp, "value_cache", value_cache, x, "x");
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), kOp, ": value_cache must have key_cache's shape ",
-              key_cache.sizes(), ", got ", value_cache.sizes());
+  check_kv_caches(kOp, key_cache, value_cache, x, "x");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), kOp,
               ": key_cache and value_cache must be contiguous (the block's keys and values are written into them)");
   const int64_t B = x.size(0), Q = x.size(1), D = x.size(2);
