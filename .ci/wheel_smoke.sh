@@ -49,7 +49,7 @@ unset PYTHONPATH
 # The tests, copied out of the source tree (conftest.py and helpers.py come along).
 mkdir "$work/tests"
 tests=(test_verify.py test_markov_draft.py test_schedule.py test_opcheck.py test_bad_input.py test_packaging.py test_exp.py
-       test_cpu_isa.py test_skinny_linear.py test_cached_attention.py test_draft_layer.py)
+       test_cpu_isa.py test_skinny_linear.py test_cached_attention.py test_draft_layer.py test_draft_context.py)
 for f in conftest.py helpers.py "${tests[@]}"; do cp "$repo/tests/$f" "$work/tests/"; done
 cat >"$work/tests/test_installed_wheel.py" <<PY
 import sysconfig

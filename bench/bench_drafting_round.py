@@ -11,6 +11,9 @@ SmolLM2-135M-Instruct, MT-Bench prompts, 24 rounds into a greedy generation).
   packed in bfloat16 for ``dspark::skinny_linear``;
 * **unfused layers**: the same with each backbone layer run as its own ops (its norms, RoPE,
   attention and MLP from Python) instead of one ``dspark::draft_layer`` call;
+* **Python context feed**: the same with the round's context feed (context projection and norm,
+  each layer's k/v, key norm and RoPE, the cache writes) as its own ops instead of one
+  ``dspark::draft_context`` call;
 * **float32 backbone**: the same with the backbone's projections packed in float32;
 * **module backbone** (what it ran before): the backbone's own ``nn.Linear`` matmuls;
 * **whole vocabulary** (the reference): every id;
@@ -133,13 +136,18 @@ def time_propose(target, shipped: DSparkDrafter, folder, prompts, compile_backbo
         with patched(dspark_module, "FUSED_DRAFT_LAYERS", False):
             return forms["draft vocabulary"]()
     forms["unfused layers"] = unfused
+
+    def python_feed():  # the shipped form with the context feed as its own ops, not one draft_context call
+        with patched(dspark_module, "FUSED_CONTEXT_FEED", False):
+            return forms["draft vocabulary"]()
+    forms["Python context feed"] = python_feed
     weights = round_weights(shipped)
     forms["read"] = lambda: [w.sum() for w in weights]
     for fn in forms.values():  # compile, pack, warm
         fn()
     shipped_ids = forms["draft vocabulary"]().token_ids
     agree = {other: float((shipped_ids == forms[other]().token_ids).float().mean())
-             for other in ("whole vocabulary", "module backbone", "unfused layers")}
+             for other in ("whole vocabulary", "module backbone", "unfused layers", "Python context feed")}
     flush = torch.ones(FLUSH_BYTES // 4 if flush_caches else 1)
     samples = {name: [] for name in forms}
     for _ in range(repeats):
@@ -194,11 +202,12 @@ def main() -> None:
     shipped = default.dspark
     lines = machine_lines("cpu")
     lines.append(f"draft vocabulary: {shipped.cfg.draft_vocab_size or 'every id'} of {shipped.cfg.vocab_size} ids")
-    propose_table = Table(["B", "draft vocabulary ms", "unfused layers ms", "float32 backbone ms",
+    propose_table = Table(["B", "draft vocabulary ms", "unfused layers ms", "Python context feed ms", "float32 backbone ms",
                            "module backbone ms", "whole vocabulary ms", "compiled ms", "read ms",
-                           "unfused / draft vocabulary", "module / draft vocabulary", "whole / draft vocabulary",
+                           "unfused / draft vocabulary", "Python feed / draft vocabulary", "module / draft vocabulary", "whole / draft vocabulary",
                            "compiled / draft vocabulary", "draft vocabulary / read", "same drafts: whole vocabulary",
-                           "same drafts: module backbone", "same drafts: unfused layers"])
+                           "same drafts: module backbone", "same drafts: unfused layers",
+                           "same drafts: Python context feed"])
     planning_table = Table(["B", "choose_plan ms per round", "rounds per call"])
     for batch_size in map(int, args.batch_sizes.split(",")):
         prompts = [_encode(tokenizer, text, True) for text in load_eval_prompts("mt-bench", batch_size)]
@@ -208,13 +217,14 @@ def main() -> None:
         mine, whole, read = medians["draft vocabulary"], medians["whole vocabulary"], medians["read"]
         compiled = medians.get("compiled")
         modules = medians["module backbone"]
-        unfused = medians["unfused layers"]
-        propose_table.add([batch_size, f"{mine:.2f}", f"{unfused:.2f}", f"{medians['float32 backbone']:.2f}",
+        unfused, python_feed = medians["unfused layers"], medians["Python context feed"]
+        propose_table.add([batch_size, f"{mine:.2f}", f"{unfused:.2f}", f"{python_feed:.2f}",
+                           f"{medians['float32 backbone']:.2f}",
                            f"{modules:.2f}", f"{whole:.2f}", "-" if compiled is None else f"{compiled:.2f}",
-                           f"{read:.2f}", f"{unfused / mine:.2f}x", f"{modules / mine:.2f}x", f"{whole / mine:.2f}x",
+                           f"{read:.2f}", f"{unfused / mine:.2f}x", f"{python_feed / mine:.2f}x", f"{modules / mine:.2f}x", f"{whole / mine:.2f}x",
                            "-" if compiled is None else f"{compiled / mine:.2f}x", f"{mine / read:.2f}x",
                            f"{agree['whole vocabulary']:.0%}", f"{agree['module backbone']:.0%}",
-                           f"{agree['unfused layers']:.0%}"])
+                           f"{agree['unfused layers']:.0%}", f"{agree['Python context feed']:.0%}"])
         cost = default.cost_profile(target, requests=[batch_size])
         plan_ms, rounds = planning_per_round(target, default, cost, prompts, args.planning_calls)
         planning_table.add([batch_size, f"{plan_ms:.3f}", f"{rounds:g}"])

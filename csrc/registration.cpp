@@ -21,11 +21,18 @@ TORCH_LIBRARY(dspark, m) {
         "Tensor context_lengths, float scale) -> Tensor");
   // One pre-norm decoder layer of a DSpark drafter's backbone over a drafting block (Q rows per
   // request), on projections packed for skinny_linear; writes the block's keys and values into
-  // the caches [B, C, KVH, D] at block_slot; CPU only.
+  // the caches [B, C, KVH, D] at block_slot; with final_norm, the backbone's final RMSNorm of the
+  // layer's output too (the last layer); CPU only.
   m.def("draft_layer(Tensor x, Tensor rope_cos, Tensor rope_sin, Tensor(a!) key_cache, Tensor(b!) value_cache, "
         "Tensor context_lengths, int block_slot, Tensor attn_norm, Tensor qkv_weight, Tensor? q_norm, "
         "Tensor? k_norm, Tensor o_weight, Tensor mlp_norm, Tensor gate_up_weight, Tensor down_weight, "
-        "int num_heads, float eps) -> Tensor");
+        "int num_heads, float eps, Tensor? final_norm=None) -> Tensor");
+  // A DSpark drafting round's context feed: the target's features of the rows (request, position)
+  // through the context projection and its norm, then each layer's k/v projection, key norm and
+  // RoPE, written into that layer's caches [B, C, KVH, D]; CPU only.
+  m.def("draft_context(Tensor features, Tensor rows, Tensor positions, Tensor context_weight, Tensor context_norm, "
+        "Tensor rope_cos, Tensor rope_sin, Tensor[] kv_weights, Tensor[] k_norms, Tensor(a!)[] key_caches, "
+        "Tensor(b!)[] value_caches, float eps) -> ()");
   // Internal, for tests only: core::exp_two_ulp (or, nonpositive, core::exp_nonpositive) as
   // built for one CPU instruction set ("scalar", "default", "avx2", "avx512"), elementwise.
   m.def("_exp_for_testing(Tensor x, str isa, bool nonpositive=False) -> Tensor");

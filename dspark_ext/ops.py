@@ -5,7 +5,7 @@ The schemas live in csrc/registration.cpp; this module is named there with
 (torch.compile, FakeTensor, opcheck).
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -186,7 +186,8 @@ def cached_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: 
 
 @torch.library.register_fake("dspark::draft_layer")
 def _draft_layer_fake(x, rope_cos, rope_sin, key_cache, value_cache, context_lengths, block_slot, attn_norm,
-                      qkv_weight, q_norm, k_norm, o_weight, mlp_norm, gate_up_weight, down_weight, num_heads, eps):
+                      qkv_weight, q_norm, k_norm, o_weight, mlp_norm, gate_up_weight, down_weight, num_heads, eps,
+                      final_norm=None):
     torch._check(x.dim() == 3, lambda: "dspark::draft_layer: x must be 3-D [B, Q, D]")
     torch._check(key_cache.dim() == 4, lambda: "dspark::draft_layer: key_cache must be 4-D [B, C, KVH, head dim]")
     return x.new_empty(x.shape)
@@ -196,7 +197,8 @@ def draft_layer(x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
                 value_cache: torch.Tensor, context_lengths: torch.Tensor, block_slot: int, attn_norm: torch.Tensor,
                 qkv_weight: torch.Tensor, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
                 o_weight: torch.Tensor, mlp_norm: torch.Tensor, gate_up_weight: torch.Tensor,
-                down_weight: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+                down_weight: torch.Tensor, num_heads: int, eps: float,
+                final_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One pre-norm decoder layer of a DSpark drafter's backbone over a drafting round's block, on
     CPU, in one call (from Python the layer's ~35 small ops cost more than their arithmetic).
 
@@ -211,9 +213,40 @@ def draft_layer(x: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
     ([D, I]), each packed by ``pack_skinny_weight`` (float32 or bfloat16); ``attn_norm`` /
     ``mlp_norm`` [D] and the optional per-head ``q_norm`` / ``k_norm`` [hd] RMSNorm weights
     (Qwen3's, applied before RoPE), ``eps`` their epsilon. Returns x + attention + MLP, [B, Q, D]
-    float32, what ``dspark_ext.drafters.dspark.BackboneLayer.forward`` computes within rounding.
-    CPU only.
+    float32, what ``dspark_ext.drafters.dspark.BackboneLayer.forward`` computes within rounding;
+    with ``final_norm`` [D] (the backbone's last layer), that output through the backbone's final
+    RMSNorm (same ``eps``). CPU only.
     """
     return torch.ops.dspark.draft_layer(x, rope_cos, rope_sin, key_cache, value_cache, context_lengths, block_slot,
                                         attn_norm, qkv_weight, q_norm, k_norm, o_weight, mlp_norm, gate_up_weight,
-                                        down_weight, num_heads, eps)
+                                        down_weight, num_heads, eps, final_norm)
+
+
+@torch.library.register_fake("dspark::draft_context")
+def _draft_context_fake(features, rows, positions, context_weight, context_norm, rope_cos, rope_sin, kv_weights,
+                        k_norms, key_caches, value_caches, eps):
+    torch._check(features.dim() == 3, lambda: "dspark::draft_context: features must be 3-D [B, L, F]")
+    torch._check(len(key_caches) == len(kv_weights) and len(value_caches) == len(kv_weights),
+                 lambda: "dspark::draft_context: kv_weights, key_caches and value_caches must have one entry per layer")
+    return None
+
+
+def draft_context(features: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, context_weight: torch.Tensor,
+                  context_norm: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                  kv_weights: Sequence[torch.Tensor], k_norms: Sequence[torch.Tensor],
+                  key_caches: Sequence[torch.Tensor], value_caches: Sequence[torch.Tensor], eps: float) -> None:
+    """A DSpark drafting round's context feed on CPU, in one call (from Python it is ~25 small
+    ops a round): for each fed row i, the target's features ``features[rows[i], positions[i]]``
+    (features [B, L, F] float32, unit stride along F; rows, positions [n] int64) through the
+    context projection ``context_weight`` ([D, F], packed by ``pack_skinny_weight``, float32 or
+    bfloat16, the feature scale folded in) and its RMSNorm ``context_norm`` [D]; then, in every
+    layer l, the k/v projection ``kv_weights[l]`` ([2 KVH hd, D] packed: k rows, then v rows), the
+    keys' per-head RMSNorm ``k_norms[l]`` [hd] (Qwen3's; an empty list: none) and rotate_half
+    RoPE with row ``positions[i]`` of the tables ``rope_cos`` / ``rope_sin`` [P, hd] float32. The
+    keys and values are written into ``key_caches[l]`` / ``value_caches[l]`` ([B, C, KVH, hd]
+    float32, contiguous) at ``[rows[i], positions[i]]`` and nowhere else. ``eps``: the norms'
+    epsilon. What ``DSparkBackbone.project_context`` and ``context_kv`` compute, within float32
+    rounding. CPU only.
+    """
+    torch.ops.dspark.draft_context(features, rows, positions, context_weight, context_norm, rope_cos, rope_sin,
+                                   list(kv_weights), list(k_norms), list(key_caches), list(value_caches), eps)

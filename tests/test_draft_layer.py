@@ -7,6 +7,7 @@ Its contract, checked here:
   bfloat16 packing, ragged contexts (an empty one included) and stale cache rows between a
   request's context and the block slot, which the mask must hide;
 - it writes the block's keys and values at ``block_slot .. block_slot + Q`` and nowhere else;
+- with ``final_norm`` (the backbone's last layer) its output is that norm of the layer's;
 - bad input raises naming the argument; opcheck.
 """
 
@@ -91,6 +92,31 @@ def test_matches_the_layers_own_ops(H, KVH, hd, qk_norm, lengths, block_slot, Q,
     assert not torch.equal(keys[:, block_slot:block_slot + Q], before_keys[:, block_slot:block_slot + Q])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_final_norm_is_the_norm_of_the_layers_output(dtype):
+    """``final_norm``: the backbone's final RMSNorm of the layer's output, in the same call; a
+    norm weight of ones is told apart from the real one."""
+    cfg, layer = _layer(6, 2, 16, True, seed=11)
+    packed = layer.packed(dtype)
+    x, positions, keys, values, ctx = _case(cfg, [5, 0, 9], 9, 4, seed=12)
+    _, inv_freq = _reference(layer, packed, x, positions, keys, values, ctx, 9)
+    norm = torch.nn.RMSNorm(cfg.hidden_size, eps=layer.attn_norm.eps)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    plain = _call(layer, packed, x, positions, inv_freq, keys.clone(), values.clone(), ctx, 9)
+    cos, sin = rotary_tables(positions, inv_freq)
+    args = [x, cos.squeeze(-2), sin.squeeze(-2), keys.clone(), values.clone(), ctx, 9, layer.attn_norm.weight.detach(),
+            packed.qkv.packed, layer.q_norm.weight.detach(), layer.k_norm.weight.detach(), packed.o.packed,
+            layer.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, 6, layer.attn_norm.eps]
+    normed = draft_layer(*args, final_norm=norm.weight.detach())
+    with torch.no_grad():
+        torch.testing.assert_close(normed, norm(plain), rtol=2e-5, atol=2e-5)
+        assert not torch.allclose(normed, torch.nn.functional.rms_norm(plain, (cfg.hidden_size,), eps=norm.eps),
+                                  rtol=1e-3, atol=1e-3)
+    with pytest.raises(RuntimeError, match="final_norm must have size 48"):
+        draft_layer(*args, final_norm=norm.weight.detach()[:40])
+
+
 def test_a_wrong_mask_is_told_apart():
     """The check above is sharp: reading the stale rows between a context and the block slot (a
     context length past the request's real one) moves the output far beyond its tolerance."""
@@ -153,6 +179,7 @@ def test_opcheck():
             layer.k_norm.weight.detach(), packed.o.packed, layer.mlp_norm.weight.detach(), packed.gate_up.packed,
             packed.down.packed, 6, 1e-5)
     torch.library.opcheck(torch.ops.dspark.draft_layer, args)
+    torch.library.opcheck(torch.ops.dspark.draft_layer, args + (layer.mlp_norm.weight.detach(),))
 
 
 def test_strided_operands_read_as_their_values():

@@ -27,6 +27,7 @@ from helpers import assert_matches_distribution, check_distribution, sequence_co
 pytest.importorskip("transformers")
 
 from dspark_ext.drafters.dspark import DrafterConfig, DSparkDrafter  # noqa: E402
+from dspark_ext.ops import pack_skinny_weight  # noqa: E402
 from test_generate import LLAMA_MAX_NEW, LLAMA_PROMPTS, falling_sps, llama_references, tiny_llama  # noqa: E402
 
 
@@ -241,6 +242,22 @@ def test_draft_vocabulary_of_every_id_drafts_as_the_whole_vocabulary(variant, te
     assert drafter.cfg.draft_vocab_size == V and torch.equal(drafter.draft_vocab, torch.arange(V))
     drafter.reset(len(lengths))
     assert_drafts_equal(drafter.propose(context_of(tokens, lengths, features, temperature)), whole, atol=1e-5)
+
+
+def test_anchor_transition_packs_bfloat16_rows_in_bfloat16():
+    """W2's draft-vocabulary rows of a bfloat16 Markov head are bfloat16 values: the anchor's
+    transition streams them packed in bfloat16 (half the bytes) with the bits of a float32
+    packing; float32 rows stay float32."""
+    drafter = small_drafter(seed=5)
+    anchor_w1 = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    for rows, packed_dtype in ((torch.randn(40, 8).to(torch.bfloat16).float(), torch.bfloat16),
+                               (torch.randn(40, 8), torch.float32)):
+        drafter._transition_packed_key = None
+        with torch.no_grad():
+            out = drafter.anchor_transition(anchor_w1, rows)
+        assert drafter._transition_packed.dtype == packed_dtype
+        expected = torch.ops.dspark.skinny_linear(anchor_w1, pack_skinny_weight(rows), rows.shape[0], None)
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("variant", ["dspark", "parallel+confidence"])
@@ -948,6 +965,40 @@ def test_drafting_rounds_read_rotary_tables_bitwise_and_attend_the_cache_in_plac
         concatenated = backbone(x, positions, [(k[:, :S].clone(), v[:, :S].clone()) for k, v in caches], mask, packed)
         in_place = backbone(x, positions, caches, mask, packed, block_slot=S)
     assert torch.equal(in_place, concatenated)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_drafting_rounds_feed_the_context_in_one_call(monkeypatch, temperature):
+    """A drafter's rounds on CPU feed their new context rows through one ``dspark::draft_context``
+    call each and draft what the Python path (``FUSED_CONTEXT_FEED`` off) drafts, over rounds of a
+    growing context; the first round's whole prompts (more rows than skinny_linear takes) go
+    through the Python path."""
+    import dspark_ext.drafters.dspark as dspark_module
+
+    lengths = [9, 1, 5, 13]
+    tokens, features = random_batch(lengths, seed=7)
+    grown = [n + 2 for n in lengths]
+    more_tokens, more_features = random_batch(grown, seed=7)
+    drafts, calls = {}, []
+    op = torch.ops.dspark.draft_context
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[1].numel())
+            return op(*args)
+
+    monkeypatch.setattr(torch.ops.dspark, "draft_context", Counting(), raising=False)
+    for fused in (True, False):
+        monkeypatch.setattr(dspark_module, "FUSED_CONTEXT_FEED", fused)
+        drafter = small_drafter(seed=8, num_layers=2, feature_norm="scale")
+        drafter.inference_backbone_dtype = torch.float32
+        drafter.backbone.packed(torch.float32).context_proj.max_skinny_rows = 20  # the prompts: 24 rows
+        drafts[fused] = [drafter.propose(context_of(tokens, lengths, features, temperature, new_from=[0] * 4))]
+        drafts[fused].append(drafter.propose(context_of(more_tokens, grown, more_features, temperature,
+                                                        new_from=[n - 1 for n in lengths])))
+    assert calls == [2 * len(lengths)]  # the second round's two new rows per request, in one call
+    for fused, unfused in zip(drafts[True], drafts[False]):
+        assert_drafts_equal(fused, unfused)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

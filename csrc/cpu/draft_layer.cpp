@@ -19,41 +19,16 @@
 #include <vector>
 
 #include "../checks.h"
-#include "cpu_isa.h"
+#include "draft_math.h"
 #include "packed_weight_checks.h"
-#include "skinny_linear_dispatch.h"
 
 namespace dspark::cpu {
 namespace {
 
 constexpr const char* kOp = "dspark::draft_layer";
-
-// out[m] = in[m] @ W.T for M rows of K features, W packed by dspark_ext.ops.pack_skinny_weight.
-void packed_linear(const at::Tensor& packed, const float* in, int64_t M, int64_t K, int64_t N, float* out) {
-  if (packed.scalar_type() == at::kBFloat16) {
-    const SkinnyLinearProblem<c10::BFloat16> problem{in, packed.data_ptr<c10::BFloat16>(), nullptr, out, M, N, K, K};
-    DSPARK_CALL_FOR_CPU_ISA(run_skinny_linear, problem);
-  } else {
-    const SkinnyLinearProblem<float> problem{in, packed.data_ptr<float>(), nullptr, out, M, N, K, K};
-    DSPARK_CALL_FOR_CPU_ISA(run_skinny_linear, problem);
-  }
-}
-
-// F.rms_norm over `width` values: x * rsqrt(mean(x^2) + eps) * weight (weight null: 1).
-void rms_norm(const float* x, const float* weight, float* out, int64_t width, float eps) {
-  double squares = 0.0;
-  for (int64_t i = 0; i < width; ++i) squares += static_cast<double>(x[i]) * x[i];
-  const float inverse = 1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(width)) + eps);
-  for (int64_t i = 0; i < width; ++i) out[i] = weight ? (x[i] * inverse) * weight[i] : x[i] * inverse;
-}
-
-// rotate_half RoPE of one head in place: x * cos + cat(-x[half:], x[:half]) * sin.
-void rotate(float* x, const float* cos, const float* sin, int64_t head_dim, float* scratch) {
-  const int64_t half = head_dim / 2;
-  for (int64_t i = 0; i < head_dim; ++i) scratch[i] = x[i];
-  for (int64_t i = 0; i < half; ++i) x[i] = scratch[i] * cos[i] - scratch[i + half] * sin[i];
-  for (int64_t i = half; i < head_dim; ++i) x[i] = scratch[i] * cos[i] + scratch[i - half] * sin[i];
-}
+using draft::packed_linear;
+using draft::rms_norm;
+using draft::rotate;
 
 at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                            const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -61,7 +36,7 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
                            const at::Tensor& qkv_weight, const std::optional<at::Tensor>& q_norm,
                            const std::optional<at::Tensor>& k_norm, const at::Tensor& o_weight,
                            const at::Tensor& mlp_norm, const at::Tensor& gate_up_weight, const at::Tensor& down_weight,
-                           int64_t num_heads, double eps) {
+                           int64_t num_heads, double eps, const std::optional<at::Tensor>& final_norm) {
   check_dim(kOp, "x", x, 3);
   check_dtype(kOp, "x", x, {at::kFloat});
   check_kv_caches(kOp, key_cache, value_cache, x, "x");
@@ -89,6 +64,7 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
   check_vector(kOp, "mlp_norm", mlp_norm, at::kFloat, D, "D = x.size(2)", x, "x");
   if (q_norm.has_value()) check_vector(kOp, "q_norm", *q_norm, at::kFloat, hd, "head dim", x, "x");
   if (k_norm.has_value()) check_vector(kOp, "k_norm", *k_norm, at::kFloat, hd, "head dim", x, "x");
+  if (final_norm.has_value()) check_vector(kOp, "final_norm", *final_norm, at::kFloat, D, "D = x.size(2)", x, "x");
   const int64_t H = num_heads, qkv_width = (H + 2 * KVH) * hd;
   check_dim(kOp, "down_weight", down_weight, 3);
   const int64_t I = down_weight.size(1);
@@ -165,6 +141,10 @@ at::Tensor draft_layer_cpu(const at::Tensor& x, const at::Tensor& rope_cos, cons
   std::vector<float> down(M * D);
   packed_linear(down_w, activation.data_ptr<float>(), M, I, D, down.data());
   for (int64_t i = 0; i < M * D; ++i) residual[i] += down[i];
+  if (final_norm.has_value()) {  // the backbone's last layer: its final norm too
+    const at::Tensor weight = final_norm->contiguous();
+    for (int64_t m = 0; m < M; ++m) rms_norm(residual + m * D, weight.data_ptr<float>(), residual + m * D, D, float(eps));
+  }
   return out;
 }
 

@@ -20,7 +20,7 @@ projected context keys/values, fed incrementally from ``DraftContext.hidden_stat
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -160,6 +160,10 @@ class PackedLayer:
 #: layer's own ops, as training runs it; bench/bench_drafting_round.py times both).
 FUSED_DRAFT_LAYERS = True
 
+#: Drafting rounds on CPU feed the new context rows to every layer's caches in one
+#: ``dspark::draft_context`` call (False: ``project_context`` and ``context_kv``, as training runs them).
+FUSED_CONTEXT_FEED = True
+
 
 def _weight(norm: Optional[RMSNorm]) -> Optional[torch.Tensor]:
     return None if norm is None else norm.weight.detach()
@@ -226,7 +230,7 @@ class BackboneLayer(nn.Module):
 
     def forward(self, x, positions, inv_freq, ctx_k, ctx_v, mask, packed: Optional[PackedLayer] = None,
                 rope: Optional[tuple] = None, block_slot: Optional[int] = None,
-                context_lengths: Optional[torch.Tensor] = None):
+                context_lengths: Optional[torch.Tensor] = None, final_norm: Optional[RMSNorm] = None):
         """x [B, Q, D] block rows at ``positions`` [B, Q]; ctx_k/ctx_v [B, S, KVH, hd]; mask
         [B, Q, S + Q] bool (True = may attend) over (context keys, block keys). ``packed``: the
         projections as ``packed`` made them (drafting rounds), else the modules (training).
@@ -234,16 +238,24 @@ class BackboneLayer(nn.Module):
         ctx_k/ctx_v are caches with room for Q more rows after their first S; the block's keys
         and values are written there and attended in place (no concatenated copy of the cache).
         With ``context_lengths`` [B] int64 too (the context keys each request's mask allows: a
-        prefix), a drafting round on CPU runs the layer as one ``dspark::draft_layer`` call."""
-        B, Q, D = x.shape
-        H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        prefix), a drafting round on CPU runs the layer as one ``dspark::draft_layer`` call.
+        ``final_norm`` (the backbone's last layer): the output goes through it too."""
         if self._fused(x, packed, context_lengths, ctx_k):
             cos, sin = rope if rope is not None else rotary_tables(positions, inv_freq)
-            return torch.ops.dspark.draft_layer(
+            in_op = final_norm is not None and final_norm.eps == self.attn_norm.eps  # the op's norms share one eps
+            out = torch.ops.dspark.draft_layer(
                 x, cos.squeeze(-2), sin.squeeze(-2), ctx_k, ctx_v, context_lengths, block_slot,
                 self.attn_norm.weight.detach(), packed.qkv.packed, _weight(self.q_norm), _weight(self.k_norm),
-                packed.o.packed, self.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, H,
-                self.attn_norm.eps)
+                packed.o.packed, self.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed,
+                self.num_heads, self.attn_norm.eps, final_norm.weight.detach() if in_op else None)
+            return out if in_op or final_norm is None else final_norm(out)
+        out = self._unfused(x, positions, inv_freq, ctx_k, ctx_v, mask, packed, rope, block_slot)
+        return out if final_norm is None else final_norm(out)
+
+    def _unfused(self, x, positions, inv_freq, ctx_k, ctx_v, mask, packed, rope, block_slot):
+        """``forward`` as the layer's own ops."""
+        B, Q, D = x.shape
+        H, KVH, hd = self.num_heads, self.num_kv_heads, self.head_dim
         h = self.attn_norm(x)
         if packed is None:
             q, k, v = self.q(h), self.k(h), self.v(h)
@@ -365,9 +377,13 @@ class DSparkBackbone(nn.Module):
         if the caller knows it)."""
         layers = [None] * len(self.layers) if packed is None else packed.layers
         rope = None if packed is None else self.rotary_tables(positions, largest)
-        for layer, (ck, cv), p in zip(self.layers, kv, layers):
-            x = layer(x, positions, self.inv_freq, ck, cv, mask, p, rope, block_slot, context_lengths)
-        return self.norm(x)
+        if not len(self.layers):
+            return self.norm(x)
+        last = len(self.layers) - 1
+        for i, (layer, (ck, cv), p) in enumerate(zip(self.layers, kv, layers)):
+            x = layer(x, positions, self.inv_freq, ck, cv, mask, p, rope, block_slot, context_lengths,
+                      final_norm=self.norm if i == last else None)
+        return x
 
     def fuses_every_layer(self, x: torch.Tensor, packed: Optional["PackedBackbone"], context_lengths, caches) -> bool:
         """Whether every layer of a drafting round over ``x`` runs as one ``dspark::draft_layer``
@@ -377,19 +393,53 @@ class DSparkBackbone(nn.Module):
 
     def rotary_tables(self, positions: torch.Tensor, largest: Optional[int] = None):
         """``rotary_tables(positions, inv_freq)``, looked up in a table of every position below
-        the largest seen so far (grown by doubling; the same products and cos/sin, so the same
-        bits): two index ops where computing them takes seven, in every layer of every round.
-        ``largest``: max(positions), when the caller knows it (else read from the tensor)."""
+        the largest seen so far (``rope_table``): two index ops where computing them takes seven,
+        in every layer of every round. ``largest``: max(positions), when the caller knows it
+        (else read from the tensor)."""
         if largest is None:
             largest = int(positions.max()) if positions.numel() else -1
+        cos, sin = self.rope_table(largest, positions.device)
+        return cos[positions][..., None, :], sin[positions][..., None, :]
+
+    def rope_table(self, largest: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) [P, hd] of rotate_half RoPE at positions 0 .. P - 1, P > ``largest`` (grown by
+        doubling; the same products and cos/sin as ``rotary_tables``, so the same bits)."""
         needed = largest + 1
         table = getattr(self, "_rope_table", None)
-        if table is None or table[0].shape[0] < needed or table[0].device != positions.device:
+        if table is None or table[0].shape[0] < needed or table[0].device != torch.device(device):
             size = max(1 << max(needed - 1, 0).bit_length(), 256)
-            cos, sin = rotary_tables(torch.arange(size, device=positions.device), self.inv_freq.to(positions.device))
+            cos, sin = rotary_tables(torch.arange(size, device=device), self.inv_freq.to(device))
             table = self._rope_table = (cos[:, 0], sin[:, 0])  # [size, hd]
-        cos, sin = table
-        return cos[positions][..., None, :], sin[positions][..., None, :]
+        return table
+
+    def feed_context(self, features: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, largest: int,
+                     packed: Optional["PackedBackbone"], key_caches: List[torch.Tensor],
+                     value_caches: List[torch.Tensor]) -> None:
+        """Writes the context keys/values of the target's features [B, L, F] at (``rows[i]``,
+        ``positions[i]``) into every layer's caches [B, C, KVH, hd] (``largest``: max(positions)).
+        A drafting round's few rows on CPU go through one ``dspark::draft_context`` call."""
+        if self._feeds_in_one_call(features, rows, packed, key_caches, value_caches):
+            cos, sin = self.rope_table(largest, features.device)
+            k_norms = [layer.k_norm.weight.detach() for layer in self.layers] if self.cfg.qk_norm else []
+            torch.ops.dspark.draft_context(features, rows, positions, packed.context_proj.packed,
+                                           self.context_norm.weight.detach(), cos, sin,
+                                           [p.context_kv.packed for p in packed.layers], k_norms, key_caches,
+                                           value_caches, self.context_norm.eps)
+            return
+        context = self.project_context(features[rows, positions], packed)[None]  # [1, n, D]
+        for i, (k, v) in enumerate(self.context_kv(context, positions[None], packed, largest=largest)):
+            key_caches[i][rows, positions] = k[0]
+            value_caches[i][rows, positions] = v[0]
+
+    def _feeds_in_one_call(self, features, rows, packed, key_caches, value_caches) -> bool:
+        """Whether ``feed_context`` runs as one ``dspark::draft_context`` call: on CPU, the
+        projections packed (the feature scale folded in), few enough rows for skinny_linear."""
+        return (FUSED_CONTEXT_FEED and packed is not None and packed.scale_folded and features.device.type == "cpu"
+                and features.dtype == torch.float32 and features.stride(-1) == 1
+                and packed.context_proj.packed is not None and rows.numel() <= packed.context_proj.max_skinny_rows
+                and all(p.context_kv.packed is not None for p in packed.layers)
+                and all(layer.k_norm is None or layer.k_norm.eps == self.context_norm.eps for layer in self.layers)
+                and all(k.is_contiguous() and v.is_contiguous() for k, v in zip(key_caches, value_caches)))
 
 
 @dataclass
@@ -597,6 +647,18 @@ class DSparkDrafter(nn.Module):
         return self._head_logits(hidden, self.inference_lm_head_dtype, lambda dtype: self.drafting_head(dtype)[0],
                                  lambda dtype: self.drafting_head(dtype)[1], widen)
 
+    def _drafting_logits_buffer(self, leading: torch.Size, N: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The markov_draft input over the draft vocabulary, [*leading, N + 1], reused from round to
+        round (the op returns new tensors; nothing else keeps it): id N is the "previous token"
+        row with logit -inf, set once when the buffer is made."""
+        buffer = getattr(self, "_logits_buffer", None)
+        if (buffer is None or buffer.shape[:-1] != leading or buffer.shape[-1] != N + 1 or buffer.dtype != dtype
+                or buffer.device != torch.device(device)):
+            buffer = torch.empty(*leading, N + 1, dtype=dtype, device=device)
+            buffer[..., N] = float("-inf")
+            self._logits_buffer = buffer
+        return buffer
+
     def anchor_transition(self, anchor_w1: torch.Tensor, w2_rows: torch.Tensor) -> torch.Tensor:
         """W2 W1[anchor] over the draft vocabulary: ``anchor_w1`` [B, r] float32 and ``w2_rows``
         [N, r] float32 (``drafting_markov_weights``' third item) -> [B, N] float32; on CPU through
@@ -606,7 +668,11 @@ class DSparkDrafter(nn.Module):
             return anchor_w1 @ w2_rows.T
         key = (w2_rows.data_ptr(), w2_rows.shape)
         if getattr(self, "_transition_packed_key", None) != key:
-            self._transition_packed = pack_skinny_weight(w2_rows)
+            # Rows that are bfloat16 values (a bfloat16 Markov head's) pack as bfloat16: half the
+            # bytes, the same products (skinny_linear widens them exactly).
+            narrow = w2_rows.to(torch.bfloat16)
+            exact = torch.equal(narrow.float(), w2_rows)
+            self._transition_packed = pack_skinny_weight(narrow if exact else w2_rows)
             self._transition_packed_key = key
         return torch.ops.dspark.skinny_linear(anchor_w1.contiguous(), self._transition_packed, w2_rows.shape[0], None)
 
@@ -651,10 +717,7 @@ class DSparkDrafter(nn.Module):
         if not rows:
             return ends
         rows_d, pos_d = torch.tensor([rows, positions], dtype=torch.int64).to(device)
-        ctx = self.backbone.project_context(feats[rows_d, pos_d], packed)[None]  # [1, n, D]
-        for i, (k, v) in enumerate(self.backbone.context_kv(ctx, pos_d[None], packed, largest=max(positions))):
-            self._cache_k[i][rows_d, pos_d] = k[0]
-            self._cache_v[i][rows_d, pos_d] = v[0]
+        self.backbone.feed_context(feats, rows_d, pos_d, max(positions), packed, self._cache_k, self._cache_v)
         return ends
 
     def propose(self, context: DraftContext) -> Draft:
@@ -722,15 +785,14 @@ class DSparkDrafter(nn.Module):
             # confidence terms join position 1's base here, and the op sees the zero row N
             # (logit -inf) as every position's "previous token" row.
             N = vocab.numel()
-            logits_in = torch.empty(*base.shape[:-1], N + 1, dtype=markov_dtype, device=device)
+            logits_in = self._drafting_logits_buffer(base.shape[:-1], N, markov_dtype, device)
             logits_in[..., :N] = base  # U rounded to the op's dtype
-            logits_in[..., N] = float("-inf")
             if self.markov is not None:
                 anchor_w1 = self.markov_weights(markov_dtype)[0][previous].float()  # [B, r]
-                # As the op does it: U in the logits' dtype plus the float32 transition, rounded once.
-                logits_in[:, 0, :N] = logits_in[:, 0, :N].float() + self.anchor_transition(anchor_w1, w2_rows)
-                if conf_args[1] is not None:
-                    conf_args = (conf_args[0].clone(), conf_args[1], conf_args[2])
+                # As the op does it: U in the logits' dtype plus the float32 transition, rounded once
+                # (add_ computes in float32, the common dtype, and rounds into the buffer).
+                logits_in[:, 0, :N].add_(self.anchor_transition(anchor_w1, w2_rows))
+                if conf_args[1] is not None:  # conf_base is op_arguments' own new tensor
                     conf_args[0][:, 0] += anchor_w1 @ conf_args[1]
             base = logits_in
             previous = torch.full_like(previous, N)
