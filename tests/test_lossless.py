@@ -6,6 +6,8 @@ Power: the same check must reject deliberately broken samplers (dspark_ext.refer
 rule="sqrt_accept" / "correction_from_target") on the same setup and sample count, and
 accept the exact reference."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -197,6 +199,49 @@ def test_lossless_across_vocab_tiles(one_hot):
     assert_matches_distribution(output[:, 0], p)
     tile_probs = torch.stack([p[:VOCAB_TILE].sum(), p[VOCAB_TILE:].sum()])
     assert_matches_distribution(output[:, 0] // VOCAB_TILE, tile_probs)
+
+
+def _sparse_draft_rows(L, V, g):
+    """Draft logits with mass on ~10% of the ids, most of them low (as a frequency-ranked draft
+    vocabulary's), so that most vector-width stretches of a row are -inf; every tile keeps some."""
+    keep = torch.rand(L, V, generator=g) < torch.where(torch.arange(V) < 400, 0.8, 0.02)
+    keep[:, ::VOCAB_TILE] = True
+    return torch.where(keep, torch.randn(L, V, generator=g) * 1.5, torch.tensor(float("-inf")))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sparse_draft_rows_match_finite_stand_ins_bit_for_bit(temperature):
+    """Draft rows that are -inf over whole vector-width stretches take a shortcut (their exp
+    terms, exactly 0, are skipped in the draft rows' sums and the residual): the same tokens and
+    acceptances, bit for bit, as the same rows with -1e30 there (q exactly 0, computed)."""
+    L, V, B = 3, 2 * VOCAB_TILE + 300, 256
+    g = torch.Generator().manual_seed(171)
+    target = torch.randn(L + 1, V, generator=g) * 1.5
+    draft = _sparse_draft_rows(L, V, g)
+    assert float((draft[:, :V - V % 16].reshape(L, -1, 16) == float("-inf")).all(-1).float().mean()) > 0.5
+    setup = lossless_setup(L, V, temperature, False, num_samples=B, seed=172, target_rows=target, draft_rows=draft)
+    finite = dataclasses.replace(setup.batch, draft_logits=setup.batch.draft_logits.nan_to_num(neginf=-1e30))
+    output, num_accepted = run_op(setup.batch)
+    finite_output, finite_accepted = run_op(finite)
+    assert 0 < int((num_accepted == 0).sum()) < B  # rejections (the residual) and acceptances
+    assert torch.equal(output, finite_output) and torch.equal(num_accepted, finite_accepted)
+
+
+def test_sparse_draft_rows_are_lossless():
+    """The same sparse draft law over three tiles: the first token follows the target, and after
+    a rejection the correction follows the residual norm(max(0, p - q))."""
+    L, V = 1, 2 * VOCAB_TILE + 300
+    g = torch.Generator().manual_seed(181)
+    target = torch.randn(L + 1, V, generator=g)
+    target[:, :40] += 4.0  # the draft's ids hold most of the target's mass too
+    draft = _sparse_draft_rows(L, V, g)
+    setup = lossless_setup(L, V, 1.0, False, num_samples=N, seed=182, target_rows=target, draft_rows=draft)
+    output, num_accepted = run_op(setup.batch)
+    assert_matches_distribution(output[:, 0], setup.target_probs[0])
+    rejected = num_accepted == 0
+    assert int(rejected.sum()) > 20_000
+    residual = (setup.target_probs[0] - setup.draft_law[0]).clamp(min=0)
+    assert_matches_distribution(output[rejected, 0], residual / residual.sum())
 
 
 # --------------------------------------------------------------------------- power

@@ -69,6 +69,10 @@ inline float lane_sum(Vec v) {
   return total;
 }
 
+// Whether every lane of x is -inf: a stretch of a draft law with no mass (ids outside a draft
+// vocabulary, or everything but a point mass), whose exp terms are exactly 0.
+inline bool all_negative_infinity(Vec x) { return (x == Vec(-INFINITY)).zero_mask() == 0; }
+
 // Largest of p[0, n), NaN ignored (-inf when there is no other value).
 template <typename T>
 float max_of(const T* p, int64_t n) {
@@ -116,7 +120,9 @@ MaxSum segment_max_sum_sanitized(const T* p, int64_t n, float inv_t) {
 // and -inf gives 0, as sanitising would; +inf, or a product that overflows, takes the
 // sanitising form. Either way the result has the same bits. exp_nonpositive: within 2 ulp,
 // the same bits in every build.
-template <typename T>
+// kSkipEmpty (draft rows, often -inf over most of the vocabulary): vectors whose every logit is
+// -inf add exp(-inf) = +0 to nonnegative sums, so skipping them keeps the bits.
+template <typename T, bool kSkipEmpty = false>
 MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   const T* p = row + lo;
   const int64_t n = hi - lo;
@@ -126,7 +132,13 @@ MaxSum segment_max_sum(const T* row, int64_t lo, int64_t hi, float inv_t) {
   if (!(max <= FLT_MAX)) return segment_max_sum_sanitized(p, n, inv_t);
   const Vec v_inv_t(inv_t), v_shift(max);
   Vec v_sum(0.0f);
-  for (int64_t i = 0; i < n_vec; i += kLanes) v_sum += exp_nonpositive(load_floats(p + i) * v_inv_t - v_shift);
+  for (int64_t i = 0; i < n_vec; i += kLanes) {
+    const Vec x = load_floats(p + i);
+    if constexpr (kSkipEmpty) {
+      if (all_negative_infinity(x)) continue;
+    }
+    v_sum += exp_nonpositive(x * v_inv_t - v_shift);
+  }
   float sum = lane_sum(v_sum);
   for (int64_t i = n_vec; i < n; ++i) sum += core::exp_nonpositive(to_float(p[i]) * inv_t - max);
   return MaxSum{max, sum};

@@ -52,9 +52,14 @@ float residual_mass_sum(const T* target_row, const T* draft_row, int64_t lo, int
   Vec v_sum(0.0f);
   for (int64_t i = 0; i < n_vec; i += kLanes) {
     const Vec log_p = (sanitized_scaled(load_floats(target_row + lo + i), v_inv_t) - v_p_max) - v_p_log_sum;
-    const Vec log_q = (sanitized_scaled(load_floats(draft_row + lo + i), v_inv_t) - v_q_max) - v_q_log_sum;
     // NaN log p or log q (a row without mass) is probability 0 (core::residual_probability).
     const Vec p = exp_two_ulp(max_ignoring_nan(v_neg_inf, log_p));
+    const Vec draft = load_floats(draft_row + lo + i);
+    if (all_negative_infinity(draft)) {  // q = 0 in every lane: max(p - 0, 0) = p, bit for bit
+      v_sum += p;
+      continue;
+    }
+    const Vec log_q = (sanitized_scaled(draft, v_inv_t) - v_q_max) - v_q_log_sum;
     const Vec q = exp_two_ulp(max_ignoring_nan(v_neg_inf, log_q));
     v_sum += at::vec::maximum(p - q, v_zero);
   }
@@ -127,8 +132,8 @@ void run_verify(const core::VerifyProblem<LogitT, IdT>& pb) {
         stats.sum = total.sum;
       }
     } else if (!core::is_greedy(temperature)) {
-      const MaxSum total = segment_max_sum(pb.draft_logits + (row - target_rows) * pb.draft_row_stride, lo, hi,
-                                           core::inverse_temperature(temperature));
+      const MaxSum total = segment_max_sum<LogitT, true>(pb.draft_logits + (row - target_rows) * pb.draft_row_stride,
+                                                         lo, hi, core::inverse_temperature(temperature));
       stats.max = total.max;
       stats.sum = total.sum;
     }
