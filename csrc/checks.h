@@ -49,7 +49,7 @@ inline void check_vector(const char* op, const char* name, const at::Tensor& t, 
   check_same_device(op, name, t, reference, reference_name);
 }
 
-// A pair of KV caches (cached_attention, draft_layer): key_cache 4-D float32, value_cache float32
+// A pair of KV caches (cached_attention, draft_layer, draft_context): key_cache 4-D float32, value_cache float32
 // of key_cache's shape, both on the reference's device.
 inline void check_kv_caches(const char* op, const at::Tensor& key_cache, const at::Tensor& value_cache,
                             const at::Tensor& reference, const char* reference_name) {

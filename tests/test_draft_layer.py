@@ -55,14 +55,14 @@ def _reference(layer, packed, x, positions, keys, values, lengths, block_slot):
     return out, inv_freq
 
 
-def _call(layer, packed, x, positions, inv_freq, keys, values, lengths, block_slot):
+def _call(layer, packed, x, positions, inv_freq, keys, values, lengths, block_slot, final_norm=None):
     cos, sin = rotary_tables(positions, inv_freq)
     return draft_layer(x, cos.squeeze(-2), sin.squeeze(-2), keys, values, lengths, block_slot,
                        layer.attn_norm.weight.detach(), packed.qkv.packed,
                        None if layer.q_norm is None else layer.q_norm.weight.detach(),
                        None if layer.k_norm is None else layer.k_norm.weight.detach(), packed.o.packed,
                        layer.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, layer.num_heads,
-                       layer.attn_norm.eps)
+                       layer.attn_norm.eps, final_norm)
 
 
 CASES = [  # (H, KVH, hd, qk_norm, lengths, block_slot, Q, packed dtype)
@@ -103,18 +103,18 @@ def test_final_norm_is_the_norm_of_the_layers_output(dtype):
     norm = torch.nn.RMSNorm(cfg.hidden_size, eps=layer.attn_norm.eps)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    plain = _call(layer, packed, x, positions, inv_freq, keys.clone(), values.clone(), ctx, 9)
-    cos, sin = rotary_tables(positions, inv_freq)
-    args = [x, cos.squeeze(-2), sin.squeeze(-2), keys.clone(), values.clone(), ctx, 9, layer.attn_norm.weight.detach(),
-            packed.qkv.packed, layer.q_norm.weight.detach(), layer.k_norm.weight.detach(), packed.o.packed,
-            layer.mlp_norm.weight.detach(), packed.gate_up.packed, packed.down.packed, 6, layer.attn_norm.eps]
-    normed = draft_layer(*args, final_norm=norm.weight.detach())
+
+    def call(final_norm=None):
+        return _call(layer, packed, x, positions, inv_freq, keys.clone(), values.clone(), ctx, 9, final_norm)
+
+    plain = call()
+    normed = call(norm.weight.detach())
     with torch.no_grad():
         torch.testing.assert_close(normed, norm(plain), rtol=2e-5, atol=2e-5)
         assert not torch.allclose(normed, torch.nn.functional.rms_norm(plain, (cfg.hidden_size,), eps=norm.eps),
                                   rtol=1e-3, atol=1e-3)
     with pytest.raises(RuntimeError, match="final_norm must have size 48"):
-        draft_layer(*args, final_norm=norm.weight.detach()[:40])
+        call(norm.weight.detach()[:40])
 
 
 def test_a_wrong_mask_is_told_apart():

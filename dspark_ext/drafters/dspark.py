@@ -375,10 +375,10 @@ class DSparkBackbone(nn.Module):
         """Block rows x [B, Q, D] -> final-normed hidden states h [B, Q, D] (``block_slot``,
         ``context_lengths``: see ``BackboneLayer.forward``; ``largest``: the largest position,
         if the caller knows it)."""
-        layers = [None] * len(self.layers) if packed is None else packed.layers
-        rope = None if packed is None else self.rotary_tables(positions, largest)
         if not len(self.layers):
             return self.norm(x)
+        layers = [None] * len(self.layers) if packed is None else packed.layers
+        rope = None if packed is None else self.rotary_tables(positions, largest)
         last = len(self.layers) - 1
         for i, (layer, (ck, cv), p) in enumerate(zip(self.layers, kv, layers)):
             x = layer(x, positions, self.inv_freq, ck, cv, mask, p, rope, block_slot, context_lengths,
