@@ -54,19 +54,13 @@ def walk_rounds(drafter, data) -> dict:
     from dspark_ext import train
 
     K = drafter.num_draft
-    outside = None
-    if drafter.draft_vocab is not None:
-        outside = torch.ones(drafter.cfg.vocab_size, dtype=torch.bool)
-        outside[drafter.draft_vocab.cpu()] = False
     every_anchor, rounds = [], []
     for sid in data.heldout_ids:
         lo, hi = int(data.prompt_lengths[sid]), int(data.lengths[sid]) - 2
         if hi < lo:
             continue
         batch = data.batch([sid], [torch.arange(lo, hi + 1)], K)
-        logits, _ = train.teacher_forced(drafter, batch)
-        if outside is not None:
-            logits = logits.masked_fill(outside, float("-inf"))
+        logits = train.within_draft_vocabulary(drafter, train.teacher_forced(drafter, batch)[0])
         # Past the answer's end nothing is accepted (the loop stops there too).
         accepted = ((logits.argmax(-1) == batch["targets"]) & batch["valid"])[0]
         every_anchor.append(accepted[:, 0].float())
@@ -112,12 +106,8 @@ def main() -> None:
         folder = Path(args.cache) / f"{dataset}_{args.num_prompts}x{args.max_new_tokens}"
         records = greedy_answers(target, tokenizer, dataset, args.num_prompts, args.max_new_tokens,
                                  folder / "answers.json")
-        saved = target.hidden_layers
-        target.hidden_layers = list(next(iter(layers))) + [-1]
-        try:
-            paths = train.cache_features(target, records, folder / "features", batch_size=8)
-        finally:
-            target.hidden_layers = saved
+        paths = train.context_features(train.RecipeConfig(out_dir=folder, context_layers=next(iter(layers))),
+                                       target, records, folder / "features", batch_size=8)
         data = train.FeatureCache(paths, heldout_every=1)
         for label, path in specs:
             drafter = DSparkDrafter.for_target(path, target).eval()

@@ -687,6 +687,16 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
 
 
 @torch.no_grad()
+def within_draft_vocabulary(drafter, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` [..., V] with -inf outside ``drafter``'s draft vocabulary, as ``propose`` drafts
+    (a drafter with one never drafts outside it); unchanged for a drafter without one."""
+    if drafter.draft_vocab is None:
+        return logits
+    outside = torch.ones(drafter.cfg.vocab_size, dtype=torch.bool, device=logits.device)
+    outside[drafter.draft_vocab.to(logits.device)] = False
+    return logits.masked_fill(outside, float("-inf"))
+
+
 def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional[int] = None, seed: int = 1,
                      temperature_of=None):
     """Confidence logits z [N, K] and acceptance indicators [N, K] on the held-out sequences
@@ -701,10 +711,6 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         raise ValueError("this drafter has no confidence head")
     gen = torch.Generator().manual_seed(seed)
     zs, accs = [], []
-    outside = None  # a drafter with a draft vocabulary never drafts outside it
-    if drafter.draft_vocab is not None:
-        outside = torch.ones(drafter.cfg.vocab_size, dtype=torch.bool, device=drafter.draft_vocab.device)
-        outside[drafter.draft_vocab] = False
     # Only answers the target wrote: acceptance is defined along the target's own path.
     for sid in (i for i in data.heldout_ids if bool(data.target_written[i])):
         lo, hi = int(data.prompt_lengths[sid]), int(data.lengths[sid]) - 2
@@ -714,8 +720,7 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
             a = lo + torch.randint(hi - lo + 1, (anchors_per_sequence,), generator=gen)
         batch = data.batch([sid], [a], drafter.num_draft)
         logits, z = teacher_forced(drafter, batch)
-        if outside is not None:
-            logits = logits.masked_fill(outside, float("-inf"))
+        logits = within_draft_vocabulary(drafter, logits)
         p_t = torch.softmax(drafter.logits(batch["final"]), -1)
         greedy = temperature_of is None or temperature_of(sid) == 0
         if greedy:
