@@ -686,7 +686,6 @@ def train_drafter(drafter, data: FeatureCache, cfg: TrainConfig, checkpoint: Pat
 # ---------------------------------------------------------------------- held-out rollouts
 
 
-@torch.no_grad()
 def within_draft_vocabulary(drafter, logits: torch.Tensor) -> torch.Tensor:
     """``logits`` [..., V] with -inf outside ``drafter``'s draft vocabulary, as ``propose`` drafts
     (a drafter with one never drafts outside it); unchanged for a drafter without one."""
@@ -697,6 +696,7 @@ def within_draft_vocabulary(drafter, logits: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(outside, float("-inf"))
 
 
+@torch.no_grad()
 def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional[int] = None, seed: int = 1,
                      temperature_of=None):
     """Confidence logits z [N, K] and acceptance indicators [N, K] on the held-out sequences

@@ -139,6 +139,9 @@ def test_heldout_rollouts_use_target_written_answers_only(mixed):
     K = drafter.num_draft
     whole_blocks = sum(max(0, int(data.lengths[i]) - 2 - K + 1 - int(data.prompt_lengths[i]) + 1) for i in (2, 5))
     assert z.shape == (whole_blocks, K) and acc.shape == (whole_blocks, K)
+    # Called with autograd on (as the recipe's calibration stage calls it), it keeps no graph:
+    # one per held-out answer ran a 9,216-prompt recipe out of memory.
+    assert torch.is_grad_enabled() and not z.requires_grad and z.grad_fn is None
 
 
 def test_new_drafter_layout_and_init_from_target(mixed):
