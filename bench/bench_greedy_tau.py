@@ -98,6 +98,7 @@ def main() -> None:
     if len(layers) != 1:
         raise SystemExit(f"the drafters read different target layers {sorted(layers)}: compare them in separate runs")
     target, tokenizer = load_target(None)
+    drafters = [(label, DSparkDrafter.for_target(path, target).eval()) for label, path in specs]
     print(f"T = 0, the first {args.num_prompts} prompts of each set, up to {args.max_new_tokens} greedy tokens each; "
           "tau = tokens per round with all drafts verified.\n")
     print("| set | drafter | tau | first draft accepted (rounds / every position) | conditional acceptance by position | rounds |")
@@ -109,8 +110,7 @@ def main() -> None:
         paths = train.context_features(train.RecipeConfig(out_dir=folder, context_layers=next(iter(layers))),
                                        target, records, folder / "features", batch_size=8)
         data = train.FeatureCache(paths, heldout_every=1)
-        for label, path in specs:
-            drafter = DSparkDrafter.for_target(path, target).eval()
+        for label, drafter in drafters:
             r = walk_rounds(drafter, data)
             cond = ", ".join("-" if c != c else f"{c:.2f}" for c in r["conditional"])
             print(f"| {dataset} | {label} | {r['tau']:.2f} | {r['first_loop']:.3f} / {r['first_every']:.3f} "

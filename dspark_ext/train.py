@@ -721,11 +721,11 @@ def heldout_rollouts(drafter, data: FeatureCache, anchors_per_sequence: Optional
         batch = data.batch([sid], [a], drafter.num_draft)
         logits, z = teacher_forced(drafter, batch)
         logits = within_draft_vocabulary(drafter, logits)
-        p_t = torch.softmax(drafter.logits(batch["final"]), -1)
         greedy = temperature_of is None or temperature_of(sid) == 0
         if greedy:
             acc = logits.argmax(-1) == batch["targets"]
         else:
+            p_t = torch.softmax(drafter.logits(batch["final"]), -1)
             tv = 0.5 * (torch.softmax(logits, -1) - p_t).abs().sum(-1)
             acc = torch.rand(tv.shape, generator=gen) < (1 - tv)
         ok = batch["valid"].all(-1)[0]  # whole blocks only
