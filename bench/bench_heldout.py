@@ -75,7 +75,7 @@ def main() -> None:
     data = train.FeatureCache(paths)  # the recipe's order: regenerated answers first, same held-out ids
     sts_records = answer_records(run / "sts_answers")
     sts_paths = feature_paths(run / "sts_features")
-    sts_data = train.FeatureCache(sts_paths, heldout_every=1) if sts_records and sts_paths else None
+    sts_data = train.FeatureCache(sts_paths, heldout_every=1, seen_by=data) if sts_records and sts_paths else None
 
     anchors = args.anchors_per_sequence or None
     target, _ = load_target(None)

@@ -287,9 +287,11 @@ def shard_teacher_statistics(path: Path, final: torch.Tensor, lm_head: torch.Ten
 
 class FeatureCache:
     """All feature shards in memory (float16). Every ``heldout_every``-th sequence is held out
-    (STS calibration and validation); the rest are training data."""
+    (STS calibration and validation); the rest are training data. A held-out sequence whose
+    prompt the target also answered in a training sequence (of ``seen_by``'s, default this
+    cache's) is neither: ShareGPT repeats prompts, and a repeat's greedy answer is the same."""
 
-    def __init__(self, paths: Sequence[Path], heldout_every: int = 20):
+    def __init__(self, paths: Sequence[Path], heldout_every: int = 20, seen_by: Optional["FeatureCache"] = None):
         # Memory-mapped: the features stay in the page cache, shared by every process that
         # trains on them (a million tokens are ~7 GB).
         self._paths = [Path(p) for p in paths]
@@ -316,7 +318,8 @@ class FeatureCache:
         index = torch.arange(self.lengths.numel())
         held = (index % heldout_every) == heldout_every - 1
         self.train_ids = index[usable & ~held].tolist()
-        self.heldout_ids = index[usable & held].tolist()
+        seen = (seen_by or self).trained_prompts()
+        self.heldout_ids = [i for i in index[usable & held].tolist() if self.prompt(i) not in seen]
         # Per token, the target's full-vocabulary log-normaliser and argmax (load_teacher_statistics).
         self.teacher_lse: Optional[torch.Tensor] = None
         self.teacher_argmax: Optional[torch.Tensor] = None
@@ -332,6 +335,14 @@ class FeatureCache:
         self.teacher_lse = torch.cat([lse for lse, _ in stats])
         self.teacher_argmax = torch.cat([argmax for _, argmax in stats]).long()
         self.teacher_dtype = lm_head.dtype
+
+    def prompt(self, seq_id: int) -> tuple:
+        start = int(self.starts[seq_id])
+        return tuple(self.tokens[start:start + int(self.prompt_lengths[seq_id])].tolist())
+
+    def trained_prompts(self) -> set:
+        """The prompts of the training sequences whose answers the target wrote."""
+        return {self.prompt(i) for i in self.train_ids if bool(self.target_written[i])}
 
     @property
     def num_tokens(self) -> int:
@@ -971,9 +982,9 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     paths = context_features(cfg, data_target, records, out / "features", cfg.feature_batch_size)
     if extra:
         paths += context_features(cfg, data_target, extra, out / "features_sharegpt", 8)
-    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
-    summary["features_seconds"] = time.perf_counter() - t1
     data = FeatureCache(paths)
+    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out, seen_by=data)
+    summary["features_seconds"] = time.perf_counter() - t1
     all_records = records + extra
     temperature_of_seq = {i: r["temperature"] for i, r in enumerate(all_records)}
     summary["data"] = {
@@ -1084,10 +1095,12 @@ def calibrate_confidence(drafter, data: "FeatureCache", temperature_of, sts_data
             "rollouts": int(z.shape[0]), "positives": sts.positives.tolist(), "at_grid_edge": sts.edge_positions}
 
 
-def sts_answers(cfg: "RecipeConfig", tokenizer, data_target, prompts, extra: Sequence[dict], out: Path):
+def sts_answers(cfg: "RecipeConfig", tokenizer, data_target, prompts, extra: Sequence[dict], out: Path,
+                seen_by: Optional[FeatureCache] = None):
     """The recipe's STS-only answers: ``cfg.sts_prompts`` prompts from the end of the ShareGPT
     shuffle (none of the training prompts or ShareGPT answers), answered by ``data_target``, with
-    their features; (FeatureCache with every answer held out, records), or (None, []) without."""
+    their features; (FeatureCache with every answer held out but those whose prompt the target
+    answered in ``seen_by``'s training sequences, records), or (None, []) without."""
     if cfg.sts_prompts <= 0:
         return None, []
     training_prompts = {tuple(p) for p in prompts} | {tuple(r["prompt"]) for r in extra}
@@ -1096,7 +1109,7 @@ def sts_answers(cfg: "RecipeConfig", tokenizer, data_target, prompts, extra: Seq
     sts_records = regenerate(data_target, sts_prompts, out / "sts_answers", cfg.max_new_tokens,
                              cfg.generation_batch_size, tokenizer.eos_token_id, seed=cfg.seed)
     sts_paths = context_features(cfg, data_target, sts_records, out / "sts_features", cfg.feature_batch_size)
-    return FeatureCache(sts_paths, heldout_every=1), sts_records
+    return FeatureCache(sts_paths, heldout_every=1, seen_by=seen_by), sts_records
 
 
 def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_target=None) -> dict:
@@ -1117,7 +1130,7 @@ def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_ta
                                       seed=cfg.seed) if cfg.sharegpt_answer_tokens > 0 else [])
     # The regenerated answers come first in the recipe's cache: the same held-out ids.
     data = FeatureCache(context_features(cfg, data_target, records, out / "features", cfg.feature_batch_size))
-    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out)
+    sts_data, sts_records = sts_answers(cfg, tokenizer, data_target, prompts, extra, out, seen_by=data)
     info = calibrate_confidence(drafter, data, lambda i: records[i]["temperature"], sts_data,
                                 lambda i: sts_records[i]["temperature"], cfg.sts_bias, out / "dspark", log)
     drafter.save(out / "dspark" / "drafter")

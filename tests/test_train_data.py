@@ -144,6 +144,23 @@ def test_heldout_rollouts_use_target_written_answers_only(mixed):
     assert torch.is_grad_enabled() and not z.requires_grad and z.grad_fn is None
 
 
+def test_a_heldout_answer_to_a_prompt_the_target_answered_in_training_is_neither(mixed, tmp_path):
+    target = mixed[0]
+    a, b, c = [5, 6, 7], [8, 9], [10, 11, 12]
+
+    def rec(prompt, temperature):
+        return {"prompt": prompt, "answer": list(range(30, 40)), "temperature": temperature}
+
+    records = [rec(a, 0.0), rec(b, None), rec(a, 0.0),  # held out: 2 (the target answered its prompt in 0), 5, 8
+               rec(c, None), rec([13], 1.0), rec(b, 1.0),  # 5: its prompt only in a ShareGPT-written training sequence
+               rec([14, 15], 0.0), rec([16], 0.0), rec([17], 0.0)]
+    data = FeatureCache(cache_features(target, records, tmp_path / "features", 3), heldout_every=3)
+    assert data.heldout_ids == [5, 8] and data.train_ids == [0, 1, 3, 4, 6, 7]
+    sts_paths = cache_features(target, [rec(a, 0.0), rec([18], 0.0), rec(c, 0.0)], tmp_path / "sts", 3)
+    assert FeatureCache(sts_paths, heldout_every=1, seen_by=data).heldout_ids == [1, 2]
+    assert FeatureCache(sts_paths, heldout_every=1).heldout_ids == [0, 1, 2]
+
+
 def test_new_drafter_layout_and_init_from_target(mixed):
     target, records, paths, root = mixed
     data = FeatureCache(paths)
