@@ -20,6 +20,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -318,7 +319,7 @@ class FeatureCache:
         index = torch.arange(self.lengths.numel())
         held = (index % heldout_every) == heldout_every - 1
         self.train_ids = index[usable & ~held].tolist()
-        seen = (seen_by or self).trained_prompts()
+        seen = (seen_by if seen_by is not None else self).trained_prompts
         self.heldout_ids = [i for i in index[usable & held].tolist() if self.prompt(i) not in seen]
         # Per token, the target's full-vocabulary log-normaliser and argmax (load_teacher_statistics).
         self.teacher_lse: Optional[torch.Tensor] = None
@@ -340,8 +341,10 @@ class FeatureCache:
         start = int(self.starts[seq_id])
         return tuple(self.tokens[start:start + int(self.prompt_lengths[seq_id])].tolist())
 
+    @cached_property
     def trained_prompts(self) -> set:
-        """The prompts of the training sequences whose answers the target wrote."""
+        """The prompts of the training sequences whose answers the target wrote (once per cache:
+        the STS answers' cache reads the training cache's)."""
         return {self.prompt(i) for i in self.train_ids if bool(self.target_written[i])}
 
     @property
