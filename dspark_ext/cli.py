@@ -415,7 +415,8 @@ def cmd_train(args) -> int:
     budgets = {name: seconds for name, (seconds,) in budgets_of(args.minutes).items()}
     restarts = budgets_of(args.restart_minutes)
     cfg = RecipeConfig(
-        out_dir=Path(args.out), num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+        out_dir=Path(args.out), num_prompts=args.num_prompts, unique_prompts=args.unique_prompts,
+        max_new_tokens=args.max_new_tokens,
         generation_batch_size=args.generation_batch_size, num_layers=args.layers,
         context_layers=[int(i) for i in args.context_layers.split(",")],
         variants=[v for v in args.variants.split(",") if v],
@@ -728,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/smollm2", help="data, checkpoints and drafters (resumable)")
     target_arguments(t, "torch device for generation and training")
     t.add_argument("--num-prompts", type=int, default=TRAINING_PROMPTS, help="ShareGPT prompts to answer")
+    t.add_argument("--unique-prompts", action="store_true",
+                   help="answer each distinct prompt once (ShareGPT repeats about one first turn in ten); "
+                        "the shipped recipes do not")
     t.add_argument("--max-new-tokens", type=int, default=128, help="longest regenerated answer")
     t.add_argument("--generation-batch-size", type=int, default=32, help="prompts answered together")
     t.add_argument("--variants", default="dspark,parallel,mtp1",

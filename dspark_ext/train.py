@@ -12,6 +12,7 @@ Stages, each resumable (finished shards / checkpoints are skipped or resumed):
 4. ``train_drafter``: the DSpark loss (paper Eq. 8) over random anchors of the cached sequences.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -70,21 +71,62 @@ def iter_sharegpt(path: Optional[Path] = None):
         yield obj
 
 
+def _selection_file(out: Path) -> Path:
+    """The request a cached selection (``prompts.json``, ``sharegpt_answers.json``) answered."""
+    return out.with_name(f"{out.stem}.selection.json")
+
+
+def _cached_selection(out: Path, request: dict, legacy_ok) -> Optional[list]:
+    """The selection cached in ``out`` if it answered ``request``: the one recorded beside it, or
+    for a cache written before those records, if ``legacy_ok(selection)`` (then recorded).
+    None: (re)build it; a folder reused with other flags must not train on the old selection."""
+    if not out.is_file():
+        return None
+    cached = json.loads(out.read_text())
+    side = _selection_file(out)
+    if side.is_file():
+        return cached if json.loads(side.read_text()) == request else None
+    if not legacy_ok(cached):
+        return None
+    side.write_text(json.dumps(request))
+    return cached
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def _save_selection(out: Path, request: dict, selection: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(selection))
+    _selection_file(out).write_text(json.dumps(request))
+
+
 def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: int = 192,
                     min_prompt_tokens: int = 4, seed: int = 0, from_end: bool = False,
-                    exclude: Optional[set] = None) -> List[List[int]]:
+                    exclude: Optional[set] = None, unique: bool = False) -> List[List[int]]:
     """Token ids of ``num_prompts`` chat-templated first user turns from ShareGPT (shuffled with
     ``seed``; prompts longer than ``max_prompt_tokens`` are skipped), from the start of the
     shuffle, or with ``from_end`` from its end backwards (the STS prompts: far from the
     training prompts and ShareGPT answers, which take its first few thousand); prompts whose ids
-    are in ``exclude`` (tuples) are skipped (ShareGPT repeats some prompts). Cached in ``out``."""
-    if out.is_file():
-        return json.loads(out.read_text())
+    are in ``exclude`` (tuples) are skipped, and with ``unique`` so is a prompt already taken
+    (ShareGPT repeats about one first turn in ten, and at T = 0 the target answers a repeat with
+    the same text). Cached in ``out``, with the request beside it: another request rebuilds it."""
+    request = {"num_prompts": num_prompts, "max_prompt_tokens": max_prompt_tokens,
+               "min_prompt_tokens": min_prompt_tokens, "seed": seed, "from_end": from_end, "unique": unique,
+               "exclude_sha256": _digest(sorted(exclude)) if exclude else None}
+    # A cache from before the request was recorded: trusted when it holds as many prompts as asked,
+    # and, asked for unique prompts, has no repeat.
+    cached = _cached_selection(out, request, lambda c: len(c) == num_prompts
+                               and (not unique or len({tuple(x) for x in c}) == len(c)))
+    if cached is not None:
+        return cached
     conversations = list(iter_sharegpt())
     random.Random(seed).shuffle(conversations)
     if from_end:
         conversations.reverse()
     prompts: List[List[int]] = []
+    skip = set(exclude or ())
     for conv in conversations:
         turns = conv.get("conversations") or []
         first = next((t.get("value") for t in turns if t.get("from") == "human"), None)
@@ -93,12 +135,13 @@ def prepare_prompts(tokenizer, num_prompts: int, out: Path, max_prompt_tokens: i
         ids = tokenizer.apply_chat_template([{"role": "user", "content": first}], add_generation_prompt=True)
         if not isinstance(ids, list):
             ids = ids["input_ids"]
-        if min_prompt_tokens <= len(ids) <= max_prompt_tokens and not (exclude and tuple(ids) in exclude):
+        if min_prompt_tokens <= len(ids) <= max_prompt_tokens and tuple(ids) not in skip:
             prompts.append([int(i) for i in ids])
+            if unique:
+                skip.add(tuple(ids))
         if len(prompts) >= num_prompts:
             break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(prompts))
+    _save_selection(out, request, prompts)
     return prompts
 
 
@@ -118,9 +161,19 @@ def prepare_sharegpt_answers(tokenizer, answer_tokens: int, out: Path, max_promp
     turn) pairs, the answer cut to ``max_answer_tokens``, from conversation ``start`` of the
     ``seed`` shuffle on, until ``answer_tokens`` answer tokens. The text is ChatGPT's; what the
     drafter learns from it is the target's distribution at every position (``dspark_loss``
-    reads the target's logits, never these tokens, for such records). Cached in ``out``."""
-    if out.is_file():
-        return json.loads(out.read_text())
+    reads the target's logits, never these tokens, for such records). Cached in ``out``, with
+    the request beside it: another request rebuilds it."""
+    request = {"answer_tokens": answer_tokens, "max_prompt_tokens": max_prompt_tokens,
+               "max_answer_tokens": max_answer_tokens, "min_answer_tokens": min_answer_tokens, "seed": seed,
+               "start": start}
+
+    def reaches_answer_tokens_with_its_last_record(records):
+        total = sum(len(r["answer"]) for r in records)
+        return bool(records) and total >= answer_tokens > total - len(records[-1]["answer"])
+
+    cached = _cached_selection(out, request, reaches_answer_tokens_with_its_last_record)
+    if cached is not None:
+        return cached
     conversations = list(iter_sharegpt())
     random.Random(seed).shuffle(conversations)
     records: List[dict] = []
@@ -146,8 +199,7 @@ def prepare_sharegpt_answers(tokenizer, answer_tokens: int, out: Path, max_promp
         total += len(reply)
         if total >= answer_tokens:
             break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(records))
+    _save_selection(out, request, records)
     return records
 
 
@@ -169,7 +221,8 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
                batch_size: int, eos_token_id, temperatures: Sequence[float] = (0.0, 1.0),
                seed: int = 0) -> List[dict]:
     """The target's own answer to every prompt (request i samples at ``temperatures[i % len]``),
-    in files ``out_dir/answers_XXXXX.json`` of ``batch_size`` records {prompt, answer}."""
+    in files ``out_dir/answers_XXXXX.json`` of ``batch_size`` records {prompt, answer}. A file
+    is reused only if it answers the same prompts at the same temperatures."""
     from dspark_ext.drafters import AutoregressiveDrafter
     from dspark_ext.generate import generate
 
@@ -180,9 +233,10 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
     produced = 0
     for i in range(num_batches):
         path = out_dir / ANSWER_FILE.format(i)
-        if not path.is_file():
-            batch = prompts[i * batch_size:(i + 1) * batch_size]
-            temps = [temperatures[(i * batch_size + j) % len(temperatures)] for j in range(len(batch))]
+        batch = prompts[i * batch_size:(i + 1) * batch_size]
+        temps = [temperatures[(i * batch_size + j) % len(temperatures)] for j in range(len(batch))]
+        chunk = _cached_answers(path, batch, temps)
+        if chunk is None:
             result = generate(target, AutoregressiveDrafter(), [torch.tensor(p) for p in batch], max_new_tokens,
                               temperature=temps, seed=seed + i * batch_size, eos_token_id=eos_token_id)
             chunk = [{"prompt": list(p), "answer": t.tolist(), "temperature": tt}
@@ -191,13 +245,37 @@ def regenerate(target, prompts: Sequence[Sequence[int]], out_dir: Path, max_new_
             tmp.write_text(json.dumps(chunk))
             os.replace(tmp, path)
             produced += sum(len(c["answer"]) for c in chunk)
-        records.extend(json.loads(path.read_text()))
+        records.extend(chunk)
         rate = produced / max(time.perf_counter() - start, 1e-9)
         progress_bar(i + 1, num_batches, "regenerate", f"{rate:.0f} new tokens/s")
     return records
 
 
+def _cached_answers(path: Path, prompts: Sequence[Sequence[int]], temperatures: Sequence[float]) -> Optional[list]:
+    """The records of the answers file ``path`` if it answers ``prompts`` at ``temperatures``."""
+    if not path.is_file():
+        return None
+    records = json.loads(path.read_text())
+    same = ([r["prompt"] for r in records] == [list(p) for p in prompts]
+            and [r["temperature"] for r in records] == list(temperatures))
+    return records if same else None
+
+
 FEATURE_FILE = "features_{:05d}.pt"
+
+
+def _feature_shard_holds(path: Path, records: Sequence[dict], seqs: Sequence[torch.Tensor]) -> bool:
+    """Whether the feature shard ``path`` was computed over exactly ``records`` (their sequences
+    ``seqs``, prompt lengths and authors)."""
+    if not path.is_file():
+        return False
+    shard = torch.load(path, mmap=True)
+    lengths = torch.tensor([s.numel() for s in seqs])
+    return (torch.equal(shard["cu_seqlens"], torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]))
+            and shard["prompt_lengths"].tolist() == [len(r["prompt"]) for r in records]
+            and shard.get("target_written", torch.ones(len(records), dtype=torch.bool)).tolist()
+            == [r.get("temperature") is not None for r in records]
+            and torch.equal(shard["tokens"], torch.cat(seqs).to(torch.int32)))
 
 
 def _prefill_features(target, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -221,17 +299,21 @@ def cache_features(target, records: Sequence[dict], out_dir: Path, batch_size: i
     ``hidden_layers = context layers + [-1]``); shard i holds ``tokens`` [N] int32, ``cu_seqlens``
     [S + 1], ``prompt_lengths`` [S], ``context`` [N, L * D] float16, ``final`` [N, D] float16 and
     ``target_written`` [S] bool (the answer is the target's own, not ShareGPT's text). Shards are
-    written atomically, so a second process can fill the same folder ``from_the_end``."""
+    written atomically, so a second process can fill the same folder ``from_the_end``; a shard is
+    reused only if it holds the same sequences (otherwise it and its teacher statistics are
+    recomputed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     num_batches = math.ceil(len(records) / batch_size)
     paths = [out_dir / FEATURE_FILE.format(i) for i in range(num_batches)]
     for i in (reversed(range(num_batches)) if from_the_end else range(num_batches)):
         path = paths[i]
-        if path.is_file():
-            progress_bar(i + 1, num_batches, "features")
-            continue
         batch = records[i * batch_size:(i + 1) * batch_size]
         seqs = [torch.tensor(r["prompt"] + r["answer"], dtype=torch.int64) for r in batch]
+        if _feature_shard_holds(path, batch, seqs):
+            progress_bar(i + 1, num_batches, "features")
+            continue
+        for stale in path.parent.glob(f"{path.stem}.teacher-*.pt"):
+            stale.unlink()
         with torch.no_grad():
             hidden = _prefill_features(target, seqs)
         width = hidden.shape[1]
@@ -784,6 +866,8 @@ DEFAULT_CONTEXT_LAYERS = (2, 11, 20, 29)
 class RecipeConfig:
     out_dir: Path
     num_prompts: int = 768
+    # Each distinct prompt once (``prepare_prompts(unique=True)``); off in the shipped recipes.
+    unique_prompts: bool = False
     max_new_tokens: int = 128
     generation_batch_size: int = 32
     feature_batch_size: int = 16
@@ -971,7 +1055,8 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
     summary: dict = {"target": getattr(target, "name", "SmolLM2-135M-Instruct"), "variants": {}}
     t0 = time.perf_counter()
     data_target = data_target or target
-    prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed)
+    prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed,
+                              unique=cfg.unique_prompts)
     records = regenerate(data_target, prompts, out / "answers", cfg.max_new_tokens, cfg.generation_batch_size,
                          tokenizer.eos_token_id, seed=cfg.seed)
     extra: List[dict] = []
@@ -1126,7 +1211,8 @@ def recalibrate_saved(cfg: "RecipeConfig", target, tokenizer, log=print, data_ta
     out = Path(cfg.out_dir)
     data_target = data_target or target
     drafter = DSparkDrafter.for_target(out / "dspark" / "drafter", target)
-    prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed)
+    prompts = prepare_prompts(tokenizer, cfg.num_prompts, out / "prompts.json", seed=cfg.seed,
+                              unique=cfg.unique_prompts)
     records = regenerate(data_target, prompts, out / "answers", cfg.max_new_tokens, cfg.generation_batch_size,
                          tokenizer.eos_token_id, seed=cfg.seed)
     extra = (prepare_sharegpt_answers(tokenizer, cfg.sharegpt_answer_tokens, out / "sharegpt_answers.json",

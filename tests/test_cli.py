@@ -44,6 +44,17 @@ def test_parser_defaults_and_errors():
         cli.build_parser().parse_args(["bench-e2e", "--dataset", "not-a-dataset"])
 
 
+@pytest.mark.parametrize("flags, unique", [([], False), (["--unique-prompts"], True)])
+def test_train_passes_unique_prompts_to_the_recipe(monkeypatch, tmp_path, flags, unique):
+    from dspark_ext import targets, train
+
+    seen = []
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: (object(), object()))
+    monkeypatch.setattr(train, "run_recipe", lambda cfg, *a, **k: seen.append(cfg) or {"variants": {}})
+    assert cli.main(["train", "--out", str(tmp_path), "--variants", "", *flags]) == 0
+    assert [cfg.unique_prompts for cfg in seen] == [unique]
+
+
 def test_lookup_commands_agree_on_the_calibration_prompts():
     """`build-datastore` drops the prompts `calibrate-lookup` fits on: the two read the same
     prompts by default (after the recipe's training prompts), from the same cache."""

@@ -91,9 +91,9 @@ def test_prepare_prompts_filters_and_caches(tmp_path, monkeypatch, as_dict):
     prompts = prepare_prompts(tok, 10, out, max_prompt_tokens=12, min_prompt_tokens=4, seed=3)
     assert sorted(prompts) == sorted(expected)
     assert json.loads(out.read_text()) == prompts  # cached
-    # The cache is the answer from now on (no tokenizer, no ShareGPT needed).
+    # The cache is the answer to the same request from now on (no tokenizer, no ShareGPT needed).
     monkeypatch.setattr(train, "sharegpt_path", lambda: (_ for _ in ()).throw(AssertionError("read ShareGPT")))
-    assert prepare_prompts(None, 10, out) == prompts
+    assert prepare_prompts(None, 10, out, max_prompt_tokens=12, min_prompt_tokens=4, seed=3) == prompts
     # num_prompts caps the count; the seed fixes which (a shuffle of the conversations).
     monkeypatch.setattr(train, "sharegpt_path", lambda: path)
     few = prepare_prompts(tok, 2, tmp_path / "few.json", max_prompt_tokens=12, min_prompt_tokens=4, seed=3)
@@ -101,6 +101,31 @@ def test_prepare_prompts_filters_and_caches(tmp_path, monkeypatch, as_dict):
     others = [prepare_prompts(tok, 10, tmp_path / f"s{seed}.json", max_prompt_tokens=12, min_prompt_tokens=4,
                               seed=seed) for seed in range(4, 8)]
     assert all(sorted(o) == sorted(expected) for o in others) and any(o != prompts for o in others)
+
+
+def test_prepare_prompts_unique_and_a_cache_only_for_the_request_it_answered(tmp_path, monkeypatch):
+    texts = ["aa bbb", "cccc d", "aa bbb", "e ff ggg", "cccc d", "hhhhh ii"]  # two repeats
+    path = write_truncated_sharegpt(tmp_path / "sg.json", [conversation(2 * i, t) for i, t in enumerate(texts)])
+    monkeypatch.setattr(train, "sharegpt_path", lambda: path)
+    monkeypatch.setattr(train.random, "Random", lambda seed: type("R", (), {"shuffle": lambda self, x: None})())
+    tok = FakeTokenizer()
+    ids = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True) for t in texts]
+    out = tmp_path / "prompts.json"
+    assert prepare_prompts(tok, 4, out) == ids[:4]
+    assert prepare_prompts(tok, 4, out, unique=True) == [ids[0], ids[1], ids[3], ids[5]]
+    assert prepare_prompts(tok, 2, out, unique=True) == [ids[0], ids[1]]
+    # More prompts than the cache holds extend the same shuffle instead of reusing the cache.
+    assert prepare_prompts(tok, 5, out) == ids[:5]
+    calls = tok.calls
+    assert prepare_prompts(tok, 5, out) == ids[:5] and tok.calls == calls  # the same request: cached
+    # A cache written before the request was recorded beside it is trusted only for as many prompts
+    # as it holds (and, asked for unique ones, if it has no repeat).
+    train._selection_file(out).unlink()
+    assert prepare_prompts(tok, 5, out) == ids[:5] and tok.calls == calls
+    train._selection_file(out).unlink()
+    assert prepare_prompts(tok, 6, out) == ids and tok.calls > calls
+    train._selection_file(out).unlink()
+    assert prepare_prompts(tok, 6, out, unique=True) == [ids[0], ids[1], ids[3], ids[5]]
 
 
 # --------------------------------------------------------------------------- regenerate + features
@@ -152,6 +177,35 @@ def test_regenerate_and_cache_features(dataset):
         assert cache_features(None, records, root / "features", 4) == paths
     finally:
         target.hidden_layers = saved_layers
+
+    # A folder reused for other prompts: only the files that answer other prompts are redone.
+    stale = root / "stale"
+    (stale / "answers").mkdir(parents=True)
+    for f in sorted((root / "answers").glob("answers_*.json")):
+        (stale / "answers" / f.name).write_text(f.read_text())
+    other = prompts[:4] + [[3, 4, 5]] + prompts[5:]
+    saved_layers, target.hidden_layers = target.hidden_layers, None
+    try:
+        redone = regenerate(target, other, stale / "answers", MAX_NEW, 4, 7)
+    finally:
+        target.hidden_layers = saved_layers
+    assert [r["prompt"] for r in redone] == other and redone[:4] == records[:4] and redone[8:] == records[8:]
+    assert redone[4]["answer"] != records[4]["answer"] or redone[4]["prompt"] != records[4]["prompt"]
+    # ... and so are the feature shards over them, and their teacher statistics.
+    feature_dir = stale / "features"
+    feature_dir.mkdir()
+    for i, p in enumerate(paths):
+        (feature_dir / p.name).write_bytes(p.read_bytes())
+        (feature_dir / f"{p.stem}.teacher-bfloat16.pt").write_bytes(b"stale")
+    moved = cache_features(target, redone, feature_dir, 4)
+    assert [torch.equal(torch.load(a)["tokens"], torch.load(b)["tokens"]) for a, b in zip(paths, moved)] == \
+        [True, False, True, True]
+    assert sorted(p.name for p in feature_dir.glob("*.teacher-*.pt")) == [
+        f"{paths[i].stem}.teacher-bfloat16.pt" for i in (0, 2, 3)]
+    fresh = cache_features(target, redone, stale / "fresh", 4)
+    for a, b in zip(moved, fresh):
+        x, y = torch.load(a), torch.load(b)
+        assert all(torch.equal(x[k], y[k]) for k in x)
 
     # Shards: tokens / offsets / prompt lengths and the target's features of every position.
     i = 5  # shard 1, sequence 1

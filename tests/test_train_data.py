@@ -67,8 +67,19 @@ def test_prepare_sharegpt_answers(tmp_path, monkeypatch):
     assert records[1]["answer"] == [21] * 6 + [2]  # the assistant turn's end is part of the answer
     assert len(records) == 2  # 12 + 7 >= 15: the budget is reached
     assert json.loads(out.read_text()) == records
+    request = dict(max_prompt_tokens=20, max_answer_tokens=12, min_answer_tokens=4, start=1)
     monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: (_ for _ in ()).throw(AssertionError("re-read")))
-    assert prepare_sharegpt_answers(tok, 15, out) == records  # cached
+    assert prepare_sharegpt_answers(tok, 15, out, **request) == records  # cached
+    # Another budget is another selection, not the cache; so is a cache from before the request was
+    # recorded beside it, unless its last record is the one that reached the budget.
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: iter(convs))
+    assert len(prepare_sharegpt_answers(tok, 20, out, **request)) == 3
+    monkeypatch.setattr(train, "iter_sharegpt", lambda path=None: (_ for _ in ()).throw(AssertionError("re-read")))
+    train._selection_file(out).unlink()
+    assert len(prepare_sharegpt_answers(tok, 25, out, **request)) == 3  # 12 + 7 < 25 <= 12 + 7 + 10
+    train._selection_file(out).unlink()
+    with pytest.raises(AssertionError, match="re-read"):
+        prepare_sharegpt_answers(tok, 15, out, **request)  # 12 + 7 already reach 15
 
 
 @pytest.fixture(scope="module")
