@@ -1,6 +1,7 @@
 """The head-to-head end-to-end benchmark: every drafter on every evaluation set, temperature and
-batch size, through ``dspark bench-e2e`` (one JSON/Markdown/PNG per cell under ``--out``), then
-one summary table (``--out/SUMMARY.md``) and a speed-up plot (``--out/speedup.png``).
+batch size, through ``dspark bench-e2e`` (one JSON/Markdown/PNG per cell under ``--out``; within a
+cell the drafters take turns batch by batch), then one summary table (``--out/SUMMARY.md``) and a
+speed-up plot (``--out/speedup.png``).
 
     python bench/bench_e2e.py --runs runs/smollm2 --out bench/e2e
 

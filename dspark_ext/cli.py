@@ -303,6 +303,43 @@ def load_eval_prompts(dataset: str, limit: Optional[int]) -> List[str]:
     return prompts
 
 
+class _DrafterTotals:
+    """One drafter's sums over the batches of a `bench-e2e` run."""
+
+    def __init__(self, num_draft: int):
+        self.num_draft = num_draft
+        self.tokens = self.wall = self.prefill = self.forwards = self.overhead = self.draft = 0.0
+        self.reached, self.accepted, self.verified = (torch.zeros(num_draft, dtype=torch.float64) for _ in range(3))
+
+    def add(self, result) -> None:
+        K = self.num_draft
+        self.tokens += result.num_generated
+        self.wall += result.time_total
+        self.prefill += result.time_prefill
+        self.forwards += result.request_forwards
+        self.overhead += result.time_overhead
+        self.draft += result.time_draft
+        self.reached += result.position_reached[:K].double()
+        self.accepted += result.position_accepted[:K].double()
+        self.verified += result.position_verified[:K].double()
+
+    def report(self, scheduled: bool, num_prompts: int) -> dict:
+        rounds_time = max(self.wall - self.prefill, 1e-9)
+        return {
+            "tokens": int(self.tokens), "wall_s": self.wall, "tokens_per_s": self.tokens / max(self.wall, 1e-9),
+            # tau: tokens per request per target forward, the bonus/corrected token included
+            "target_forwards": int(self.forwards), "tau": self.tokens / max(self.forwards, 1.0),
+            # the loop's own time (all but the target and draft forwards) over the rounds' time
+            "overhead_share": self.overhead / rounds_time,
+            "draft_share": self.draft / rounds_time,
+            "num_draft": self.num_draft, "scheduled": scheduled,
+            # drafts sent per request-round (the scheduler's choice; K without it)
+            "verified_per_round": float(self.verified.sum()) / max(self.forwards - num_prompts, 1.0),
+            # conditional acceptance: accepted at position k among drafts whose predecessors were accepted
+            "acceptance_by_position": (self.accepted / self.reached.clamp(min=1)).tolist(),
+        }
+
+
 def cmd_bench_e2e(args) -> int:
     from dspark_ext.train import progress_bar
 
@@ -316,41 +353,20 @@ def cmd_bench_e2e(args) -> int:
     prompts = [_encode(tokenizer, t, not args.no_chat_template) for t in texts]
     check_context(target, max(p.numel() for p in prompts), args.max_new_tokens, what="the longest prompt")
     batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
-    totals = {}
+    arms = []
     for spec in specs:
         _with_features(target, spec, layers)
         drafter, scheduling = _drafter(spec, args, target)
-        K = int(drafter.num_draft)
-        tokens = wall = prefill = forwards = overhead = draft_time = target_time = 0.0
-        reached = torch.zeros(K, dtype=torch.float64)
-        accepted = torch.zeros(K, dtype=torch.float64)
-        verified = torch.zeros(K, dtype=torch.float64)
-        for i, batch in enumerate(batches):
-            result = _run(target, drafter, batch, args, scheduling=scheduling)
-            tokens += result.num_generated
-            wall += result.time_total
-            prefill += result.time_prefill
-            forwards += result.request_forwards
-            overhead += result.time_overhead
-            draft_time += result.time_draft
-            target_time += result.time_target
-            reached += result.position_reached[:K].double()
-            accepted += result.position_accepted[:K].double()
-            verified += result.position_verified[:K].double()
-            progress_bar(i + 1, len(batches), f"{args.dataset} {spec.label:>12}")
-        totals[spec.label] = {
-            "tokens": int(tokens), "wall_s": wall, "tokens_per_s": tokens / max(wall, 1e-9),
-            # tau: tokens per request per target forward, the bonus/corrected token included
-            "target_forwards": int(forwards), "tau": tokens / max(forwards, 1.0),
-            # the loop's own time (all but the target and draft forwards) over the rounds' time
-            "overhead_share": overhead / max(wall - prefill, 1e-9),
-            "draft_share": draft_time / max(wall - prefill, 1e-9),
-            "num_draft": K, "scheduled": spec.scheduled,
-            # drafts sent per request-round (the scheduler's choice; K without it)
-            "verified_per_round": float(verified.sum()) / max(forwards - len(prompts), 1.0),
-            # conditional acceptance: accepted at position k among drafts whose predecessors were accepted
-            "acceptance_by_position": (accepted / reached.clamp(min=1)).tolist(),
-        }
+        arms.append((spec, drafter, scheduling, _DrafterTotals(int(drafter.num_draft))))
+    for i, batch in enumerate(batches):
+        # Every batch runs on every drafter, the order rotating from batch to batch, so a drift of
+        # the machine's speed during the run hits every drafter alike.
+        for j in range(len(arms)):
+            spec, drafter, scheduling, sums = arms[(i + j) % len(arms)]
+            _with_features(target, spec, layers)
+            sums.add(_run(target, drafter, batch, args, scheduling=scheduling))
+        progress_bar(i + 1, len(batches), f"{args.dataset} (every drafter, interleaved)")
+    totals = {spec.label: sums.report(spec.scheduled, len(prompts)) for spec, _, _, sums in arms}
     ar_speed = totals["ar"]["tokens_per_s"]
     for r in totals.values():
         r["speedup_vs_ar"] = r["tokens_per_s"] / max(ar_speed, 1e-9)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dspark_ext import cli
 
@@ -124,6 +125,40 @@ def test_generate_streams_and_reports(capsys, monkeypatch, drafter):
     out, err = capsys.readouterr()
     assert out.strip()  # the streamed text
     assert "tokens/s" in err and "tokens per target forward" in err and "speed-up" in err
+
+
+def test_bench_e2e_interleaves_the_drafters_batch_by_batch(tmp_path, monkeypatch):
+    """Every batch runs on every drafter, in an order that rotates from batch to batch, and each
+    drafter's totals are the sums of its own batches."""
+    from types import SimpleNamespace
+
+    class Tokenizer:
+        eos_token_id, chat_template = 0, None
+
+        def __call__(self, text):
+            return {"input_ids": [5, 6, 7]}
+
+    target = SimpleNamespace(hidden_layers=None, max_context=None)
+    monkeypatch.setattr(cli, "_load_target", lambda args, **k: (target, Tokenizer()))
+    monkeypatch.setattr(cli, "_drafter", lambda spec, args, target: (SimpleNamespace(label=spec.label, num_draft=2), {}))
+    monkeypatch.setattr(cli, "_plot_acceptance", lambda *a, **k: None)
+    order = []
+
+    def run(target, drafter, batch, args, scheduling=None):
+        order.append(drafter.label)
+        tokens = {"ar": 4, "ngram": 6}[drafter.label]
+        return SimpleNamespace(num_generated=tokens * len(batch), time_total=1.0, time_prefill=0.0,
+                               request_forwards=4 * len(batch), time_overhead=0.0, time_draft=0.0,
+                               position_reached=torch.ones(5), position_accepted=torch.ones(5),
+                               position_verified=torch.ones(5))
+
+    monkeypatch.setattr(cli, "_run", run)
+    assert cli.main(["bench-e2e", "--num-prompts", "3", "--batch-size", "1", "--drafters", "ngram",
+                     "--out", str(tmp_path)]) == 0
+    assert order == ["ar", "ngram", "ngram", "ar", "ar", "ngram"]
+    results = json.loads((tmp_path / "mt-bench_b1_t0.json").read_text())["results"]
+    assert (results["ar"]["tokens"], results["ngram"]["tokens"], results["ngram"]["wall_s"]) == (12, 18, 3.0)
+    assert results["ngram"]["speedup_vs_ar"] == pytest.approx(1.5) and results["ngram"]["tau"] == 1.5
 
 
 @needs_default_target
