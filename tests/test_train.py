@@ -4,6 +4,7 @@ feature cache, the training batches against a naive construction, the loss going
 checkpoint/resume determinism, the time budget, and the held-out rollouts."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -164,6 +165,7 @@ def test_regenerate_and_cache_features(dataset):
 
     for r in records:
         assert 1 <= len(r["answer"]) <= MAX_NEW and (len(r["answer"]) == MAX_NEW or r["answer"][-1] == 7)
+    stale = root / "stale"
     saved_layers = target.hidden_layers
     target.hidden_layers = None
     try:
@@ -175,27 +177,21 @@ def test_regenerate_and_cache_features(dataset):
         again = regenerate(None, prompts, root / "answers", MAX_NEW, 4, 7)
         assert again == records
         assert cache_features(None, records, root / "features", 4) == paths
+        # A folder reused for other prompts: only the files that answer other prompts are redone,
+        # and the new answer is the target's own (request 4 is greedy).
+        shutil.copytree(root / "answers", stale / "answers")
+        other = prompts[:4] + [[3, 4, 5]] + prompts[5:]
+        redone = regenerate(target, other, stale / "answers", MAX_NEW, 4, 7)
+        assert [r["prompt"] for r in redone] == other and redone[:4] == records[:4] and redone[8:] == records[8:]
+        ref = generate(target, AutoregressiveDrafter(), [torch.tensor([3, 4, 5])], MAX_NEW, eos_token_id=7)
+        assert redone[4]["answer"] == ref.tokens[0].tolist()
     finally:
         target.hidden_layers = saved_layers
 
-    # A folder reused for other prompts: only the files that answer other prompts are redone.
-    stale = root / "stale"
-    (stale / "answers").mkdir(parents=True)
-    for f in sorted((root / "answers").glob("answers_*.json")):
-        (stale / "answers" / f.name).write_text(f.read_text())
-    other = prompts[:4] + [[3, 4, 5]] + prompts[5:]
-    saved_layers, target.hidden_layers = target.hidden_layers, None
-    try:
-        redone = regenerate(target, other, stale / "answers", MAX_NEW, 4, 7)
-    finally:
-        target.hidden_layers = saved_layers
-    assert [r["prompt"] for r in redone] == other and redone[:4] == records[:4] and redone[8:] == records[8:]
-    assert redone[4]["answer"] != records[4]["answer"] or redone[4]["prompt"] != records[4]["prompt"]
     # ... and so are the feature shards over them, and their teacher statistics.
     feature_dir = stale / "features"
-    feature_dir.mkdir()
-    for i, p in enumerate(paths):
-        (feature_dir / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(root / "features", feature_dir)
+    for p in paths:
         (feature_dir / f"{p.stem}.teacher-bfloat16.pt").write_bytes(b"stale")
     moved = cache_features(target, redone, feature_dir, 4)
     assert [torch.equal(torch.load(a)["tokens"], torch.load(b)["tokens"]) for a, b in zip(paths, moved)] == \
