@@ -413,6 +413,7 @@ def _plot_acceptance(rates: dict, path: Path, title: str) -> None:
 def cmd_train(args) -> int:
     import shutil
 
+    from dspark_ext.drafters.dspark import fast_lm_head_dtype
     from dspark_ext.train import RecipeConfig, TrainConfig, recalibrate_saved, run_recipe
 
     if args.recalibrate and not (Path(args.out) / "dspark" / "drafter" / "config.json").is_file():
@@ -445,10 +446,12 @@ def cmd_train(args) -> int:
         sweep_lrs=[float(x) for x in args.sweep_lrs.split(",") if x],
         sweep_inits=[{"random": False, "target": True}[x] for x in args.sweep_inits.split(",") if x],
         sweep_minutes=args.sweep_minutes, draft_vocab_size=args.draft_vocab,
-        init_drafter=None if args.init_drafter is None else Path(args.init_drafter))
+        init_drafter=None if args.init_drafter is None else Path(args.init_drafter),
+        lm_head_dtype=None if args.lm_head_dtype == "auto" else getattr(torch, args.lm_head_dtype))
+    data_dtype = fast_lm_head_dtype(args.device) if args.data_dtype == "auto" else getattr(torch, args.data_dtype)
     data_target = None
-    if args.data_dtype != "float32":
-        data_target, _ = _load_target(args, dtype=getattr(torch, args.data_dtype))
+    if data_dtype != torch.float32:
+        data_target, _ = _load_target(args, dtype=data_dtype)
     if args.recalibrate:
         summary = {"variants": {"dspark": {"sts": recalibrate_saved(cfg, target, tokenizer, log=lambda m: print(
             m, file=sys.stderr), data_target=data_target)}}}
@@ -801,13 +804,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(0 = the whole vocabulary); the loss then reads only those rows of the LM head: "
                         "~3x faster steps at 8192 of SmolLM2's 49152 ids")
     t.add_argument("--init-drafter", default=None,
-                   help="start the DSpark variant from this saved drafter's weights (same widths and heads), "
-                        "with a fresh optimizer and schedule; with more --layers than it has, the extra "
+                   help="start every variant from this saved drafter's weights (same widths), with a fresh "
+                        "optimizer and schedule; parallel-only and MTP-1 take its backbone only (they have "
+                        "no Markov or confidence head); with more --layers than it has, the extra "
                         "layers start with zeroed output projections (the grown drafter drafts as the "
                         "saved one until it trains)")
-    t.add_argument("--data-dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                   help="dtype of the target while it answers prompts and computes features (bfloat16 is "
-                        "~3x faster on CPUs with AMX; features are stored in float16 either way)")
+    t.add_argument("--data-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the target while it answers prompts and computes features; auto: bfloat16 "
+                        "where its matmul is native (CUDA, CPUs with AVX512-BF16 or AMX: ~3x faster with "
+                        "AMX), else float32 (an AVX2-only CPU ran bfloat16 matmuls 6.6x slower); features "
+                        "are stored in float16 either way")
+    t.add_argument("--lm-head-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="dtype of the LM-head matmuls in training and of the teacher statistics; auto: as "
+                        "--data-dtype's auto")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     t.add_argument("--no-compile", action="store_true", help="train without torch.compile of the loss terms")
     t.add_argument("--install", action="store_true", help="make the trained DSpark drafter the package default")

@@ -900,7 +900,10 @@ class RecipeConfig:
     # (``draft_vocabulary_ranking``; 0 = the whole vocabulary): the vocabulary-wide loss terms
     # then read those rows only, ~3x faster steps at 8192 of SmolLM2's 49152 ids.
     draft_vocab_size: int = 0
-    # Start the DSpark variant from this saved drafter's weights (a fresh optimizer and schedule).
+    # The training LM head's dtype; None: ``training_lm_head_dtype``'s choice for the machine.
+    lm_head_dtype: Optional[torch.dtype] = None
+    # Start every variant from this saved drafter's weights (a fresh optimizer and schedule); an
+    # ablation without the Markov or confidence head takes its backbone only.
     init_drafter: Optional[Path] = None
 
 
@@ -933,9 +936,14 @@ def default_noise_token_id(tokenizer) -> int:
     return max(candidates) if candidates else int(tokenizer.eos_token_id)
 
 
-#: The dtype of the recipe's LM-head matmuls in training (``DSparkDrafter.training_lm_head_dtype``;
-#: the teacher statistics are computed in it too).
-TRAINING_LM_HEAD_DTYPE = torch.bfloat16
+def training_lm_head_dtype(cfg: "RecipeConfig", device) -> torch.dtype:
+    """The dtype of the recipe's LM-head matmuls in training (``DSparkDrafter.training_lm_head_dtype``;
+    the teacher statistics are computed in it too): ``cfg.lm_head_dtype``, else bfloat16 where its
+    matmul is native (``fast_lm_head_dtype``; the shipped recipes ran there) and float32 elsewhere:
+    on an AVX2-only CPU a bfloat16 training step ran 18x slower than float32 (bench/RESULTS.md)."""
+    from dspark_ext.drafters.dspark import fast_lm_head_dtype
+
+    return cfg.lm_head_dtype or fast_lm_head_dtype(device)
 
 
 def new_drafter(cfg: RecipeConfig, target, variant: str, feature_stats, noise_token_id: int,
@@ -962,7 +970,7 @@ def new_drafter(cfg: RecipeConfig, target, variant: str, feature_stats, noise_to
                                      (layer.up.weight, last.w_up), (layer.down.weight, last.w_down)):
                     mine.copy_(theirs.float())
     drafter.backbone.set_feature_statistics(*feature_stats)
-    drafter.training_lm_head_dtype = TRAINING_LM_HEAD_DTYPE
+    drafter.training_lm_head_dtype = training_lm_head_dtype(cfg, weights.lm_head.device)
     if cfg.draft_vocab_size:
         drafter.set_draft_vocabulary(draft_vocab_ranking, cfg.draft_vocab_size)
     return drafter
@@ -975,13 +983,15 @@ def saved_drafter_notes(folder) -> dict:
     return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("notes", {})
 
 
-def warm_start(drafter, folder) -> None:
+def warm_start(drafter, folder, drop_heads: bool = False) -> List[str]:
     """Loads the weights of the drafter saved in ``folder`` into ``drafter`` (same architecture:
     widths, heads, context layers; the draft vocabulary and the STS calibration stay
     ``drafter``'s: training invalidates a calibration). ``drafter`` may have more backbone layers
     than the saved one: the saved layers come first, and each extra layer keeps its own
     initialisation with its output projections (``o``, ``down``) zeroed, so it adds nothing to the
-    residual stream and the grown drafter starts drafting exactly as the saved one does."""
+    residual stream and the grown drafter starts drafting exactly as the saved one does.
+    ``drop_heads``: an ablation without a Markov or confidence head (parallel-only, MTP-1) takes
+    the saved drafter's backbone and leaves out the heads it lacks. Returns the heads left out."""
     from safetensors.torch import load_file
 
     from dspark_ext.drafters.dspark import WEIGHTS_FILE
@@ -991,6 +1001,9 @@ def warm_start(drafter, folder) -> None:
         raise ValueError(f"init drafter: no {WEIGHTS_FILE} in {folder}")
     calibration = {"confidence.sts_temperature"}
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items() if k not in calibration}
+    absent = [head for head in ("markov", "confidence") if getattr(drafter, head) is None
+              and any(k.startswith(head + ".") for k in state)] if drop_heads else []
+    state = {k: v for k, v in state.items() if k.split(".")[0] not in absent}
     saved_layers = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
     extra_layers = range(saved_layers, len(drafter.backbone.layers))
     extra_prefixes = tuple(f"backbone.layers.{i}." for i in extra_layers)
@@ -1004,6 +1017,7 @@ def warm_start(drafter, folder) -> None:
         for i in extra_layers:
             drafter.backbone.layers[i].o.weight.zero_()
             drafter.backbone.layers[i].down.weight.zero_()
+    return absent
 
 
 def lr_sweep(cfg: RecipeConfig, target, data: FeatureCache, feature_stats, noise_token_id: int, out: Path,
@@ -1096,7 +1110,8 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
             raise ValueError(f"draft vocabulary of {cfg.draft_vocab_size} ids: the training answers hold only "
                              f"{len(ranking['ranked_ids'])} distinct ids")
         # What the loss over the draft vocabulary needs of the other ids, once per cached token.
-        data.load_teacher_statistics(target.model.weights.lm_head.float().to(TRAINING_LM_HEAD_DTYPE))
+        lm_head = target.model.weights.lm_head
+        data.load_teacher_statistics(lm_head.float().to(training_lm_head_dtype(cfg, lm_head.device)))
     lr, init = cfg.train.lr, cfg.init_from_target
     if cfg.sweep_lrs:
         sweep = lr_sweep(cfg, target, data, feature_stats, noise, out, log, ranking)
@@ -1106,8 +1121,7 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         folder = out / name
         folder.mkdir(exist_ok=True)
         drafter = new_drafter(cfg, target, name, feature_stats, noise, init, ranking)
-        if cfg.init_drafter is not None and name == "dspark":
-            warm_start(drafter, cfg.init_drafter)
+        heads_left_out = warm_start(drafter, cfg.init_drafter, drop_heads=True) if cfg.init_drafter is not None else []
         tcfg = TrainConfig(**{**cfg.train.__dict__, "lr": lr, "time_budget_s": cfg.time_budget_s.get(name),
                               "restart_budget_s": cfg.restart_budget_s.get(name)})
         run = train_drafter(drafter, data, tcfg, folder / "checkpoint.pt")
@@ -1115,8 +1129,10 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
         if tcfg.restart_budget_s:
             info["restart_lr"] = tcfg.restart_lr or lr / 2
         info["lr"], info["init_from_target"] = lr, init
-        if cfg.init_drafter is not None and name == "dspark":
+        if cfg.init_drafter is not None:
             info["init_drafter"] = Path(cfg.init_drafter).name
+            if heads_left_out:
+                info["init_drafter_heads_left_out"] = heads_left_out
         info["final"] = run["history"][-1] if run["history"] else None
         info["parameters"] = sum(p.numel() for p in drafter.parameters())
         (folder / "history.json").write_text(json.dumps(run["history"]))
@@ -1130,8 +1146,9 @@ def run_recipe(cfg: RecipeConfig, target, tokenizer, log=print, data_target=None
                                                            "restart_lr": info["restart_lr"]}
                                                           if run.get("restart_step") else {}),
                              **({"init_drafter": {"name": Path(cfg.init_drafter).name,
-                                                  "notes": saved_drafter_notes(cfg.init_drafter)}}
-                                if cfg.init_drafter is not None and name == "dspark" else {})}
+                                                  "notes": saved_drafter_notes(cfg.init_drafter),
+                                                  **({"heads_left_out": heads_left_out} if heads_left_out else {})}}
+                                if cfg.init_drafter is not None else {})}
         drafter.save(folder / "drafter")
         info["checkpoint_bytes"] = sum(p.stat().st_size for p in (folder / "drafter").iterdir())
         summary["variants"][name] = info

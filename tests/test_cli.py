@@ -56,6 +56,24 @@ def test_train_passes_unique_prompts_to_the_recipe(monkeypatch, tmp_path, flags,
     assert [cfg.unique_prompts for cfg in seen] == [unique]
 
 
+@pytest.mark.parametrize("flags", [[], ["--data-dtype", "float32", "--lm-head-dtype", "float32"],
+                                   ["--data-dtype", "bfloat16", "--lm-head-dtype", "bfloat16"]])
+def test_train_picks_its_dtypes_for_the_machine_unless_told(monkeypatch, tmp_path, flags):
+    """By default the data target and the training LM head run in bfloat16 only where its matmul
+    is native (an AVX2-only CPU ran a bfloat16 training step 18x slower); the flags override that."""
+    from dspark_ext import targets, train
+    from dspark_ext.drafters.dspark import fast_lm_head_dtype
+
+    loads, seen = [], []
+    monkeypatch.setattr(targets, "load_target", lambda *a, **k: loads.append(k.get("dtype", torch.float32)) or (object(), object()))
+    monkeypatch.setattr(train, "run_recipe", lambda cfg, *a, **k: seen.append(cfg) or {"variants": {}})
+    assert cli.main(["train", "--out", str(tmp_path), "--variants", "", *flags]) == 0
+    wanted = getattr(torch, flags[1]) if flags else fast_lm_head_dtype("cpu")
+    assert loads == [torch.float32] + ([wanted] if wanted != torch.float32 else [])  # the loop's target, then the data's
+    assert [train.training_lm_head_dtype(cfg, "cpu") for cfg in seen] == [wanted]
+    assert seen[0].lm_head_dtype == (getattr(torch, flags[3]) if flags else None)
+
+
 def test_lookup_commands_agree_on_the_calibration_prompts():
     """`build-datastore` drops the prompts `calibrate-lookup` fits on: the two read the same
     prompts by default (after the recipe's training prompts), from the same cache."""

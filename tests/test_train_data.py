@@ -423,6 +423,13 @@ def test_warm_start_loads_a_saved_drafter_of_the_same_architecture(mixed, tmp_pa
     other = new_drafter(cfg, target, "parallel", data.feature_statistics(), noise_token_id=3)
     with pytest.raises(ValueError, match="another architecture"):
         train.warm_start(other, tmp_path / "saved")
+    # The parallel-only ablation may take the saved backbone, leaving out the heads it lacks.
+    other.set_draft_vocabulary(saved.draft_vocab_ranking, 40)
+    assert train.warm_start(other, tmp_path / "saved", drop_heads=True) == ["markov", "confidence"]
+    assert set(other.state_dict()) == {k for k in saved.state_dict() if k.split(".")[0] not in ("markov", "confidence")}
+    for name, value in other.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[name]), name
+    assert train.warm_start(fresh, tmp_path / "saved", drop_heads=True) == []  # nothing to leave out
 
 
 def test_warm_start_grows_a_saved_drafter_by_layers_that_start_silent(mixed, tmp_path):
@@ -472,6 +479,7 @@ def test_recipe_trains_over_a_draft_vocabulary_and_warm_starts(tmp_path, monkeyp
     tok.eos_token_id = None
     cfg = RecipeConfig(out_dir=tmp_path / "first", num_prompts=4, max_new_tokens=12, generation_batch_size=4,
                        context_layers=CONTEXT_LAYERS, variants=["dspark"], sts_prompts=3, sps_max_tokens=4, draft_vocab_size=16,
+                       lm_head_dtype=torch.bfloat16,  # pinned: the machine's own choice is float32 on AVX2-only CPUs
                        train=TrainConfig(steps=3, sequences_per_step=2, anchors_per_sequence=2, checkpoint_every=100))
     train.run_recipe(cfg, target, tok, log=lambda m: None)
     assert len(list((tmp_path / "first" / "features").glob("*.teacher-bfloat16.pt"))) == 1
@@ -482,7 +490,13 @@ def test_recipe_trains_over_a_draft_vocabulary_and_warm_starts(tmp_path, monkeyp
     assert sorted(ranked[:16]) == first.draft_vocab.tolist()
 
     summary = train.run_recipe(replace(cfg, out_dir=tmp_path / "second", init_drafter=tmp_path / "first" / "dspark" / "drafter",
-                                       train=replace(cfg.train, steps=1)), target, tok, log=lambda m: None)
+                                       variants=["dspark", "parallel"], train=replace(cfg.train, steps=1)),
+                               target, tok, log=lambda m: None)
     assert summary["variants"]["dspark"]["init_drafter"] == "drafter"
+    assert "init_drafter_heads_left_out" not in summary["variants"]["dspark"]
     second = DSparkDrafter.load(tmp_path / "second" / "dspark" / "drafter", embed, head)
     assert second.cfg.notes["init_drafter"]["notes"]["train_steps"] == 3 and second.cfg.notes["train_steps"] == 1
+    # The parallel-only ablation continues from the same trunk, without the Markov and confidence heads.
+    assert summary["variants"]["parallel"]["init_drafter_heads_left_out"] == ["markov", "confidence"]
+    ablation = DSparkDrafter.load(tmp_path / "second" / "parallel" / "drafter", embed, head)
+    assert ablation.markov is None and ablation.cfg.notes["init_drafter"]["heads_left_out"] == ["markov", "confidence"]
