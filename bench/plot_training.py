@@ -41,13 +41,19 @@ def main(run: Path, out: Path) -> None:
         run_ax.plot(steps, [r["greedy_match"][0] for r in h], style, alpha=0.5, label=f"{variant}: greedy match @1")
     summary = run / "summary.json"
     variants = json.loads(summary.read_text()).get("variants", {}) if summary.is_file() else {}
+    restarted: dict = {}  # --restart-minutes: the step where a second cycle began -> the variants
     for variant, info in variants.items():
-        if info.get("restart_step"):  # --restart-minutes: where the second cycle began
-            run_ax.axvline(info["restart_step"], color="grey", linewidth=0.8, linestyle=":")
-            run_ax.annotate(f"{variant}: warm restart", (info["restart_step"], 0.02), fontsize=7, color="grey")
+        if info.get("restart_step"):
+            restarted.setdefault(info["restart_step"], []).append(variant)
+    for step, names in restarted.items():
+        run_ax.axvline(step, color="grey", linewidth=0.8, linestyle=":")
+        # One label per line, placed in axes height so it shows whatever the curves' range.
+        run_ax.annotate(f"{', '.join(names)}: warm restart", (step, 0.97), xycoords=("data", "axes fraction"), va="top",
+                        fontsize=7, color="grey")
     started_from = {name: info["init_drafter"] for name, info in variants.items() if info.get("init_drafter")}
     title = "variants" + "".join(f"; {name} started from {src}" for name, src in started_from.items())
-    run_ax.set(xlabel="step", ylabel="teacher-forced, training batches", title=title)
+    run_ax.set(xlabel="step", ylabel="teacher-forced, training batches")
+    run_ax.set_title(title, fontsize=9)
     run_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
