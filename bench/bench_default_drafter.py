@@ -14,10 +14,12 @@ datastore (text the target wrote for ShareGPT prompts). Interleaved extra arms:
 CALIBRATION,DATASTORE`` (another lookup fit), ``--one-attention-call`` (the default with the
 target's attention in one padded call per step, as before ``dspark_ext.llama.attention_segments``),
 ``--plan-margin M`` (the default with ``dspark_ext.generate.PLAN_MARGIN`` = M, the multiple of
-drafting nothing's throughput a plan must promise), ``--without-short-block`` (the default
-without its "hybrid-short" plan), ``--short-block N`` (its short block drafting N positions) and
-``--dense-drafts`` (its drafts' laws written over the whole vocabulary, as before compact drafts)
-and ``--compare-drafter FOLDER`` (the default with another saved DSpark drafter).
+drafting nothing's throughput a plan must promise in a round of one request),
+``--batch-plan-margin M`` (``BATCH_PLAN_MARGIN`` = M, the same in a round of several),
+``--without-short-block`` (the default without its "hybrid-short" plan), ``--short-block N``
+(its short block drafting N positions) and ``--dense-drafts`` (its drafts' laws written over the
+whole vocabulary, as before compact drafts) and ``--compare-drafter FOLDER`` (the default with
+another saved DSpark drafter).
 Evaluation prompts only; the lookup calibration,
 the datastore and the drafter never saw them.
 """
@@ -65,6 +67,7 @@ EXTRA_ARMS = {
     "one call": ("one attention call", ("drafts per round", lambda entry: f"{entry['verified_per_round']:.2f}")),
     "no short": ("no short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "margin": ("plan margin", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
+    "batch margin": ("batch plan margin", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "short": ("other short block", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
     "dense": ("dense drafts", ("draft share", lambda entry: f"{100 * entry['draft_share']:.0f}%")),
     "other drafter": ("other DSpark drafter", ("rounds: " + " / ".join(PLANS), rounds_by_plan)),
@@ -122,7 +125,11 @@ def main() -> None:
     parser.add_argument("--one-attention-call", action="store_true",
                         help="add the default with the target's attention in one padded call per step")
     parser.add_argument("--plan-margin", type=float, default=None, metavar="M",
-                        help="add the default with the throughput margin a plan must promise set to M")
+                        help="add the default with the throughput margin a plan must promise in a round of one "
+                             "request set to M")
+    parser.add_argument("--batch-plan-margin", type=float, default=None, metavar="M",
+                        help="add the default with the throughput margin a plan must promise in a round of several "
+                             "requests set to M")
     parser.add_argument("--without-short-block", action="store_true",
                         help="add the default without its short DSpark block (plan hybrid-short)")
     parser.add_argument("--short-block", type=int, default=None, metavar="N",
@@ -173,6 +180,9 @@ def main() -> None:
     if args.plan_margin is not None:
         hybrids["margin"] = default_hybrid_drafter(target)
         variants["margin"] = (generate_module, "PLAN_MARGIN", args.plan_margin)
+    if args.batch_plan_margin is not None:
+        hybrids["batch margin"] = default_hybrid_drafter(target)
+        variants["batch margin"] = (generate_module, "BATCH_PLAN_MARGIN", args.batch_plan_margin)
     if args.tokens_per_second_objective:
         hybrids["tokens/s objective"] = default_hybrid_drafter(target)
         variants["tokens/s objective"] = (generate_module, "CALL_END_OBJECTIVE", False)

@@ -432,26 +432,31 @@ class OnePlan:
 
 
 def test_plan_margin():
-    """Every plan, fresh (a calibrated forecast) or lagged (a mean of its drafter's own
-    confidences on this text), in a round of one request or several, only has to beat drafting
-    nothing (PLAN_MARGIN = 1): a plan worth 1.03x is chosen, one worth nothing is not."""
-    from dspark_ext.generate import PLAN_MARGIN, _Generation
+    """In a round of one request every plan, fresh (a calibrated forecast) or lagged (a mean of its
+    drafter's own confidences on this text), only has to beat drafting nothing (PLAN_MARGIN = 1):
+    a plan worth 1.03x is chosen, one worth nothing is not. In a round of several requests it must
+    promise BATCH_PLAN_MARGIN (1.05): 1.03x is not enough there, 1.08x is."""
+    from dspark_ext.generate import BATCH_PLAN_MARGIN, PLAN_MARGIN, _Generation
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
     cost = ToyCost(base=1.0, per_token=0.0, draft={"a": 0.0})
-    # With free verification and drafting, tau = 1 + s: a rate of 1.03x drafting nothing.
-    assert PLAN_MARGIN < 1.03
-    for requests in (1, 2):
-        survival = torch.tensor([[0.03, 0.0, 0.0]] * requests)
-        for fresh in (True, False):
-            state = _Generation(target, OnePlan(survival, fresh), [torch.tensor([1, 2])] * requests, [10] * requests,
-                                1.0, 0, None, None, cost, None)
-            plan = state.choose_plan(state.draft_context(), torch.tensor([K] * requests),
-                                     torch.ones(requests, dtype=torch.bool))
-            assert plan is not None and plan.name == "p"
-    survival = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # nothing to gain: even a fresh plan loses
-    state = _Generation(target, OnePlan(survival), [torch.tensor([1, 2])] * 2, [10, 10], 1.0, 0, None, None, cost, None)
-    assert state.choose_plan(state.draft_context(), torch.tensor([K, K]), torch.ones(2, dtype=torch.bool)) is None
+    # With free verification and drafting, tau = R (1 + s): a rate of (1 + s)x drafting nothing.
+    assert PLAN_MARGIN < 1.03 < BATCH_PLAN_MARGIN < 1.08
+
+    def chosen(requests, gain, fresh=True):
+        survival = torch.tensor([[gain, 0.0, 0.0]] * requests)
+        state = _Generation(target, OnePlan(survival, fresh), [torch.tensor([1, 2])] * requests, [10] * requests,
+                            1.0, 0, None, None, cost, None)
+        plan = state.choose_plan(state.draft_context(), torch.tensor([K] * requests),
+                                 torch.ones(requests, dtype=torch.bool))
+        return plan is not None and plan.name == "p"
+
+    for fresh in (True, False):
+        assert chosen(1, 0.03, fresh)
+        assert chosen(2, 0.08, fresh) and chosen(4, 0.08, fresh)
+    for fresh in (True, False):  # a lagged plan is probed only after PROBE_INTERVAL rounds without it
+        assert not chosen(2, 0.03, fresh) and not chosen(4, 0.03, fresh)
+    assert not chosen(1, 0.0) and not chosen(2, 0.0)  # nothing to gain: even a fresh plan loses
 
 
 def test_a_lead_nobody_can_catch_makes_drafts_worthless():

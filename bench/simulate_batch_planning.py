@@ -1,0 +1,174 @@
+"""The loop's planning of batch rounds, simulated with exact forecasts and exact prices.
+
+Every round of a simulated call goes through the loop's own steps (``_Generation.draft_caps``,
+``planned``, ``choose_plan``, ``back_off``, then ``dspark::schedule`` on the round's
+confidences under the planned caps); only the target and the drafter are replaced: each
+request r accepts each of its drafts with a fixed chance p_r (a prefix, as verification
+accepts), and the drafter's forecast and confidences are exactly those chances. A round costs
+what the cost profile prices it at, plus ``--unpriced-ms`` for a round that drafts (the loop's
+own work for drafts that no profile measures: 1.6-1.8 ms on the AVX2-only EPYC, bench/RESULTS.md).
+So what separates the arms is the objective alone, not forecast or price errors, and a call's
+time is its rounds' prices summed: no machine noise.
+
+    python bench/simulate_batch_planning.py                        # this machine's profile, batch 4
+    python bench/simulate_batch_planning.py --profile linear:49.7,3.4,5.2 --unpriced-ms 1.7
+
+``--profile linear:STEP,PER_TOKEN,DRAFT`` (milliseconds): a step of n tokens over R requests costs
+STEP + PER_TOKEN * max(n - R, 0), every batch size alike, and a short DSpark block DRAFT (the
+AVX2-only EPYC's prices above). Arms: drafting nothing, the default planning, tokens per
+second with only the drafts weighted (``CALL_END_OBJECTIVE = False``) and each batch-round
+margin in ``--batch-margins`` (``BATCH_PLAN_MARGIN``). Each call's acceptance chances are drawn
+uniformly from a range in ``--acceptance``, the same calls for every arm.
+"""
+
+import argparse
+import contextlib
+import importlib
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from dspark_ext.cost_profile import CostProfile
+from dspark_ext.drafters.hybrid import SHORT_BLOCK
+from dspark_ext.protocols import DraftPlan
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import patched  # noqa: E402
+
+generate_module = importlib.import_module("dspark_ext.generate")  # the package's `generate` is the function
+
+PART = "dspark-short"
+
+
+class PlanningOnlyTarget:
+    """What ``_Generation`` reads of a target when no round runs it."""
+
+    device = torch.device("cpu")
+    max_context = None
+
+
+class ExactForecastDrafter:
+    """One plan, the short DSpark block, whose forecast is each request's exact survival."""
+
+    def __init__(self, chances, num_draft: int, block: int):
+        self.num_draft = num_draft
+        positions = torch.arange(num_draft, dtype=torch.float64)
+        chance = torch.tensor(chances, dtype=torch.float64)[:, None]
+        self.confidence = torch.where(positions < block, chance, 0.0).float()  # [B, K] per-position chances
+        self.survival = torch.cumprod(self.confidence.double(), dim=1).float()
+
+    def plans(self, context):
+        return [DraftPlan("short", survival=self.survival, parts=(PART,), fresh=True)]
+
+
+def linear_profile(step_ms: float, per_token_ms: float, draft_ms: float, batch_size: int, max_tokens: int) -> CostProfile:
+    table = [0.0] + [(step_ms + per_token_ms * max(n - batch_size, 0)) / 1e3 for n in range(1, max_tokens + 1)]
+    return CostProfile(key={}, step_seconds={batch_size: table}, draft_seconds={PART: {batch_size: draft_ms / 1e3}},
+                       source="linear")
+
+
+def this_machines_profile(batch_size: int) -> CostProfile:
+    """The default drafter's measured profile on this machine (measured once, then cached), its
+    short block's drafting price under this script's part name."""
+    from dspark_ext.defaults import load_default
+
+    cost = load_default(batch_sizes=(batch_size,)).cost
+    return CostProfile(key={}, step_seconds=cost.step_seconds,
+                       draft_seconds={PART: cost.draft_seconds["dspark-short"]}, source="this machine")
+
+
+def simulate_call(cost: CostProfile, chances, max_new: int, num_draft: int, block: int, unpriced: float,
+                  rng: random.Random, draft: bool = True):
+    """(seconds, rounds, rounds that drafted) of one call."""
+    B = len(chances)
+    drafter = ExactForecastDrafter(chances, num_draft, block)
+    state = generate_module._Generation(PlanningOnlyTarget(), drafter, [torch.tensor([0])] * B, [max_new] * B,
+                                        1.0, 0, None, None, cost, None)
+    seconds, rounds, drafted = 0.0, 0, 0
+    while not bool(state.done.all()):
+        active = ~state.done
+        R = int(active.sum())
+        caps = state.draft_caps(active)
+        plan = None
+        if draft and state.planned():
+            plan = state.choose_plan(state.draft_context(), caps, active)
+            state.back_off(plan)
+        num_draft_sent = torch.zeros(B, dtype=torch.int64)
+        if plan is not None:
+            if state.plan_lengths is not None:
+                caps = torch.minimum(caps, state.plan_lengths)
+            table = state.schedule_table(plan, R)
+            num_draft_sent[active] = torch.ops.dspark.schedule(
+                drafter.confidence[active].contiguous(), table.float(), caps[active].to(torch.int32)).long()
+        n = int(num_draft_sent.sum())
+        seconds += cost.target_seconds(R, R + n)
+        if plan is not None:
+            seconds += cost.drafter_seconds(PART, R) + unpriced
+            drafted += 1
+        rounds += 1
+        made_sum = made_squares = 0.0
+        for b in torch.nonzero(active).flatten().tolist():
+            accepted = 0
+            while accepted < int(num_draft_sent[b]) and rng.random() < chances[b]:
+                accepted += 1
+            made = accepted + 1
+            state.generated[b] += made
+            made_sum, made_squares = made_sum + made, made_squares + made * made
+        total, squares, count = state.round_tokens
+        state.round_tokens = (total + made_sum, squares + made_squares, count + R)
+        state.done = state.generated >= state.max_new
+    return seconds, rounds, drafted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="this", help="'this' or linear:STEP,PER_TOKEN,DRAFT in ms")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--num-draft", type=int, default=7)
+    parser.add_argument("--block", type=int, default=SHORT_BLOCK, help="positions the short block drafts")
+    parser.add_argument("--unpriced-ms", type=float, default=1.0)
+    parser.add_argument("--acceptance", default="0.1-0.3,0.2-0.4,0.3-0.5,0.4-0.6,0.5-0.8,0.2-0.8")
+    parser.add_argument("--batch-margins", default="1.0,1.05,1.1")
+    parser.add_argument("--calls", type=int, default=150)
+    args = parser.parse_args()
+
+    B, K = args.batch_size, args.num_draft
+    if args.profile == "this":
+        cost = this_machines_profile(B)
+    else:
+        step_ms, per_token_ms, draft_ms = map(float, args.profile.split(":", 1)[1].split(","))
+        cost = linear_profile(step_ms, per_token_ms, draft_ms, B, B * (K + 1))
+    arms = {"nothing": (None, False), "default": (None, True),
+            "tokens/s objective": (("CALL_END_OBJECTIVE", False), True)}
+    for margin in map(float, args.batch_margins.split(",")):
+        arms[f"batch margin {margin:g}"] = (("BATCH_PLAN_MARGIN", margin), True)
+    print(f"profile: {cost.source}; batch {B}, {args.max_new_tokens} tokens per request, short block of "
+          f"{args.block}, {args.unpriced_ms:g} ms unpriced per drafted round, {args.calls} calls per cell; "
+          f"default: BATCH_PLAN_MARGIN = {generate_module.BATCH_PLAN_MARGIN:g}, "
+          f"CALL_END_OBJECTIVE = {generate_module.CALL_END_OBJECTIVE}")
+    print("| acceptance | " + " | ".join(name for name in arms if name != "nothing") + " |")
+    print("|---|" + "---:|" * (len(arms) - 1))
+    for span in args.acceptance.split(","):
+        low, high = map(float, span.split("-"))
+        times, shares = {}, {}
+        for name, (variant, draft) in arms.items():
+            total = rounds = drafted = 0
+            for call in range(args.calls):
+                chance_rng = random.Random(1000 + call)
+                chances = [chance_rng.uniform(low, high) for _ in range(B)]
+                with patched(generate_module, *variant) if variant else contextlib.nullcontext():
+                    s, r, d = simulate_call(cost, chances, args.max_new_tokens, K, args.block,
+                                            args.unpriced_ms / 1e3, random.Random(call), draft)
+                total, rounds, drafted = total + s, rounds + r, drafted + d
+            times[name], shares[name] = total, drafted / rounds
+        cells = [f"{times['nothing'] / times[name]:.3f}x ({shares[name]:.0%})" for name in arms if name != "nothing"]
+        print(f"| {low:g}-{high:g} | " + " | ".join(cells) + " |", flush=True)
+    print("\nEach cell: tokens per second over drafting nothing's (same calls), and the share of rounds "
+          "that drafted.")
+
+
+if __name__ == "__main__":
+    main()
