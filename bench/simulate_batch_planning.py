@@ -32,7 +32,8 @@ import torch
 
 from dspark_ext.cost_profile import CostProfile
 from dspark_ext.drafters.hybrid import SHORT_BLOCK
-from dspark_ext.protocols import DraftPlan
+from dspark_ext.protocols import Draft, DraftPlan
+from dspark_ext.scheduling import survival_probabilities
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import patched  # noqa: E402
@@ -57,7 +58,7 @@ class ExactForecastDrafter:
         positions = torch.arange(num_draft, dtype=torch.float64)
         chance = torch.tensor(chances, dtype=torch.float64)[:, None]
         self.confidence = torch.where(positions < block, chance, 0.0).float()  # [B, K] per-position chances
-        self.survival = torch.cumprod(self.confidence.double(), dim=1).float()
+        self.survival = survival_probabilities(self.confidence)
 
     def plans(self, context):
         return [DraftPlan("short", survival=self.survival, parts=(PART,), fresh=True)]
@@ -74,9 +75,10 @@ def this_machines_profile(batch_size: int) -> CostProfile:
     short block's drafting price under this script's part name."""
     from dspark_ext.defaults import load_default
 
-    cost = load_default(batch_sizes=(batch_size,)).cost
-    return CostProfile(key={}, step_seconds=cost.step_seconds,
-                       draft_seconds={PART: cost.draft_seconds["dspark-short"]}, source="this machine")
+    setup = load_default(batch_sizes=(batch_size,))
+    return CostProfile(key={}, step_seconds=setup.cost.step_seconds,
+                       draft_seconds={PART: setup.cost.draft_seconds[setup.drafter.short.cost_name]},
+                       source="this machine")
 
 
 def simulate_call(cost: CostProfile, chances, max_new: int, num_draft: int, block: int, unpriced: float,
@@ -95,29 +97,24 @@ def simulate_call(cost: CostProfile, chances, max_new: int, num_draft: int, bloc
         if draft and state.planned():
             plan = state.choose_plan(state.draft_context(), caps, active)
             state.back_off(plan)
-        num_draft_sent = torch.zeros(B, dtype=torch.int64)
-        if plan is not None:
-            if state.plan_lengths is not None:
-                caps = torch.minimum(caps, state.plan_lengths)
-            table = state.schedule_table(plan, R)
-            num_draft_sent[active] = torch.ops.dspark.schedule(
-                drafter.confidence[active].contiguous(), table.float(), caps[active].to(torch.int32)).long()
+        if state.plan_lengths is not None:  # as _Generation.round
+            caps = torch.minimum(caps, state.plan_lengths)
+        proposal = Draft(token_ids=torch.zeros(B, num_draft, dtype=torch.int64), confidence=drafter.confidence)
+        num_draft_sent = state.verification_lengths(proposal, plan, caps, active)
         n = int(num_draft_sent.sum())
         seconds += cost.target_seconds(R, R + n)
         if plan is not None:
             seconds += cost.drafter_seconds(PART, R) + unpriced
             drafted += 1
         rounds += 1
-        made_sum = made_squares = 0.0
+        made = torch.zeros(B, dtype=torch.float64)
         for b in torch.nonzero(active).flatten().tolist():
             accepted = 0
             while accepted < int(num_draft_sent[b]) and rng.random() < chances[b]:
                 accepted += 1
-            made = accepted + 1
-            state.generated[b] += made
-            made_sum, made_squares = made_sum + made, made_squares + made * made
-        total, squares, count = state.round_tokens
-        state.round_tokens = (total + made_sum, squares + made_squares, count + R)
+            made[b] = accepted + 1
+        state.generated += made.long()
+        state.count_round_tokens(made[active])
         state.done = state.generated >= state.max_new
     return seconds, rounds, drafted
 

@@ -348,6 +348,13 @@ class _Generation:
         return [DraftPlan("lagged", survival=self.lagged_survival.forecast().to(self.device),
                           parts=(getattr(self.drafter, "cost_name", type(self.drafter).__name__),), fresh=False)]
 
+    def count_round_tokens(self, made: torch.Tensor) -> None:
+        """Adds one round's tokens per verified request ([R] float64, accepted drafts + 1) to the
+        call's tally behind ``draft_worth``'s spread."""
+        total, squares, count = self.round_tokens
+        made_sum, made_squares = torch.stack([made.sum(), (made * made).sum()]).tolist()  # one sync
+        self.round_tokens = (total + made_sum, squares + made_squares, count + int(made.numel()))
+
     def draft_worth(self, active: torch.Tensor) -> Optional[List[float]]:
         """What a draft token of each active request is worth to the call (``lead_discounts``),
         or None in a round of one request: from how far each request is ahead of the one with
@@ -482,10 +489,7 @@ class _Generation:
             target_logits, draft_ids, draft_logits, _cumsum0(n_active), self.temperatures[rows], self.seeds[rows],
             self.generated[rows], K)
         num_accepted = num_accepted.long()
-        made = num_accepted.double() + 1.0
-        total, squares, count = self.round_tokens
-        made_sum, made_squares = torch.stack([made.sum(), (made * made).sum()]).tolist()  # one sync
-        self.round_tokens = (total + made_sum, squares + made_squares, count + int(made.numel()))
+        self.count_round_tokens(num_accepted.double() + 1.0)
 
         if out.hidden_states is not None:
             # The anchor and the accepted drafts are now context: their rows keep their features.
