@@ -131,12 +131,31 @@ def main() -> None:
     parser.add_argument("--batch-margins", default="1.0,1.05,1.1")
     parser.add_argument("--calls", type=int, default=150)
     args = parser.parse_args()
+    if args.batch_size < 2 or args.calls < 1 or args.max_new_tokens < 2 or args.unpriced_ms < 0:
+        parser.error("--batch-size >= 2 (batch rounds), --calls >= 1, --max-new-tokens >= 2, --unpriced-ms >= 0")
+    if not 1 <= args.block <= args.num_draft:
+        parser.error(f"--block must be within 1..--num-draft ({args.num_draft}), got {args.block}")
+    spans = []
+    for span in args.acceptance.split(","):
+        try:
+            low, high = map(float, span.split("-"))
+        except ValueError:
+            low = high = float("nan")
+        if not 0.0 <= low <= high <= 1.0:
+            parser.error(f"--acceptance: expected ranges LOW-HIGH within 0-1, got {span!r}")
+        spans.append((low, high))
 
     B, K = args.batch_size, args.num_draft
     if args.profile == "this":
         cost = this_machines_profile(B)
     else:
-        step_ms, per_token_ms, draft_ms = map(float, args.profile.split(":", 1)[1].split(","))
+        try:
+            kind, numbers = args.profile.split(":", 1)
+            step_ms, per_token_ms, draft_ms = map(float, numbers.split(","))
+        except ValueError:
+            kind = None
+        if kind != "linear":
+            parser.error(f"--profile: expected 'this' or linear:STEP,PER_TOKEN,DRAFT (ms), got {args.profile!r}")
         cost = linear_profile(step_ms, per_token_ms, draft_ms, B, B * (K + 1))
     arms = {"nothing": (None, False), "default": (None, True),
             "tokens/s objective": (("CALL_END_OBJECTIVE", False), True)}
@@ -148,8 +167,7 @@ def main() -> None:
           f"CALL_END_OBJECTIVE = {generate_module.CALL_END_OBJECTIVE}")
     print("| acceptance | " + " | ".join(name for name in arms if name != "nothing") + " |")
     print("|---|" + "---:|" * (len(arms) - 1))
-    for span in args.acceptance.split(","):
-        low, high = map(float, span.split("-"))
+    for low, high in spans:
         times, shares = {}, {}
         for name, (variant, draft) in arms.items():
             total = rounds = drafted = 0
