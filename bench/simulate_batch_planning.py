@@ -18,7 +18,11 @@ STEP + PER_TOKEN * max(n - R, 0), every batch size alike, and a short DSpark blo
 AVX2-only EPYC's prices above). Arms: drafting nothing, the default planning, tokens per
 second with only the drafts weighted (``CALL_END_OBJECTIVE = False``) and each batch-round
 margin in ``--batch-margins`` (``BATCH_PLAN_MARGIN``). Each call's acceptance chances are drawn
-uniformly from a range in ``--acceptance``, the same calls for every arm.
+uniformly from a range in ``--acceptance``, the same calls for every arm; ``--redraw N`` draws
+them again every N rounds (which request lags then changes during a call; the forecast stays
+exact). Under each table, per arm: the median (10th-90th percentile) of what the drafted batch
+rounds promised, the planned rate over drafting nothing's in the arm's own objective
+(``_Generation.plan_gain``), to set against what the calls measured.
 """
 
 import argparse
@@ -54,10 +58,14 @@ class ExactForecastDrafter:
     """One plan, the short DSpark block, whose forecast is each request's exact survival."""
 
     def __init__(self, chances, num_draft: int, block: int):
-        self.num_draft = num_draft
-        positions = torch.arange(num_draft, dtype=torch.float64)
-        chance = torch.tensor(chances, dtype=torch.float64)[:, None]
-        self.confidence = torch.where(positions < block, chance, 0.0).float()  # [B, K] per-position chances
+        self.num_draft, self.block = num_draft, block
+        self.set_chances(chances)
+
+    def set_chances(self, chances) -> None:
+        self.chances = list(chances)
+        positions = torch.arange(self.num_draft, dtype=torch.float64)
+        chance = torch.tensor(self.chances, dtype=torch.float64)[:, None]
+        self.confidence = torch.where(positions < self.block, chance, 0.0).float()  # [B, K] per-position chances
         self.survival = survival_probabilities(self.confidence)
 
     def plans(self, context):
@@ -82,14 +90,20 @@ def this_machines_profile(batch_size: int) -> CostProfile:
 
 
 def simulate_call(cost: CostProfile, chances, max_new: int, num_draft: int, block: int, unpriced: float,
-                  rng: random.Random, draft: bool = True):
-    """(seconds, rounds, rounds that drafted) of one call."""
+                  rng: random.Random, draft: bool = True, redraw=None):
+    """(seconds, rounds, rounds that drafted, what each drafted batch round promised) of one
+    call. ``redraw``: (every N rounds, the random source and the (low, high) range the call's
+    chances were drawn from), or None."""
     B = len(chances)
     drafter = ExactForecastDrafter(chances, num_draft, block)
+    promises = []
     state = generate_module._Generation(PlanningOnlyTarget(), drafter, [torch.tensor([0])] * B, [max_new] * B,
                                         1.0, 0, None, None, cost, None)
     seconds, rounds, drafted = 0.0, 0, 0
     while not bool(state.done.all()):
+        if redraw is not None and rounds and rounds % redraw[0] == 0:
+            _, chance_rng, (low, high) = redraw
+            drafter.set_chances([chance_rng.uniform(low, high) for _ in range(B)])
         active = ~state.done
         R = int(active.sum())
         caps = state.draft_caps(active)
@@ -106,17 +120,28 @@ def simulate_call(cost: CostProfile, chances, max_new: int, num_draft: int, bloc
         if plan is not None:
             seconds += cost.drafter_seconds(PART, R) + unpriced
             drafted += 1
+            if state.plan_gain is not None and R > 1:
+                promises.append(state.plan_gain)
         rounds += 1
         made = torch.zeros(B, dtype=torch.float64)
         for b in torch.nonzero(active).flatten().tolist():
             accepted = 0
-            while accepted < int(num_draft_sent[b]) and rng.random() < chances[b]:
+            while accepted < int(num_draft_sent[b]) and rng.random() < drafter.chances[b]:
                 accepted += 1
             made[b] = accepted + 1
         state.generated += made.long()
         state.count_round_tokens(made[active])
         state.done = state.generated >= state.max_new
-    return seconds, rounds, drafted
+    return seconds, rounds, drafted, promises
+
+
+def quantiles(values) -> str:
+    """'median (10th-90th percentile)' of ``values``, or '-'."""
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(int(q * len(ordered)), len(ordered) - 1)]  # noqa: E731
+    return f"{pick(0.5):.3f} ({pick(0.1):.3f}-{pick(0.9):.3f})"
 
 
 def main() -> None:
@@ -130,9 +155,12 @@ def main() -> None:
     parser.add_argument("--acceptance", default="0.1-0.3,0.2-0.4,0.3-0.5,0.4-0.6,0.5-0.8,0.2-0.8")
     parser.add_argument("--batch-margins", default="1.0,1.05,1.1")
     parser.add_argument("--calls", type=int, default=150)
+    parser.add_argument("--redraw", type=int, default=0, metavar="N",
+                        help="draw each request's acceptance chance again every N rounds (0: once per call)")
     args = parser.parse_args()
-    if args.batch_size < 2 or args.calls < 1 or args.max_new_tokens < 2 or args.unpriced_ms < 0:
-        parser.error("--batch-size >= 2 (batch rounds), --calls >= 1, --max-new-tokens >= 2, --unpriced-ms >= 0")
+    if args.batch_size < 2 or args.calls < 1 or args.max_new_tokens < 2 or args.unpriced_ms < 0 or args.redraw < 0:
+        parser.error("--batch-size >= 2 (batch rounds), --calls >= 1, --max-new-tokens >= 2, --unpriced-ms >= 0, "
+                     "--redraw >= 0")
     if not 1 <= args.block <= args.num_draft:
         parser.error(f"--block must be within 1..--num-draft ({args.num_draft}), got {args.block}")
     spans = []
@@ -162,27 +190,37 @@ def main() -> None:
     for margin in map(float, args.batch_margins.split(",")):
         arms[f"batch margin {margin:g}"] = (("BATCH_PLAN_MARGIN", margin), True)
     print(f"profile: {cost.source}; batch {B}, {args.max_new_tokens} tokens per request, short block of "
-          f"{args.block}, {args.unpriced_ms:g} ms unpriced per drafted round, {args.calls} calls per cell; "
+          f"{args.block}, {args.unpriced_ms:g} ms unpriced per drafted round, {args.calls} calls per cell, "
+          f"chances drawn {f'every {args.redraw} rounds' if args.redraw else 'once per call'}; "
           f"default: BATCH_PLAN_MARGIN = {generate_module.BATCH_PLAN_MARGIN:g}, "
           f"CALL_END_OBJECTIVE = {generate_module.CALL_END_OBJECTIVE}")
+    promises = []
     print("| acceptance | " + " | ".join(name for name in arms if name != "nothing") + " |")
     print("|---|" + "---:|" * (len(arms) - 1))
     for low, high in spans:
-        times, shares = {}, {}
+        times, shares, promised = {}, {}, {}
         for name, (variant, draft) in arms.items():
             total = rounds = drafted = 0
+            promised[name] = []
             for call in range(args.calls):
                 chance_rng = random.Random(1000 + call)
                 chances = [chance_rng.uniform(low, high) for _ in range(B)]
+                redraw = (args.redraw, chance_rng, (low, high)) if args.redraw else None
                 with patched(generate_module, *variant) if variant else contextlib.nullcontext():
-                    s, r, d = simulate_call(cost, chances, args.max_new_tokens, K, args.block,
-                                            args.unpriced_ms / 1e3, random.Random(call), draft)
+                    s, r, d, p = simulate_call(cost, chances, args.max_new_tokens, K, args.block,
+                                               args.unpriced_ms / 1e3, random.Random(call), draft, redraw)
                 total, rounds, drafted = total + s, rounds + r, drafted + d
+                promised[name] += p
             times[name], shares[name] = total, drafted / rounds
         cells = [f"{times['nothing'] / times[name]:.3f}x ({shares[name]:.0%})" for name in arms if name != "nothing"]
         print(f"| {low:g}-{high:g} | " + " | ".join(cells) + " |", flush=True)
+        promises.append(f"{low:g}-{high:g}: " + "; ".join(f"{name} {quantiles(promised[name])}"
+                                                           for name in arms if name != "nothing"))
     print("\nEach cell: tokens per second over drafting nothing's (same calls), and the share of rounds "
-          "that drafted.")
+          "that drafted.\nWhat the drafted batch rounds promised (their planned rate over drafting nothing's, "
+          "median (10th-90th percentile)):")
+    for line in promises:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":

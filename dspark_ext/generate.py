@@ -244,6 +244,9 @@ class _Generation:
         self.probe_interval: Dict[str, int] = {}
         self._step_seconds: Dict[int, torch.Tensor] = {}
         self.plan_lengths: Optional[torch.Tensor] = None  # set by choose_plan
+        # What choose_plan's plan promised: its rate over drafting nothing's, in the round's own
+        # objective (None where it drafts nothing or probes), to set against what calls gain.
+        self.plan_gain: Optional[float] = None
         # Sum, sum of squares and count of the tokens a request made per round in this call.
         self.round_tokens = (0.0, 0.0, 0)
         self._schedule_tables: Dict[tuple, torch.Tensor] = {}
@@ -378,7 +381,7 @@ class _Generation:
         the plan was priced at.
         Every input is fixed before this round draws a token: earlier rounds, the sequence so far
         and the tokens each request has made."""
-        self.plan_lengths = None
+        self.plan_lengths = self.plan_gain = None
         if self.K == 0 or not bool((caps > 0).any()):
             return None
         plans = self.plans(context, active) if self.cost is not None else []
@@ -417,6 +420,8 @@ class _Generation:
                 best, best_lengths = plan, None
         for plan in plans:
             self.rounds_without[plan.name] = 0 if best is plan else self.rounds_without.get(plan.name, 0) + 1
+        if best_lengths is not None:
+            self.plan_gain = best_rate / plain
         if best_lengths is not None and R > 1:
             self.plan_lengths = torch.zeros(self.B, dtype=torch.int64, device=self.device)
             self.plan_lengths[active] = torch.tensor(best_lengths, dtype=torch.int64, device=self.device)
@@ -532,7 +537,7 @@ class _Generation:
         if self.unplanned_left > 0:
             self.unplanned_left -= 1
             self.result.unplanned_rounds += 1
-            self.plan_lengths = None  # choose_plan's caps of a planned round never outlive it
+            self.plan_lengths = self.plan_gain = None  # a planned round's caps and promise never outlive it
             return False
         return True
 

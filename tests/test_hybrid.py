@@ -435,7 +435,8 @@ def test_plan_margin():
     """In a round of one request every plan, fresh (a calibrated forecast) or lagged (a mean of its
     drafter's own confidences on this text), only has to beat drafting nothing (PLAN_MARGIN = 1):
     a plan worth 1.03x is chosen, one worth nothing is not. In a round of several requests it must
-    promise BATCH_PLAN_MARGIN (1.05): 1.03x is not enough there, 1.08x is."""
+    promise BATCH_PLAN_MARGIN (1.05): 1.03x is not enough there, 1.08x is. ``plan_gain`` records
+    what the chosen plan promised (None where nothing is drafted)."""
     from dspark_ext.generate import BATCH_PLAN_MARGIN, PLAN_MARGIN, _Generation
 
     target = TrigramTarget(V, seed=6, scale=3.0, period=1)
@@ -449,6 +450,10 @@ def test_plan_margin():
                             1.0, 0, None, None, cost, None)
         plan = state.choose_plan(state.draft_context(), torch.tensor([K] * requests),
                                  torch.ones(requests, dtype=torch.bool))
+        if plan is None:
+            assert state.plan_gain is None
+        else:
+            assert state.plan_gain == pytest.approx(1.0 + gain, rel=1e-6)
         return plan is not None and plan.name == "p"
 
     for fresh in (True, False):
