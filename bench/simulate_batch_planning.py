@@ -194,7 +194,7 @@ def main() -> None:
           f"chances drawn {f'every {args.redraw} rounds' if args.redraw else 'once per call'}; "
           f"default: BATCH_PLAN_MARGIN = {generate_module.BATCH_PLAN_MARGIN:g}, "
           f"CALL_END_OBJECTIVE = {generate_module.CALL_END_OBJECTIVE}")
-    promises = []
+    promise_lines = []
     print("| acceptance | " + " | ".join(name for name in arms if name != "nothing") + " |")
     print("|---|" + "---:|" * (len(arms) - 1))
     for low, high in spans:
@@ -214,12 +214,12 @@ def main() -> None:
             times[name], shares[name] = total, drafted / rounds
         cells = [f"{times['nothing'] / times[name]:.3f}x ({shares[name]:.0%})" for name in arms if name != "nothing"]
         print(f"| {low:g}-{high:g} | " + " | ".join(cells) + " |", flush=True)
-        promises.append(f"{low:g}-{high:g}: " + "; ".join(f"{name} {quantiles(promised[name])}"
-                                                           for name in arms if name != "nothing"))
+        promise_lines.append(f"{low:g}-{high:g}: " + "; ".join(f"{name} {quantiles(promised[name])}"
+                                                                for name in arms if name != "nothing"))
     print("\nEach cell: tokens per second over drafting nothing's (same calls), and the share of rounds "
           "that drafted.\nWhat the drafted batch rounds promised (their planned rate over drafting nothing's, "
           "median (10th-90th percentile)):")
-    for line in promises:
+    for line in promise_lines:
         print(f"- {line}")
 
 

@@ -422,9 +422,9 @@ class _Generation:
             self.rounds_without[plan.name] = 0 if best is plan else self.rounds_without.get(plan.name, 0) + 1
         if best_lengths is not None:
             self.plan_gain = best_rate / plain
-        if best_lengths is not None and R > 1:
-            self.plan_lengths = torch.zeros(self.B, dtype=torch.int64, device=self.device)
-            self.plan_lengths[active] = torch.tensor(best_lengths, dtype=torch.int64, device=self.device)
+            if R > 1:
+                self.plan_lengths = torch.zeros(self.B, dtype=torch.int64, device=self.device)
+                self.plan_lengths[active] = torch.tensor(best_lengths, dtype=torch.int64, device=self.device)
         return best
 
     def propose(self, context: DraftContext, plan: Optional[DraftPlan]) -> Draft:
