@@ -4,13 +4,15 @@
 // Why not the BLAS GEMM: with M = 2..8 rows it packs and blocks for a large M, and verifying
 // eight tokens costs ~2x one (bench/RESULTS.md). Here the weight is packed once, at load, into
 // blocks of 16 output features laid out k-major ([K, 16] per block), so each block streams from
-// memory once, in order, and meets every input row while it is in cache: up to ~16 rows cost
-// about one read of the weight.
+// memory once, in order, and meets every input row while it is in cache: on AVX-512 up to ~16
+// rows cost about one read of the weight; on AVX2, whose 16 registers hold a tile of 3 rows,
+// 8 rows cost ~1.4x (bench/RESULTS.md).
 //
 // Batch invariance: out[m, n] is one chain of fused multiply-adds over k = 0 .. K-1 from 0
 // (the 16 features of a block are the vector lanes, so nothing is summed across lanes), then
-// + bias. Its bits depend on neither M, nor the tile, nor the other rows, and the AVX2 and
-// AVX-512 builds give the same bits (the plain build, for CPUs without FMA, rounds each product).
+// + bias. Its bits depend on neither M, nor the tile, nor the stretches of k it is computed in,
+// nor the other rows, and the AVX2 and AVX-512 builds give the same bits (the plain build, for
+// CPUs without FMA, rounds each product).
 // So a layer's output for a token does not depend on how many tokens are verified with it.
 #pragma once
 
@@ -70,17 +72,28 @@ inline void interleave_rows(const float* input, int64_t stride, int64_t rows, in
 }
 
 // kInterleaved: the rows come from ``interleaved`` ([K, kWideInputs], the wide tile), else each
-// from its own pointer into the input.
+// from its own pointer into the input. [k_begin, k_end): the stretch of the sum this call adds. A stretch that starts past 0 resumes
+// the partial sums the previous stretch left in ``out``; one that ends before K leaves them there
+// (a float32 store and load are exact, so the chain's bits do not depend on the stretches).
 template <int R, int MI, typename WeightT, bool kInterleaved = false>
 inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0,
-                       const float* interleaved = nullptr) {
+                       const float* interleaved = nullptr, int64_t k_begin = 0, int64_t k_end = -1) {
+  if (k_end < 0) k_end = p.K;
   Vec acc[R][MI][kVecsPerBlock];
   DSPARK_UNROLL
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r) {
+    const int64_t n0 = (block0 + r) * kSkinnyBlock;
+    const int64_t features = std::min<int64_t>(kSkinnyBlock, p.N - n0);
     DSPARK_UNROLL
     for (int i = 0; i < MI; ++i)
       DSPARK_UNROLL
-      for (int v = 0; v < kVecsPerBlock; ++v) acc[r][i][v] = Vec(0.0f);
+      for (int v = 0; v < kVecsPerBlock; ++v) {
+        const int64_t first = v * Vec::size();
+        const int count = static_cast<int>(std::clamp<int64_t>(features - first, 0, Vec::size()));
+        acc[r][i][v] = (k_begin == 0 || count == 0) ? Vec(0.0f)
+                                                    : Vec::loadu(p.out + (m0 + i) * p.N + n0 + first, count);
+      }
+  }
   const WeightT* w[R];
   DSPARK_UNROLL
   for (int r = 0; r < R; ++r) w[r] = p.packed + (block0 + r) * p.K * kSkinnyBlock;
@@ -91,7 +104,7 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
     DSPARK_UNROLL
     for (int i = 0; i < MI; ++i) x[i] = p.input + (m0 + i) * p.input_stride;
   }
-  for (int64_t k = 0; k < p.K; ++k) {
+  for (int64_t k = k_begin; k < k_end; ++k) {
     Vec wk[R][kVecsPerBlock];
     DSPARK_UNROLL
     for (int r = 0; r < R; ++r) {
@@ -121,7 +134,7 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
       DSPARK_UNROLL
       for (int i = 0; i < MI; ++i) {
         Vec result = acc[r][i][v];
-        if (p.bias != nullptr) result = result + Vec::loadu(p.bias + n0 + first, count);
+        if (p.bias != nullptr && k_end == p.K) result = result + Vec::loadu(p.bias + n0 + first, count);
         result.store(p.out + (m0 + i) * p.N + n0 + first, count);
       }
     }
@@ -130,18 +143,37 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
 
 // The last, partial group of input rows: MI = 1 .. kInputs - 1.
 template <int R, typename WeightT, int MI = kInputs - 1>
-inline void partial_block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0, int64_t inputs) {
+inline void partial_block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0, int64_t inputs,
+                               int64_t k_begin, int64_t k_end) {
   if constexpr (MI >= 1) {
-    if (inputs == MI) return block_tile<R, MI>(p, block0, m0);
-    partial_block_tile<R, WeightT, MI - 1>(p, block0, m0, inputs);
+    if (inputs == MI) return block_tile<R, MI>(p, block0, m0, nullptr, k_begin, k_end);
+    partial_block_tile<R, WeightT, MI - 1>(p, block0, m0, inputs, k_begin, k_end);
   }
 }
 
+// AVX2, more rows than one tile takes (3): the groups of rows meet a block pair in turn. Met
+// whole, the pair (up to 2 x 1536 x 16 floats, 196 KB) streams in from memory for the first group
+// and is read again from L2 by every later one, after the stream: 8 rows cost ~1.6x one read of
+// the weights. Met kStretchK values of k at a time (2 x 128 x 64 B = 16 KB of float32, in L1),
+// every group's fmas follow the stream closely: ~1.4x (bench/RESULTS.md). AVX-512 takes 8 (12)
+// rows in one pass and keeps whole passes, as does the plain build: stretches are unmeasured there.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int64_t kStretchK = 128;
+#else
+constexpr int64_t kStretchK = 0;
+#endif
+
 template <int R, typename WeightT>
 inline void blocks_against_all_inputs(const SkinnyLinearProblem<WeightT>& p, int64_t block0) {
-  int64_t m0 = 0;
-  for (; m0 + kInputs <= p.M; m0 += kInputs) block_tile<R, kInputs>(p, block0, m0);
-  if (m0 < p.M) partial_block_tile<R>(p, block0, m0, p.M - m0);
+  const int64_t stretch = (kStretchK > 0 && p.M > kInputs) ? kStretchK : std::max<int64_t>(p.K, 1);
+  int64_t k_begin = 0;
+  do {  // once for K = 0: the outputs are the bias
+    const int64_t k_end = std::min(p.K, k_begin + stretch);
+    int64_t m0 = 0;
+    for (; m0 + kInputs <= p.M; m0 += kInputs) block_tile<R, kInputs>(p, block0, m0, nullptr, k_begin, k_end);
+    if (m0 < p.M) partial_block_tile<R>(p, block0, m0, p.M - m0, k_begin, k_end);
+    k_begin = k_end;
+  } while (k_begin < p.K);
 }
 
 template <int R, typename WeightT, int MI = kWideInputs>
