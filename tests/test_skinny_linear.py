@@ -91,8 +91,9 @@ def _sequential_chain(x, w, b, order=None):
     return torch.from_numpy((acc + b[None, :]).astype(np.float32))
 
 
-# (7, 33, 257): on AVX2, 3 + 3 + 1 rows meet each block pair 128 values of k at a time (two
-# whole stretches and one of a single k), resuming the partial sums they leave in the output.
+# (7, 33, 257) and (4, 16, 256): on AVX2, 3 + 3 + 1 (3 + 1) rows meet each block pair 128 values
+# of k at a time (two whole stretches and one of a single k; two whole stretches), resuming the
+# partial sums they leave in the output.
 @pytest.mark.parametrize("M,N,K", [(5, 40, 33), (12, 17, 200), (7, 33, 257), (4, 16, 256)])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
 def test_bits_are_the_sequential_chain(M, N, K, weight_dtype):

@@ -71,10 +71,17 @@ inline void interleave_rows(const float* input, int64_t stride, int64_t rows, in
     for (int64_t k = 0; k < K; ++k) interleaved[k * kWideInputs + i] = input[i * stride + k];
 }
 
+// How many lanes of vector v of the block at output feature n0 are features below N (0 past N).
+template <typename WeightT>
+inline int output_lanes(const SkinnyLinearProblem<WeightT>& p, int64_t n0, int v) {
+  return static_cast<int>(std::clamp<int64_t>(p.N - n0 - v * Vec::size(), 0, Vec::size()));
+}
+
 // kInterleaved: the rows come from ``interleaved`` ([K, kWideInputs], the wide tile), else each
-// from its own pointer into the input. [k_begin, k_end): the stretch of the sum this call adds. A stretch that starts past 0 resumes
-// the partial sums the previous stretch left in ``out``; one that ends before K leaves them there
-// (a float32 store and load are exact, so the chain's bits do not depend on the stretches).
+// from its own pointer into the input. [k_begin, k_end): the stretch of the sum this call adds.
+// A stretch that starts past 0 resumes the partial sums the previous stretch left in ``out``;
+// one that ends before K leaves them there (a float32 store and load are exact, so the chain's
+// bits do not depend on the stretches).
 template <int R, int MI, typename WeightT, bool kInterleaved = false>
 inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, int64_t m0,
                        const float* interleaved = nullptr, int64_t k_begin = 0, int64_t k_end = -1) {
@@ -83,15 +90,14 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
   DSPARK_UNROLL
   for (int r = 0; r < R; ++r) {
     const int64_t n0 = (block0 + r) * kSkinnyBlock;
-    const int64_t features = std::min<int64_t>(kSkinnyBlock, p.N - n0);
     DSPARK_UNROLL
     for (int i = 0; i < MI; ++i)
       DSPARK_UNROLL
       for (int v = 0; v < kVecsPerBlock; ++v) {
-        const int64_t first = v * Vec::size();
-        const int count = static_cast<int>(std::clamp<int64_t>(features - first, 0, Vec::size()));
-        acc[r][i][v] = (k_begin == 0 || count == 0) ? Vec(0.0f)
-                                                    : Vec::loadu(p.out + (m0 + i) * p.N + n0 + first, count);
+        const int count = output_lanes(p, n0, v);
+        acc[r][i][v] = (k_begin == 0 || count == 0)
+                           ? Vec(0.0f)
+                           : Vec::loadu(p.out + (m0 + i) * p.N + n0 + v * Vec::size(), count);
       }
   }
   const WeightT* w[R];
@@ -125,12 +131,11 @@ inline void block_tile(const SkinnyLinearProblem<WeightT>& p, int64_t block0, in
   DSPARK_UNROLL
   for (int r = 0; r < R; ++r) {
     const int64_t n0 = (block0 + r) * kSkinnyBlock;
-    const int64_t features = std::min<int64_t>(kSkinnyBlock, p.N - n0);
     DSPARK_UNROLL
     for (int v = 0; v < kVecsPerBlock; ++v) {
+      const int count = output_lanes(p, n0, v);
+      if (count == 0) break;
       const int64_t first = v * Vec::size();
-      if (first >= features) break;
-      const int count = static_cast<int>(std::min<int64_t>(Vec::size(), features - first));
       DSPARK_UNROLL
       for (int i = 0; i < MI; ++i) {
         Vec result = acc[r][i][v];
